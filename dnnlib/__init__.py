@@ -1,0 +1,8 @@
+"""Small utilities shared across the codebase (NVIDIA dnnlib-compatible names).
+
+`dnnlib.EasyDict` must keep this exact name: EDM and AMED pickles refer to it.
+"""
+
+from .util import EasyDict
+
+__all__ = ['EasyDict']

@@ -1,0 +1,70 @@
+"""The one denoiser interface that every pretrained family is adapted to.
+
+Everything outside ``models/`` sees a model only through :class:`Denoiser`:
+
+* ``model(x, sigma, cond=None) -> D(x; sigma)``: the denoised image in EDM/VE sigma space.
+  ``x`` has shape (B, C, H, W); ``sigma`` is a tensor of shape (B,) (one noise level per sample);
+  ``cond`` is the conditioning (class labels, text embeddings) or None.
+* ``sigma_min``, ``sigma_max``: the noise range the model supports.
+* ``img_channels``, ``img_resolution`` (and ``img_shape``); ``label_dim`` (0 = unconditional).
+* ``calls_per_eval``: network calls one denoise costs (2 with classifier-free guidance).
+* ``sigma_to_t`` / ``t_to_sigma``: the continuous-time maps of a discrete-time model, used by
+  the ``discrete`` schedule (None for continuous-time models).
+* ``feature_module``: the submodule whose output (B, C', 8, 8) feeds the AMED predictor.
+* ``amed_feature(activation)``: reduces that output to (B, 8, 8) (channel mean by default).
+* ``sample_cond(rnd, batch_size)``: conditioning drawn from a per-seed generator.
+* ``decode(x)``: latent -> image in [-1, 1] (identity for pixel models).
+"""
+
+import contextlib
+
+import torch
+
+
+class Denoiser(torch.nn.Module):
+    """Base class of every model adapter (see the module docstring)."""
+
+    sigma_min = 0.002
+    sigma_max = 80.0
+    img_channels = 3
+    img_resolution = 32
+    label_dim = 0
+    calls_per_eval = 1
+    sigma_to_t = None
+    t_to_sigma = None
+    feature_module = None
+
+    @property
+    def img_shape(self):
+        return (self.img_channels, self.img_resolution, self.img_resolution)
+
+    def forward(self, x, sigma, cond=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def amed_feature(self, activation):
+        """Reduce the hooked activation (B, C', 8, 8) to the predictor input (B, 8, 8)."""
+        return activation.float().mean(dim=1)
+
+    def sample_cond(self, rnd, batch_size):
+        """Conditioning for ``batch_size`` images from a per-seed generator (None if unconditional)."""
+        return None
+
+    def decode(self, x):
+        return x
+
+    @contextlib.contextmanager
+    def capture_feature(self):
+        """Context manager: hooks ``feature_module`` and yields a dict whose key 'feature' holds
+        the reduced (B, 8, 8) feature of the last forward call. The hook is always removed."""
+        if self.feature_module is None:
+            raise ValueError(f'{type(self).__name__} names no feature_module for the AMED predictor')
+        holder = {}
+
+        def hook(module, inputs, output):
+            holder['feature'] = self.amed_feature(output.detach())
+
+        handle = self.feature_module.register_forward_hook(hook)
+        try:
+            yield holder
+        finally:
+            handle.remove()

@@ -1,0 +1,67 @@
+"""Model presets: ``dataset_name`` -> a loaded :class:`models.base.Denoiser`.
+
+Only ``models/`` knows dataset names. Each preset says how to build the model and which
+guidance, classifier and prompt options it takes; anything else is rejected with one line.
+"""
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+#: Dataset names of the brief (../shared/BRIEF.md) whose loaders are not part of this build yet.
+PENDING = {
+    'cifar10': 'EDM checkpoints', 'ffhq': 'EDM checkpoints', 'afhqv2': 'EDM checkpoints',
+    'imagenet64': 'EDM checkpoints', 'lsun_bedroom': 'Consistency-Models checkpoints',
+    'lsun_cat': 'Consistency-Models checkpoints', 'imagenet256': 'ADM checkpoints',
+    'lsun_bedroom_ldm': 'LDM checkpoints', 'ms_coco': 'Stable Diffusion checkpoints',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    build: Callable            # build(model_path, guidance_type, guidance_rate, classifier_path, prompt_path)
+    description: str
+    guidance_types: Tuple = (None,)
+    takes_model_path: bool = False
+
+
+def _build_toy(conditional):
+    def build(model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None):
+        from models.toy import GaussianMixture
+        return GaussianMixture(seed=0, conditional=conditional)
+    return build
+
+
+PRESETS = {
+    'toy': Preset('toy', _build_toy(False), 'built-in analytic Gaussian mixture, 3x32x32, unconditional'),
+    'toy_cond': Preset('toy_cond', _build_toy(True), 'built-in analytic Gaussian mixture, 3x32x32, 10 classes'),
+}
+
+
+def dataset_names():
+    return sorted(PRESETS) + sorted(PENDING)
+
+
+def load_model(dataset_name, model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None,
+               prompt_path=None, device='cpu'):
+    """Build the denoiser of ``dataset_name`` on ``device`` (frozen: eval mode, no gradients).
+
+    Raises ValueError with one line for an unknown name or an option the preset does not take."""
+    if dataset_name not in PRESETS:
+        if dataset_name in PENDING:
+            raise ValueError(f'dataset_name {dataset_name!r} needs the loader for {PENDING[dataset_name]}, '
+                             f'which this build does not include yet')
+        raise ValueError(f"unknown dataset_name {dataset_name!r} (choose one of {', '.join(dataset_names())})")
+    preset = PRESETS[dataset_name]
+    if guidance_type not in preset.guidance_types:
+        raise ValueError(f'guidance_type {guidance_type!r} is not supported by dataset {dataset_name!r}')
+    if guidance_type is None and guidance_rate not in (None, 0, 0.0):
+        raise ValueError(f'guidance_rate needs a guidance_type; dataset {dataset_name!r} takes none')
+    for opt, val in (('model_path', model_path if not preset.takes_model_path else None),
+                     ('classifier_path', classifier_path), ('prompt_path', prompt_path)):
+        if val is not None:
+            raise ValueError(f'{opt} is not used by dataset {dataset_name!r}')
+    model = preset.build(model_path, guidance_type, guidance_rate, classifier_path, prompt_path)
+    model = model.to(device).eval().requires_grad_(False)
+    model.dataset_name = dataset_name
+    return model

@@ -1,0 +1,92 @@
+"""Sample images with a trained AMED predictor, or with a plain solver as a baseline.
+Runs under plain python or torchrun (seeds are split across processes).
+
+Examples:
+
+    python sample.py --predictor_path=0 --seeds=0-63 --grid             # experiment 0 in ./exps
+    python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
+"""
+
+import os
+
+import click
+
+import solvers
+from models.presets import dataset_names, load_model
+from torch_utils import distributed as dist
+from torch_utils.misc import parse_int_list
+from training import generate
+
+PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False)
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--predictor_path', help='Predictor snapshot, run folder, or experiment number (./exps, ./exp)', type=str)
+@click.option('--dataset_name', help=f"Model preset ({', '.join(dataset_names())}); default: the predictor's", type=str)
+@click.option('--model_path', help='Model file or URL overriding the preset', type=str)
+@click.option('--batch', 'batch', help='Images per batch and process', type=click.IntRange(min=1), default=64)
+@click.option('--seeds', help='Seeds, e.g. 0-49999 or 1,2,5-10', type=str, default='0-63')
+@click.option('--grid', help='Write one grid of all seeds (grid.png) instead of one PNG per seed', is_flag=True)
+@click.option('--subdirs/--no-subdirs', help='Put PNGs in 1000-seed subfolders', default=True)
+@click.option('--outdir', help='Output folder (default ./samples/<dataset>/<solver>_nfe<NFE>)', type=str)
+@click.option('--return_inters', help='Also save each trajectory at the grid points as <seed>.npz', type=bool, default=False)
+@click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
+@click.option('--progress/--no-progress', help='Show a progress bar', default=True)
+# Plain-solver options (only without --predictor_path: a predictor carries its own).
+@click.option('--solver', help='Plain solver (no predictor)', type=click.Choice(['euler', 'ipndm', 'dpm', 'dpmpp', 'heun']))
+@click.option('--num_steps', help='Time points N', type=click.IntRange(min=2))
+@click.option('--schedule_type', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']))
+@click.option('--schedule_rho', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_min', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', type=click.FloatRange(min=0, min_open=True))
+@click.option('--afs', help='Analytical first step', type=bool)
+@click.option('--max_order', type=int)
+@click.option('--predict_x0', type=bool)
+@click.option('--lower_order_final', type=bool)
+@click.option('--thresholding', help='Dynamic thresholding (dpmpp; default: predict_x0)', type=bool)
+def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters, device,
+         progress, **plain):
+    """Generate one PNG per seed (or a grid) with an AMED predictor or a plain solver."""
+    given = {k: v for k, v in plain.items() if v is not None}
+    try:
+        seed_list = parse_int_list(seeds)
+        if predictor_path is not None and given:
+            raise ValueError(f"--{next(iter(given))} comes from the predictor; drop it or sample without "
+                             f"--predictor_path")
+        if predictor_path is None and dataset_name is None:
+            raise ValueError('give --predictor_path, or --dataset_name and plain solver options')
+        dev = dist.init(device)
+        predictor, settings = None, {}
+        if predictor_path is not None:
+            predictor, settings = generate.load_predictor(predictor_path, device=dev)
+            if dataset_name is None:
+                dataset_name = settings['dataset_name']
+            solver_kwargs = generate.solver_kwargs_from_settings(settings)
+        else:
+            solver_kwargs = dict(PLAIN_DEFAULTS, **given)
+        model = load_model(dataset_name, model_path, settings.get('guidance_type'), settings.get('guidance_rate'),
+                           device=dev)
+        if predictor is not None:
+            generate.check_compatible(settings, model)
+        nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
+        name = ('amed-' if predictor is not None else '') + solver_kwargs['solver']
+        if outdir is None:
+            outdir = os.path.join('samples', *(['grids'] if grid else []), dataset_name, f'{name}_nfe{nfe}')
+        solvers.prepare(model, predictor=predictor,   # validate every option before anything is written
+                        **{k: v for k, v in solver_kwargs.items() if k != 'afs'})
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e))
+
+    dist.print0(f"Sampling {len(seed_list)} images with {name} ({nfe} NFE, {solver_kwargs['num_steps']} time points, "
+                f"{solver_kwargs.get('schedule_type', 'polynomial')} schedule) on {dist.get_world_size()} process(es) "
+                f"-> {outdir}")
+    try:
+        generate.generate_images(model, seed_list, outdir, solver_kwargs, predictor, batch=batch, grid=grid,
+                                 subdirs=subdirs, return_inters=return_inters, device=dev, progress=progress)
+    finally:
+        dist.shutdown()
+    dist.print0('Done.')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,392 @@
+"""ODE solvers for the probability-flow ODE, the AMED plugin, and the one stepping core.
+
+All control flow over time lives here. A sampling run is a loop of :func:`step` calls; each call
+advances one interval [t_n, t_{n+1}] of the schedule and takes and returns an explicit
+:class:`SolverState` (the current x, the grid index, and the history of model outputs that the
+multistep solvers need). Training calls the very same :func:`step`, so a trained predictor
+samples exactly as it was trained.
+
+Solvers (``name``: what it is; students can be driven by an AMED predictor):
+
+* ``amed``   AMED-Solver: mean direction at the predicted intermediate time (student only).
+* ``euler``  Euler (DDIM in VE form).
+* ``ipndm``  iPNDM: Adams-Bashforth with uniform-step coefficients, ``max_order`` 1-4 (default 4).
+* ``dpm``    DPM-Solver-2 in sigma space (intermediate time at r = 1/2 without a predictor).
+* ``dpmpp``  multistep DPM-Solver++ (``predict_x0=True``) or DPM-Solver (``predict_x0=False``),
+             ``max_order`` 1-3 (default 3), ``lower_order_final``; dynamic thresholding of the
+             data prediction is on by default in data-prediction mode (``thresholding``);
+             ``corrected_3m`` makes the order-3 update third-order accurate (off = official).
+* ``heun``   EDM's Heun (2nd order), teacher only (= the ``dpm`` rule with r = 1).
+
+The AMED plugin (paper Sec. 4, REFERENCE.md 3.1): per interval the predictor reads the 8x8
+feature of the model call at t_n and returns (r, c, a); the solver steps to the intermediate
+time s = t_{n+1}^r t_n^(1-r), queries the model at a*s (the direction is still divided by s),
+and scales the model terms of the final update to t_{n+1} by c. This logic exists once
+(:func:`step`); each solver only says how it moves from one time to another:
+
+* single-stage solvers (euler, ipndm, dpmpp) move with their own update, so with a predictor
+  they run on the grid refined by the s points; the step leaving s is scaled by c;
+* two-stage solvers (amed, dpm, heun) take an Euler step to s and then combine the directions
+  d_n and d_s over the whole interval.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+import solver_utils
+
+STUDENTS = ('amed', 'euler', 'ipndm', 'dpm', 'dpmpp')
+TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm')
+SOLVERS = ('amed', 'euler', 'ipndm', 'dpm', 'dpmpp', 'heun')
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver definitions: how each solver moves between two times.
+
+class Solver:
+    """Base class. ``two_stage`` solvers evaluate the model at an intermediate time in every
+    interval even without a predictor (r fixed at ``fixed_r``)."""
+
+    name = None
+    two_stage = False
+    fixed_r = None          # r used without a predictor (two-stage solvers)
+    history_size = 0        # previous model outputs kept in the state
+
+    def output(self, x, denoised, d):
+        """The model output this solver works with: the direction d by default."""
+        return d
+
+    def order(self, history, step_cur, total_points):
+        return 1
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        """Move x from t_from to t_to with current output m and previous ``history``
+        (newest first, tuples (sigma, output)); ``scale`` multiplies the model terms."""
+        return x + scale * (t_to - t_from) * m
+
+    def combine(self, x, t_cur, t_next, d_cur, d_mid, r, scale):  # two-stage solvers only
+        raise NotImplementedError
+
+
+class Euler(Solver):
+    name = 'euler'
+
+
+class IPNDM(Solver):
+    name = 'ipndm'
+
+    def __init__(self, max_order=4):
+        self.max_order = max_order
+        self.history_size = max_order - 1
+
+    def order(self, history, step_cur, total_points):
+        return min(self.max_order, len(history) + 1)
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        d = solver_utils.adams_bashforth([m] + [h[1] for h in history], order)
+        return x + scale * (t_to - t_from) * d
+
+
+class DPMpp(Solver):
+    name = 'dpmpp'
+
+    def __init__(self, max_order=3, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False):
+        self.max_order = max_order
+        self.corrected_3m = corrected_3m
+        self.predict_x0 = predict_x0
+        self.lower_order_final = lower_order_final
+        self.thresholding = predict_x0 if thresholding is None else thresholding
+        self.history_size = max_order - 1
+
+    def output(self, x, denoised, d):
+        if not self.predict_x0:
+            return d
+        return solver_utils.dynamic_threshold(denoised) if self.thresholding else denoised
+
+    def order(self, history, step_cur, total_points):
+        order = solver_utils.dpm_multistep_order(step_cur, total_points, self.max_order, self.lower_order_final)
+        return min(order, len(history) + 1)
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        outputs = [m] + [h[1] for h in history]
+        sigmas = [t_from] + [h[0] for h in history]
+        return solver_utils.dpm_multistep_update(x, t_to, outputs, sigmas, order, self.predict_x0, scale,
+                                                 self.corrected_3m)
+
+
+class TwoStage(Solver):
+    """Euler step to s = t_next^r t_cur^(1-r), then a combination of d_cur and d_mid over the
+    whole interval. ``mean_direction`` (AMED-Solver) uses d_mid alone; otherwise the DPM-Solver-2
+    weights 1/(2r) and 1 - 1/(2r) (with r = 1 this is Heun's trapezoidal rule)."""
+
+    two_stage = True
+
+    def __init__(self, name, fixed_r, mean_direction=False):
+        self.name, self.fixed_r, self.mean_direction = name, fixed_r, mean_direction
+
+    def combine(self, x, t_cur, t_next, d_cur, d_mid, r, scale):
+        if self.mean_direction:
+            return x + scale * (t_next - t_cur) * d_mid
+        w = 1 / (2 * r)
+        return x + scale * (t_next - t_cur) * (w * d_mid + (1 - w) * d_cur)
+
+
+def make_solver(name, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None, corrected_3m=None):
+    """Build a solver by name, validating its options (ValueError naming the bad option)."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r} (choose one of {', '.join(SOLVERS)})")
+    if name != 'dpmpp':
+        for opt, val in (('predict_x0', predict_x0), ('lower_order_final', lower_order_final),
+                         ('thresholding', thresholding), ('corrected_3m', corrected_3m)):
+            if val is not None:
+                raise ValueError(f"{opt} is an option of dpmpp only, not of solver {name!r}")
+    if name in ('ipndm', 'dpmpp'):
+        limit = 4 if name == 'ipndm' else 3
+        order = limit if max_order is None else max_order
+        if int(order) != order or not 1 <= order <= limit:
+            raise ValueError(f'max_order={max_order} is out of range for {name} (1-{limit})')
+        if name == 'ipndm':
+            return IPNDM(int(order))
+        return DPMpp(int(order), predict_x0=True if predict_x0 is None else bool(predict_x0),
+                     lower_order_final=True if lower_order_final is None else bool(lower_order_final),
+                     thresholding=thresholding, corrected_3m=bool(corrected_3m))
+    if max_order is not None:
+        raise ValueError(f"max_order is an option of ipndm and dpmpp only, not of solver {name!r}")
+    if name == 'euler':
+        return Euler()
+    if name == 'amed':
+        return TwoStage('amed', fixed_r=None, mean_direction=True)
+    if name == 'dpm':
+        return TwoStage('dpm', fixed_r=0.5)
+    return TwoStage('heun', fixed_r=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictors.
+
+class FixedPredictor:
+    """A predictor that returns the same (r, scale_dir, scale_time) for every sample and
+    interval. Useful for ablations and tests: r = 0.5 with both scales 1 turns the plugin into
+    the plain solver on the grid refined by geometric midpoints."""
+
+    needs_feature = False
+
+    def __init__(self, r=0.5, scale_dir=1.0, scale_time=1.0):
+        if not 0 < r <= 1:
+            raise ValueError(f'r must be in (0, 1], got {r}')
+        self.r, self.scale_dir, self.scale_time = float(r), float(scale_dir), float(scale_time)
+
+    def __call__(self, feature, t_cur, t_next):
+        ones = torch.ones(feature.shape[0], dtype=torch.float64, device=feature.device)
+        return ones * self.r, ones * self.scale_dir, ones * self.scale_time
+
+
+def _predict(predictor, feature, t_cur, t_next, x):
+    """Call the predictor and return (r, c, a) as (B,1,1,1) tensors of x's dtype."""
+    out = predictor(feature, t_cur, t_next)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise ValueError('an AMED predictor must return the triple (r, scale_dir, scale_time)')
+    b = x.shape[0]
+    return tuple(v.reshape(b, 1, 1, 1).to(x.dtype) for v in out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stepping core.
+
+@dataclasses.dataclass(frozen=True)
+class SolverState:
+    """Everything a solver carries between intervals.
+
+    ``x``: the current sample at t_steps[i]; ``i``: grid index; ``history``: previous
+    (sigma, output) pairs, newest first, sigma as a (B,1,1,1) tensor (multistep solvers)."""
+    x: torch.Tensor
+    i: int = 0
+    history: tuple = ()
+
+    def detach(self):
+        return SolverState(self.x.detach(), self.i, tuple((s.detach(), m.detach()) for s, m in self.history))
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What one step did: the predictor outputs (None without predictor) and the model calls."""
+    r: Optional[torch.Tensor] = None
+    scale_dir: Optional[torch.Tensor] = None
+    scale_time: Optional[torch.Tensor] = None
+    nfe: int = 0
+
+
+def _col(v, x):
+    """A (B,1,1,1) tensor of x's dtype and device from a float or per-sample tensor."""
+    return torch.as_tensor(v, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+
+
+def _denoise(model, x, sigma_query, cond, capture=False):
+    """D(x; sigma_query) cast to x's dtype, plus the 8x8 AMED feature when ``capture``."""
+    sigma = sigma_query.reshape(x.shape[0])
+    if capture:
+        with model.capture_feature() as holder:
+            denoised = model(x, sigma, cond)
+        if 'feature' not in holder:
+            raise RuntimeError(f'{type(model).__name__}: the feature module was not called')
+        return denoised.to(x.dtype), holder['feature']
+    return model(x, sigma, cond).to(x.dtype), None
+
+
+def _push(history, entry, size):
+    return ((entry,) + tuple(history))[:size]
+
+
+def step(model, solver, state, t_steps, cond=None, predictor=None, afs=False):
+    """Advance ``state`` by one interval [t_steps[i], t_steps[i+1]] and return (new state, StepInfo).
+
+    ``t_steps`` is the student's whole schedule (a list of floats): its length fixes the order
+    rule of dpmpp. ``afs`` replaces the first model call of the run (i == 0) by the analytical
+    first step; the predictor then reads a zero feature, as the official code. With a
+    ``predictor`` the AMED plugin is applied (see the module docstring).
+    """
+    i, x = state.i, state.x
+    t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
+    total = len(t_steps)
+    info = StepInfo()
+    tc = _col(t_cur, x)
+
+    # The evaluation at t_cur: the model (hooked for the predictor's feature) or AFS.
+    want_feature = predictor is not None and getattr(predictor, 'needs_feature', True)
+    feature = None
+    if afs and i == 0:
+        d_cur = solver_utils.afs_direction(x, tc)
+        denoised = x - tc * d_cur
+    else:
+        denoised, feature = _denoise(model, x, tc, cond, capture=want_feature)
+        d_cur = (x - denoised) / tc
+        info.nfe += 1
+    if predictor is not None and feature is None:   # AFS step or a feature-free predictor
+        feature = torch.zeros(x.shape[0], 8, 8, device=x.device)
+    m_cur = solver.output(x, denoised, d_cur)
+
+    # Plain single-stage step.
+    if predictor is None and not solver.two_stage:
+        order = solver.order(state.history, i + 1, total)
+        x_next = solver.advance(x, tc, _col(t_next, x), m_cur, state.history, order, 1.0)
+        history = _push(state.history, (tc, m_cur), solver.history_size)
+        return SolverState(x_next, i + 1, history), info
+
+    # Intermediate time s and the scales: predicted, or fixed for plain two-stage solvers.
+    if predictor is None:
+        r, c, a = solver.fixed_r, 1.0, 1.0
+        s = _col(solver_utils.intermediate_time(t_cur, t_next, r), x)
+    else:
+        r, c, a = _predict(predictor, feature, t_cur, t_next, x)
+        info.r, info.scale_dir, info.scale_time = r, c, a
+        s = solver_utils.intermediate_time(t_cur, t_next, r)
+    tn = _col(t_next, x)
+
+    if solver.two_stage:
+        y = x + (s - tc) * d_cur
+        denoised_mid, _ = _denoise(model, y, a * s, cond)
+        info.nfe += 1
+        d_mid = (y - denoised_mid) / s
+        x_next = solver.combine(x, tc, tn, d_cur, d_mid, r, c)
+        return SolverState(x_next, i + 1, ()), info
+
+    # Single-stage solver on the grid refined by s: t_cur -> s -> t_next (points 2i+1, 2i+2 of 2N-1).
+    refined_total = 2 * total - 1
+    order = solver.order(state.history, 2 * i + 1, refined_total)
+    y = solver.advance(x, tc, s, m_cur, state.history, order, 1.0)
+    history = _push(state.history, (tc, m_cur), solver.history_size)
+    denoised_mid, _ = _denoise(model, y, a * s, cond)
+    info.nfe += 1
+    m_mid = solver.output(y, denoised_mid, (y - denoised_mid) / s)
+    order = solver.order(history, 2 * i + 2, refined_total)
+    x_next = solver.advance(y, s, tn, m_mid, history, order, c)
+    history = _push(history, (s, m_mid), solver.history_size)
+    return SolverState(x_next, i + 1, history), info
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs.
+
+def check_options(solver, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, predictor=None):
+    """Validate a run's options; raise ValueError naming the offending option."""
+    if solver.name not in STUDENTS and predictor is not None:
+        raise ValueError(f"solver {solver.name!r} is a teacher only and takes no AMED predictor")
+    if solver.name == 'amed' and predictor is None:
+        raise ValueError("solver 'amed' needs an AMED predictor (with r fixed at 0.5 it equals 'dpm')")
+    solver_utils.check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho)
+
+
+def get_model_schedule(model, num_steps, sigma_min=None, sigma_max=None, schedule_type='polynomial',
+                       schedule_rho=7.0):
+    """The schedule for ``model``: sigma range defaults to the model's, and the ``discrete``
+    schedule uses the model's sigma<->t maps."""
+    sigma_min = model.sigma_min if sigma_min is None else sigma_min
+    sigma_max = model.sigma_max if sigma_max is None else sigma_max
+    return solver_utils.get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho,
+                                     sigma_to_t=getattr(model, 'sigma_to_t', None),
+                                     t_to_sigma=getattr(model, 't_to_sigma', None))
+
+
+def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None, schedule_type='polynomial',
+            schedule_rho=7.0, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None,
+            corrected_3m=None, predictor=None, t_steps=None):
+    """Validate a run's options (ValueError naming the bad one) and return (solver, schedule)."""
+    spec = make_solver(solver, max_order, predict_x0, lower_order_final, thresholding, corrected_3m)
+    if t_steps is None:
+        check_options(spec, num_steps, model.sigma_min if sigma_min is None else sigma_min,
+                      model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho, predictor)
+        t_steps = get_model_schedule(model, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho)
+    else:
+        t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
+        if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()) or t_steps[-1] <= 0:
+            raise ValueError('t_steps must be a descending list of at least 2 positive noise levels')
+        check_options(spec, len(t_steps), float(t_steps[-1]), float(t_steps[0]), 'polynomial', 1.0, predictor)
+    return spec, t_steps
+
+
+def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=None, sigma_max=None,
+           schedule_type='polynomial', schedule_rho=7.0, afs=False, max_order=None, predict_x0=None,
+           lower_order_final=None, thresholding=None, corrected_3m=None, denoise_to_zero=False,
+           return_inters=False, predictor=None, t_steps=None):
+    """Solve the probability-flow ODE from unit-variance ``latents`` (x_0 = latents * sigma_max).
+
+    Args:
+        model: a denoiser ``model(x, sigma, cond) -> D(x; sigma)`` with ``sigma_min``/``sigma_max``
+            attributes (see models/base.py); ``capture_feature()`` is needed with a learned predictor.
+        latents: (B, C, H, W) standard normal noise; any float dtype and device.
+        cond: conditioning passed through to the model (class labels, text embeddings).
+        solver: one of amed, euler, ipndm, dpm, dpmpp (students) or heun (teacher only).
+        num_steps: number of time points N of the schedule (N-1 intervals).
+        sigma_min, sigma_max: noise range (default: the model's).
+        schedule_type, schedule_rho: polynomial | logsnr | time_uniform | discrete, and its exponent.
+        afs: analytical first step (saves the first model call).
+        max_order: iPNDM (1-4) / DPM-Solver++ (1-3) order.
+        predict_x0, lower_order_final, thresholding: DPM-Solver++ options (thresholding defaults to
+            predict_x0).
+        corrected_3m: DPM-Solver++ option; third-order-accurate 3M update (off: the official
+            update, which is second-order accurate; see solver_utils.dpm_multistep_update).
+        denoise_to_zero: finish with one extra call x <- D(x; sigma_min).
+        return_inters: return the trajectory at the N grid points (N, B, C, H, W) (plus the
+            denoised output last when ``denoise_to_zero``) instead of the final sample.
+        predictor: an AMED predictor ``(feature (B,8,8), t_cur, t_next) -> (r, scale_dir, scale_time)``
+            (each of shape (B,) or (B,1)), e.g. :class:`FixedPredictor` or the trained network.
+        t_steps: an explicit descending schedule (overrides num_steps and the schedule options).
+    """
+    spec, t_steps = prepare(model, solver, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, max_order,
+                            predict_x0, lower_order_final, thresholding, corrected_3m, predictor, t_steps)
+    t_list = t_steps.tolist()
+    state = SolverState(latents * t_list[0])
+    inters = [state.x]
+    for _ in range(len(t_list) - 1):
+        state, _ = step(model, spec, state, t_list, cond, predictor, afs)
+        if return_inters:
+            inters.append(state.x)
+    x = state.x
+    if denoise_to_zero:
+        x = _denoise(model, x, _col(t_list[-1], x), cond)[0]
+        if return_inters:
+            inters.append(x)
+    return torch.stack(inters) if return_inters else x

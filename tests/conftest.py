@@ -1,0 +1,8 @@
+"""Shared test fixtures. Tests run from any folder: the repository root goes on sys.path."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

@@ -1,0 +1,49 @@
+"""Small helpers shared by the scripts: per-seed random generators and seed lists."""
+
+import re
+
+import torch
+
+
+class StackedRandomGenerator:
+    """One ``torch.Generator`` per seed: row i of every draw comes from seed i's generator, so an
+    image depends only on its seed (not on the batch or the number of processes). Each seed draws
+    its latents first and then its label, from the same generator (EDM's generate.py order)."""
+
+    def __init__(self, device, seeds):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, size, **kwargs):
+        if size[0] != len(self.generators):
+            raise ValueError(f'batch size {size[0]} does not match {len(self.generators)} seeds')
+        return torch.stack([torch.randn(size[1:], generator=g, device=self.device, **kwargs)
+                            for g in self.generators])
+
+    def randint(self, high, size, **kwargs):
+        if size[0] != len(self.generators):
+            raise ValueError(f'batch size {size[0]} does not match {len(self.generators)} seeds')
+        kwargs.pop('device', None)
+        return torch.stack([torch.randint(high, size=size[1:], generator=g, device=self.device, **kwargs)
+                            for g in self.generators])
+
+
+def parse_int_list(text):
+    """Parse a seed list such as ``'0-63'`` or ``'1,2,5-10'`` (ranges inclusive) into a list of
+    ints. Raises ValueError with a one-line message for anything else."""
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    values = []
+    for part in str(text).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
+        if not m:
+            raise ValueError(f'invalid seed list {text!r}: {part!r} is not an integer or a range a-b')
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f'invalid seed list {text!r}: range {part!r} is descending')
+        values.extend(range(lo, hi + 1))
+    if len(set(values)) != len(values):
+        raise ValueError(f'invalid seed list {text!r}: a seed appears twice')
+    return values

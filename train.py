@@ -1,0 +1,187 @@
+"""Train an AMED predictor (distil a teacher solver into the per-interval choice of the
+intermediate time and two scale factors). Runs under plain python or torchrun.
+
+Example (the built-in analytic model, CPU):
+
+    python train.py --dataset_name=toy --sampler_stu=amed --sampler_tea=heun --num_steps=4 --M=1 \\
+        --afs=True --schedule_type=time_uniform --schedule_rho=1 --batch=64 --total_kimg=2
+"""
+
+import json
+import os
+import sys
+
+import click
+import torch
+
+import solvers
+from models.presets import dataset_names, load_model
+from torch_utils import distributed as dist
+from training import experiments
+from training.training_loop import split_batch, training_loop
+
+
+class HalfWidth(click.ParamType):
+    """A scale range half-width >= 0; 'True' means the recommended 0.2 and 'False' 0 (the brief's
+    boolean --scale_time)."""
+
+    name = 'half-width'
+
+    def __init__(self, true_value):
+        self.true_value = true_value
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+        elif str(value).lower() in ('true', 'yes', 'on'):
+            v = self.true_value
+        elif str(value).lower() in ('false', 'no', 'off'):
+            v = 0.0
+        else:
+            try:
+                v = float(value)
+            except ValueError:
+                self.fail(f'{value!r} is neither a number >= 0 nor True/False', param, ctx)
+        if not v >= 0:
+            self.fail(f'{value!r} must be >= 0', param, ctx)
+        return v
+
+
+class Logger:
+    """Writes messages to log.txt (rank 0) and to the console."""
+
+    def __init__(self, path):
+        self.file = open(path, 'at') if path else None
+
+    def __call__(self, msg, console=True):
+        if console:
+            print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + '\n')
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+@click.command(context_settings=dict(show_default=True))
+# General options.
+@click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())}", type=str, required=True)
+@click.option('--model_path', help='Model file or URL overriding the preset', type=str)
+@click.option('--outdir', help='Where to create the run folder', type=str, default='./exps')
+@click.option('--desc', help='String appended to the run folder name', type=str)
+@click.option('--batch', help='Total batch size (trajectories per Adam step)', type=click.IntRange(min=1), default=64)
+@click.option('--batch-gpu', 'batch_gpu', help='Trajectories per process per round (gradient accumulation)',
+              type=click.IntRange(min=1))
+@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0, min_open=True), default=10)
+@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=5e-3)
+@click.option('--seed', help='Random seed', type=int, default=0)
+@click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
+@click.option('--scale_dir', help='Half-width of the scale_dir range (1-s, 1+s); 0 turns the head off',
+              type=HalfWidth(0.01), default=0.01)
+@click.option('--scale_time', help='Half-width of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
+              type=HalfWidth(0.2), default=0.0)
+@click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=1.0)
+# Solver options.
+@click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default='amed')
+@click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default='heun')
+@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(min=2), default=4)
+@click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=1)
+@click.option('--afs', help='Analytical first step', type=bool, default=False)
+# Schedule options.
+@click.option('--sigma_min', help='Lowest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
+@click.option('--schedule_type', help='Time schedule', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']),
+              default='polynomial')
+@click.option('--schedule_rho', help='Schedule exponent', type=click.FloatRange(min=0, min_open=True), default=7.0)
+# Additional (multistep) options.
+@click.option('--max_order', help='iPNDM (1-4, default 4) / DPM-Solver++ (1-3, default 3) order', type=int)
+@click.option('--predict_x0', help='DPM-Solver++ data prediction (default True)', type=bool)
+@click.option('--lower_order_final', help='DPM-Solver++ lower orders at the end (default True)', type=bool)
+# Guidance options.
+@click.option('--guidance_type', help='cg, cfg or uncond (models that take guidance)', type=click.Choice(['cg', 'cfg', 'uncond']))
+@click.option('--guidance_rate', help='Guidance rate', type=float)
+@click.option('--classifier_path', help='Classifier for classifier guidance', type=str)
+@click.option('--prompt_path', help='Captions CSV for Stable Diffusion', type=str)
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+@click.option('--progress/--no-progress', help='Show a progress bar', default=True)
+def main(dry_run, progress, device, **opts):
+    """Train an AMED predictor; the run lands in a new folder of --outdir."""
+    o = dict(opts)
+    multistep = [s for s in (o['sampler_stu'], o['sampler_tea']) if s in ('ipndm', 'dpmpp')]
+    if o['max_order'] is not None and not multistep:
+        raise click.UsageError('--max_order is used only by the ipndm and dpmpp solvers')
+    for opt in ('predict_x0', 'lower_order_final'):
+        if o[opt] is not None and 'dpmpp' not in (o['sampler_stu'], o['sampler_tea']):
+            raise click.UsageError(f'--{opt} is used only by the dpmpp solver')
+    try:
+        dev = dist.init(device)
+    except (RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e))
+    try:
+        model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
+                           o['classifier_path'], o['prompt_path'], device=dev)
+        loss_kwargs = dict(sampler_stu=o['sampler_stu'], sampler_tea=o['sampler_tea'], num_steps=o['num_steps'],
+                           M=o['M'], schedule_type=o['schedule_type'], schedule_rho=o['schedule_rho'],
+                           sigma_min=o['sigma_min'], sigma_max=o['sigma_max'], afs=o['afs'],
+                           max_order=o['max_order'], predict_x0=o['predict_x0'],
+                           lower_order_final=o['lower_order_final'])
+        from training.loss import AMEDLoss
+        probe = AMEDLoss(model, **loss_kwargs)   # validates every solver/schedule option
+        sigma_min, sigma_max = probe.t_student[-1], probe.t_student[0]
+        nfe = experiments.training_nfe(o['dataset_name'], o['num_steps'], o['afs'], model.calls_per_eval)
+        desc = o['desc']
+        name_fn = lambda i: experiments.run_name(i, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'],
+                                                 o['sampler_tea'], o['M'], o['schedule_type'], o['schedule_rho'],
+                                                 o['afs'], desc)
+        name_fn(0)   # validates desc
+        split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise click.ClickException(str(e))
+
+    student = probe.student
+    settings = dict(
+        solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
+        schedule_rho=o['schedule_rho'], sigma_min=sigma_min, sigma_max=sigma_max, afs=o['afs'],
+        max_order=getattr(student, 'max_order', None), predict_x0=getattr(student, 'predict_x0', None),
+        lower_order_final=getattr(student, 'lower_order_final', None),
+        thresholding=getattr(student, 'thresholding', None),
+        sampler_tea=o['sampler_tea'], M=o['M'], nfe=nfe,
+        guidance_type=o['guidance_type'], guidance_rate=o['guidance_rate'],
+        dataset_name=o['dataset_name'], model_path=o['model_path'],
+        img_shape=list(model.img_shape), label_dim=int(model.label_dim))
+    predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
+    options = dict(o, device=str(dev), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
+                   predictor_kwargs=predictor_kwargs, settings=settings)
+
+    if dry_run:
+        dist.print0(json.dumps(options, indent=2))
+        dist.print0('Dry run; exiting.')
+        return
+
+    run_dir = None
+    if dist.is_main():
+        run_dir = experiments.make_run_dir(o['outdir'], name_fn)
+        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(dict(options, run_dir=run_dir), f, indent=2)
+    log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
+    try:
+        if dist.is_main():
+            log(f'Run folder: {run_dir}')
+            log(f"Student {o['sampler_stu']} (NFE {nfe}), teacher {o['sampler_tea']} with M={o['M']}, "
+                f"{o['schedule_type']} schedule, sigma {sigma_min:g}..{sigma_max:g}, {dist.get_world_size()} process(es) on {dev}")
+        _, path = training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch=o['batch'],
+                                batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
+                                device=dev, tick_kimg=o['tick_kimg'], progress=progress, log=log)
+        if dist.is_main():
+            log(f'Saved {path}')
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    finally:
+        log.close()
+        dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,83 @@
+"""The AMED distillation loss: teacher targets, and one student step per interval.
+
+The student step is :func:`solvers.step`, the same function sampling uses, so a predictor samples
+exactly as it was trained. The teacher solves the same schedule refined by M inserted points per
+student interval; by the schedules' refinement property its grid contains the student's grid at
+every (M+1)-th point, and those points are the targets (REFERENCE.md section 5).
+"""
+
+import torch
+
+import solvers
+
+SINGLE_STEP = ('amed', 'euler', 'dpm')   # restart each interval from the teacher point
+MULTISTEP = ('ipndm', 'dpmpp')           # carry their own state (history) across intervals
+
+
+class AMEDLoss:
+    """Teacher trajectories and the student's per-interval step for one frozen model.
+
+    Args:
+        model: the frozen denoiser (models/base.py interface).
+        sampler_stu, sampler_tea: student and teacher solver names.
+        num_steps: student time points N; M: teacher points inserted per student interval.
+        schedule_type, schedule_rho, sigma_min, sigma_max: the schedule shared by both.
+        afs: analytical first step for the student (the teacher never uses it, as the official code).
+        max_order, predict_x0, lower_order_final: multistep options, given to whichever of student
+            and teacher is multistep.
+    """
+
+    def __init__(self, model, sampler_stu, sampler_tea, num_steps, M, schedule_type='polynomial', schedule_rho=7.0,
+                 sigma_min=None, sigma_max=None, afs=False, max_order=None, predict_x0=None, lower_order_final=None):
+        if sampler_stu not in solvers.STUDENTS:
+            raise ValueError(f"unknown sampler_stu {sampler_stu!r} (choose one of {', '.join(solvers.STUDENTS)})")
+        if sampler_tea not in solvers.TEACHERS:
+            raise ValueError(f"unknown sampler_tea {sampler_tea!r} (choose one of {', '.join(solvers.TEACHERS)})")
+        if int(M) != M or M < 1:
+            raise ValueError(f'M must be a positive integer, got {M}')
+        self.model = model
+        self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
+        self.student = self._make(sampler_stu, max_order, predict_x0, lower_order_final)
+        self.teacher = self._make(sampler_tea, max_order, predict_x0, lower_order_final)
+        sched = dict(sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type, schedule_rho=schedule_rho)
+        solvers.check_options(self.student, self.num_steps, model.sigma_min if sigma_min is None else sigma_min,
+                              model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho,
+                              predictor=True)
+        self.t_student = solvers.get_model_schedule(model, self.num_steps, **sched).tolist()
+        self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1, **sched).tolist()
+
+    @staticmethod
+    def _make(name, max_order, predict_x0, lower_order_final):
+        multistep = name in MULTISTEP
+        return solvers.make_solver(name, max_order if multistep else None,
+                                   predict_x0 if name == 'dpmpp' else None,
+                                   lower_order_final if name == 'dpmpp' else None)
+
+    @property
+    def multistep(self):
+        return self.student.name in MULTISTEP
+
+    @torch.no_grad()
+    def teacher_targets(self, latents, cond=None):
+        """The teacher's states at the student's time points: a list of N tensors, the first
+        being latents * sigma_max."""
+        traj = solvers.sample(self.model, latents, cond, solver=self.teacher.name, t_steps=self.t_teacher,
+                              max_order=getattr(self.teacher, 'max_order', None),
+                              predict_x0=getattr(self.teacher, 'predict_x0', None),
+                              lower_order_final=getattr(self.teacher, 'lower_order_final', None),
+                              return_inters=True)
+        return list(traj[::self.M + 1])
+
+    def start_state(self, targets, k, carried=None):
+        """The student's state at interval k: the teacher point for single-step students, the
+        carried (detached) state for multistep students."""
+        if k == 0 or not self.multistep:
+            return solvers.SolverState(targets[k], k)
+        return carried
+
+    def __call__(self, predictor, state, target, cond=None):
+        """One student step from ``state`` with ``predictor``; returns the per-sample squared L2
+        distance to ``target`` (B,), the new state and the step info."""
+        new_state, info = solvers.step(self.model, self.student, state, self.t_student, cond, predictor, self.afs)
+        loss = (new_state.x - target).square().flatten(1).sum(1)
+        return loss, new_state, info

@@ -1,0 +1,137 @@
+"""A code-free snapshot format for AMED predictors.
+
+A snapshot is a ``torch.save``'d dict of plain data and tensors only::
+
+    {'format': 'amed-predictor', 'version': 1,
+     'predictor_config': {...},      # AMEDPredictor constructor arguments
+     'settings': {...},              # how the predictor was trained / is meant to be sampled with
+     'state_dict': {name: tensor}}   # CPU tensors
+
+so :func:`load_snapshot` reads it with ``torch.load(weights_only=True)`` and executes no code.
+NVIDIA-persistence pickles (the official ``.pkl`` predictors) are a different format that embeds
+source code; they are not read here.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+
+import torch
+
+from training.networks import AMEDPredictor
+
+__all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot']
+
+FORMAT = 'amed-predictor'
+VERSION = 1
+
+
+def _plain(name, value):
+    """``value`` as plain JSON data (dicts with str keys, lists, str, int, float, bool, None).
+
+    Tuples become lists. Raises ValueError if ``value`` is not JSON-serialisable (NaN and
+    infinities included)."""
+    if not isinstance(value, dict):
+        raise ValueError(f'{name} must be a dict, got {type(value).__name__}')
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{name} is not JSON-serialisable: {e}') from None
+
+
+def save_snapshot(path, predictor, settings):
+    """Write ``predictor`` and ``settings`` to ``path`` atomically.
+
+    Args:
+        path: destination file (conventionally ``*.pt``); its folder must exist.
+        predictor: an :class:`~training.networks.AMEDPredictor` (or a wrapper such as DDP whose
+            ``.module`` is one).
+        settings: JSON-serialisable dict chosen by the caller (solver, num_steps, schedule, afs,
+            ...); stored as plain data (tuples come back as lists).
+
+    The file is first written to a temporary file in the same folder and then moved into place
+    with ``os.replace``; on any error the temporary file is removed and ``path`` is untouched.
+    """
+    if not hasattr(predictor, 'config') and hasattr(predictor, 'module'):
+        predictor = predictor.module
+    data = {
+        'format': FORMAT,
+        'version': VERSION,
+        'predictor_config': _plain('predictor_config', predictor.config()),
+        'settings': _plain('settings', settings),
+        'state_dict': {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
+    }
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_snapshot(path, device='cpu'):
+    """Load a snapshot written by :func:`save_snapshot`; executes no code from the file.
+
+    Returns:
+        ``(predictor, settings)``: the :class:`~training.networks.AMEDPredictor` in eval mode with
+        ``requires_grad=False`` on ``device``, and the settings dict.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not an AMED predictor snapshot (unreadable, another torch file, a
+            pickle such as the official NVIDIA-persistence ``.pkl``), or has another format/version.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'AMED predictor snapshot not found: {path}')
+    if os.path.isdir(path):
+        raise ValueError(f'{path} is a directory, not an AMED predictor snapshot')
+    not_ours = f'{path} is not an AMED predictor snapshot'
+    try:
+        with warnings.catch_warnings():     # torch warns about the protocol of plain pickles
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            data = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):
+            raise ValueError(f'{not_ours} (a torch file holding objects other than plain data and tensors)') from None
+        raise ValueError(f'{not_ours} (not a torch zip file: a plain or NVIDIA pickle is refused here; '
+                         f'NVIDIA-pickle predictors (.pkl) are loaded through the persistence path)') from None
+    except OSError:
+        raise                               # e.g. permission denied: say so, not 'not a snapshot'
+    except Exception as e:
+        raise ValueError(f'{not_ours} (unreadable as a torch file: {type(e).__name__})') from None
+
+    if not isinstance(data, dict) or data.get('format') != FORMAT:
+        raise ValueError(f'{not_ours} (no format tag {FORMAT!r})')
+    if data.get('version') != VERSION:
+        raise ValueError(f'{path}: unsupported AMED predictor snapshot version {data.get("version")!r} '
+                         f'(this code reads version {VERSION})')
+    config, settings, state = data.get('predictor_config'), data.get('settings'), data.get('state_dict')
+    if not isinstance(config, dict) or not isinstance(settings, dict) or not isinstance(state, dict):
+        raise ValueError(f'{path}: corrupt AMED predictor snapshot (missing predictor_config, settings or state_dict)')
+
+    # Building the module draws its (discarded) initial weights: keep the global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            predictor = AMEDPredictor(**config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f'{path}: bad predictor_config in AMED predictor snapshot: {e}') from None
+    try:
+        predictor.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'{path}: state_dict does not match predictor_config: {first}') from None
+    predictor.eval().requires_grad_(False)
+    return predictor.to(device), settings
