@@ -69,7 +69,8 @@ def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, 
         if predictor is not None:
             generate.check_compatible(settings, model)
         nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
-        name = ('amed-' if predictor is not None else '') + solver_kwargs['solver']
+        name = solver_kwargs['solver'] if predictor is None or solver_kwargs['solver'] == 'amed' \
+            else 'amed-' + solver_kwargs['solver']
         if outdir is None:
             outdir = os.path.join('samples', *(['grids'] if grid else []), dataset_name, f'{name}_nfe{nfe}')
         solvers.prepare(model, predictor=predictor,   # validate every option before anything is written

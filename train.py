@@ -111,10 +111,10 @@ def main(dry_run, progress, device, **opts):
     o = dict(opts)
     multistep = [s for s in (o['sampler_stu'], o['sampler_tea']) if s in ('ipndm', 'dpmpp')]
     if o['max_order'] is not None and not multistep:
-        raise click.UsageError('--max_order is used only by the ipndm and dpmpp solvers')
+        raise click.ClickException('--max_order is used only by the ipndm and dpmpp solvers')
     for opt in ('predict_x0', 'lower_order_final'):
         if o[opt] is not None and 'dpmpp' not in (o['sampler_stu'], o['sampler_tea']):
-            raise click.UsageError(f'--{opt} is used only by the dpmpp solver')
+            raise click.ClickException(f'--{opt} is used only by the dpmpp solver')
     try:
         dev = dist.init(device)
     except (RuntimeError, ValueError) as e:

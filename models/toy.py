@@ -298,6 +298,11 @@ def smooth_means(num_components, resolution, channels, mean_scale, generator):
     return torch.stack(means)
 
 
+def _planes(spectrum):
+    """Complex (N, C, H, Wr) -> real and imaginary planes (N, 2, C*H*Wr), contiguous."""
+    return torch.view_as_real(spectrum).flatten(1, 3).transpose(1, 2).contiguous()
+
+
 class GaussianMixture(_AnalyticDenoiser):
     """Mixture of K stationary Gaussians with a natural-image power spectrum, with exact denoiser.
 
@@ -388,21 +393,21 @@ class GaussianMixture(_AnalyticDenoiser):
 
     def _half_spectrum(self):
         """float64 constants on the real-FFT half spectrum, flattened over (C, H, W//2 + 1) to Fh entries:
-        M = F(mu_k) as real and imaginary parts (K, Fh, 2), |M|^2 (K, Fh), P_k (K, Fh), and count (Fh,):
-        how many full-spectrum frequencies each entry stands for (2: itself and its mirror image; 1 for
-        column 0 and, for even W, column W/2, which are their own mirror images). Cached; recomputed
-        when mu or P move or change."""
+        M = F(mu_k) as planes of real and imaginary parts (K, 2, Fh), |M|^2 (K, Fh), P_k (K, Fh), and
+        count (Fh,): how many full-spectrum frequencies each entry stands for (2: itself and its mirror
+        image; 1 for column 0 and, for even W, column W/2, which are their own mirror images). Cached;
+        recomputed when mu or P move or change."""
         key = (self.mu.data_ptr(), self.mu._version, self.P.data_ptr(), self.P._version)
         if getattr(self, '_half_spectrum_key', None) != key:
             K, C, H, W = self.mu.shape
             Wr = W // 2 + 1
-            M = torch.view_as_real(torch.fft.rfft2(self.mu, norm='ortho')).reshape(K, -1, 2)
+            M = _planes(torch.fft.rfft2(self.mu, norm='ortho'))
             count = torch.full((C, H, Wr), 2.0, dtype=torch.float64, device=M.device)
             count[..., 0] = 1
             if W % 2 == 0:
                 count[..., -1] = 1
             P = self.P[..., :Wr].reshape(K, -1)
-            self._half_spectrum_value = (M, M.square().sum(dim=-1), P, count.reshape(-1))
+            self._half_spectrum_value = (M, M.square().sum(dim=-2), P, count.reshape(-1))
             self._half_spectrum_key = key
         return self._half_spectrum_value
 
@@ -418,14 +423,14 @@ class GaussianMixture(_AnalyticDenoiser):
         raise ValueError(f'power must be 1 or 0.5, got {power}')
 
     @classmethod
-    def _mixture_posterior(cls, Xri, s2, spectrum, power):
+    def _mixture_posterior(cls, X, s2, spectrum, power):
         """Responsibilities and filtered spectrum, in float64, for G groups of n samples each, the
         samples of group g sharing the noise level sigma_g.
 
-        Xri: F(x) on the half spectrum as interleaved real and imaginary parts (G, n, 2 Fh); s2: sigma_g^2
-        (G,); spectrum: ``_half_spectrum()``. Returns w (G, n, K) and, in the layout of Xri,
-        Y = sum_k w_k [M_k + g_k (X - M_k)] = X sum_k w_k g_k + sum_k w_k (1 - g_k) M_k,
-        with g_k = (P_k / (P_k + sigma^2))^power. The sums over f of
+        X: F(x) on the half spectrum as real and imaginary planes (G, n, 2, Fh); s2: sigma_g^2 (G,);
+        spectrum: ``_half_spectrum()``. Returns w (G, n, K), A = sum_k w_k g_k (G, n, Fh) and
+        R = sum_k w_k (1 - g_k) M_k (G, n, 2, Fh), where g_k = (P_k / (P_k + sigma^2))^power, so that
+        the filtered spectrum is sum_k w_k [M_k + g_k (X - M_k)] = A X + R. The sums over f of
         log p(x | k) = -1/2 sum_f [|X_f - M_k,f|^2 / (P_k,f + sigma^2) + log(P_k,f + sigma^2)] + const
         are expanded (|X - M|^2 = |X|^2 - 2 Re(conj(X) M) + |M|^2) into matrix products, so the
         sigma-dependent tensors are (G, K, Fh), never (G, n, K, Fh); the log term is shifted by the
@@ -435,14 +440,13 @@ class GaussianMixture(_AnalyticDenoiser):
         M, M2, P, count = spectrum
         s2 = s2[:, None, None]
         u = count / (P + s2)  # quadratic-form weights (G, K, Fh), counting mirror frequencies
-        X2 = Xri.square().unflatten(-1, (-1, 2)).sum(dim=-1)  # |X_f|^2 (G, n, Fh)
-        quad = X2 @ u.mT - 2 * Xri @ (u[..., None] * M).flatten(-2).mT + (u * M2).sum(dim=-1)[:, None, :]
+        quad = X.square().sum(dim=-2) @ u.mT - 2 * X.flatten(-2) @ (u[:, :, None, :] * M).flatten(-2).mT \
+            + (u * M2).sum(dim=-1)[:, None, :]  # sum_f u_k,f |X_f - M_k,f|^2, (G, n, K)
         Pbar = P.mean(dim=0)
         log_det = (torch.log1p((P - Pbar) / (Pbar + s2)) @ count)[:, None, :]  # (G, 1, K)
         w = torch.softmax(-0.5 * (quad + log_det), dim=-1)  # uniform pi_k cancels
         gain, rest = cls._gains(P, s2, power)
-        Y = Xri * (w @ gain).repeat_interleave(2, dim=-1) + w @ (rest[..., None] * M).flatten(-2)
-        return w, Y
+        return w, w @ gain, (w @ (rest[:, :, None, :] * M).flatten(-2)).unflatten(-1, (2, -1))
 
     def _filter(self, x, sigma, labels, power):
         """sum_k w_k [mu_k + F^H ((P_k / (P_k + sigma^2))^power F(x - mu_k))], and w (B, K) float64.
@@ -458,32 +462,32 @@ class GaussianMixture(_AnalyticDenoiser):
         dtype = self._compute_dtype(x)
         B, C, H, W = x.shape
         sigma = _sigma_batch(sigma, B, torch.float64, x.device)
-        Xri = torch.view_as_real(torch.fft.rfft2(x.to(dtype), norm='ortho')).reshape(B, -1).to(torch.float64)
+        X = _planes(torch.fft.rfft2(x.to(dtype), norm='ortho'))  # F(x) as (B, 2, Fh), compute dtype
         spectrum = self._half_spectrum()
         M, _, P, _ = spectrum
         if labels is not None:  # a single component per sample
-            gain, rest = self._gains(P[labels], sigma[:, None].square(), power)
-            Y = Xri * gain.repeat_interleave(2, dim=-1) + (rest[..., None] * M[labels]).flatten(-2)
+            A, rest = self._gains(P[labels], sigma[:, None].square(), power)
+            R = rest[:, None, :] * M[labels]
             w = torch.nn.functional.one_hot(labels, self.num_components).to(torch.float64)
+        elif not sigma.requires_grad and bool((sigma == sigma[0]).all()):  # the usual case: one sigma
+            w, A, R = self._mixture_posterior(X.to(torch.float64)[None], sigma[:1].square(), spectrum, power)
+            w, A, R = w[0], A[0], R[0]
         else:
-            # Group the samples by sigma, and the groups by size: one batched call per group size.
+            # Group the samples by sigma (each sample alone when sigma requires grad), and the groups
+            # by size: one batched call per group size.
             if sigma.requires_grad:
                 group_of = torch.arange(B, device=x.device)
             else:
                 group_of = torch.unique(sigma, return_inverse=True)[1]
             groups = torch.argsort(group_of, stable=True).split(torch.bincount(group_of).tolist())
-            if len(groups) == 1:  # the usual case: one sigma for the whole batch
-                w, Y = self._mixture_posterior(Xri[None], sigma[:1].square(), spectrum, power)
-                w, Y = w[0], Y[0]
-            else:
-                w = Xri.new_empty((B, self.num_components))
-                Y = torch.empty_like(Xri)
-                for size in sorted({len(g) for g in groups}):
-                    idx = torch.stack([g for g in groups if len(g) == size])  # (G, size)
-                    w_g, Y_g = self._mixture_posterior(Xri[idx], sigma[idx[:, 0]].square(), spectrum, power)
-                    w = w.index_put((idx.reshape(-1),), w_g.reshape(-1, w_g.shape[-1]))
-                    Y = Y.index_put((idx.reshape(-1),), Y_g.reshape(-1, Y_g.shape[-1]))
-        Y = torch.view_as_complex(Y.to(dtype).reshape(B, C, H, W // 2 + 1, 2))
+            X64 = X.to(torch.float64)
+            w, A, R = X64.new_empty((B, self.num_components)), X64.new_empty((B, X.shape[-1])), torch.empty_like(X64)
+            for size in sorted({len(g) for g in groups}):
+                idx = torch.stack([g for g in groups if len(g) == size])  # (G, size)
+                parts = self._mixture_posterior(X64[idx], sigma[idx[:, 0]].square(), spectrum, power)
+                w, A, R = (old.index_put((idx.reshape(-1),), new.flatten(0, 1)) for old, new in zip((w, A, R), parts))
+        Y = X * A.to(dtype)[:, None, :] + R.to(dtype)  # sum_k w_k [M_k + g_k (X - M_k)]
+        Y = torch.complex(Y[:, 0], Y[:, 1]).reshape(B, C, H, W // 2 + 1)
         return torch.fft.irfft2(Y, s=(H, W), norm='ortho'), w
 
     def responsibilities(self, x, sigma):

@@ -1,0 +1,183 @@
+"""train.py and sample.py end to end on the built-in model: run folders, snapshots, per-seed
+determinism, gradient accumulation, torchrun with two processes, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sample
+import train
+from training.snapshot import load_snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--dataset_name=toy', '--batch=8', '--total_kimg=0.016', '--no-progress', '--num_steps=3']
+
+
+def run_cli(cmd, args):
+    result = CliRunner().invoke(cmd, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def train_tiny(outdir, *extra):
+    code, out = run_cli(train.main, TINY + [f'--outdir={outdir}', *extra])
+    assert code == 0, out
+    runs = sorted(os.listdir(outdir))
+    return os.path.join(outdir, runs[-1])
+
+
+def snapshot_of(run_dir):
+    files = [f for f in os.listdir(run_dir) if f.startswith('network-snapshot-')]
+    assert len(files) == 1
+    return os.path.join(run_dir, files[0])
+
+
+def read_png(path):
+    return np.asarray(PIL.Image.open(path))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_train_creates_run_folder(in_tmp):
+    run = train_tiny('exps', '--sampler_stu=amed', '--afs=True', '--schedule_type=time_uniform',
+                     '--schedule_rho=1', '--scale_time=True')
+    assert os.path.basename(run) == '00000-toy-3-3-amed-heun-1-uni1.0-afs'
+    assert sorted(os.listdir(run)) == ['log.txt', 'network-snapshot-000000.pt', 'stats.jsonl',
+                                       'training_options.json']
+    opts = json.load(open(os.path.join(run, 'training_options.json')))
+    assert opts['scale_time'] == 0.2 and opts['scale_dir'] == 0.01
+    stats = [json.loads(line) for line in open(os.path.join(run, 'stats.jsonl'))]
+    assert stats and 'Loss/loss' in stats[-1] and 'Pred/r' in stats[-1]
+    assert 'tick' in open(os.path.join(run, 'log.txt')).read()
+    predictor, settings = load_snapshot(snapshot_of(run))
+    assert settings['solver'] == 'amed' and settings['num_steps'] == 3 and settings['afs'] is True
+    assert settings['img_shape'] == [3, 32, 32] and settings['label_dim'] == 0
+    assert settings['sigma_min'] == 0.002 and settings['sigma_max'] == 80.0
+    assert predictor.scale_time == 0.2
+    # A second run never reuses the folder.
+    run2 = train_tiny('exps', '--sampler_stu=ipndm', '--sampler_tea=ipndm', '--M=2', '--max_order=3', '--desc=x')
+    assert os.path.basename(run2) == '00001-toy-3-4-ipndm-ipndm-2-poly7.0-x'
+
+
+def test_dry_run_writes_nothing(in_tmp):
+    code, out = run_cli(train.main, TINY + ['--outdir=exps', '--dry-run'])
+    assert code == 0 and 'Dry run' in out
+    assert not os.path.exists('exps')
+
+
+@pytest.mark.parametrize('args,word', [
+    (['--dataset_name=nope'], 'dataset_name'),
+    (['--dataset_name=cifar10'], 'cifar10'),
+    (['--max_order=2'], 'max_order'),
+    (['--sampler_stu=ipndm', '--max_order=7'], 'max_order'),
+    (['--sigma_min=5', '--sigma_max=1'], 'sigma_min'),
+    (['--batch=8', '--batch-gpu=3'], 'batch'),
+    (['--guidance_type=cg'], 'guidance_type'),
+    (['--prompt_path=x.csv'], 'prompt_path'),
+    (['--desc=a/b'], 'desc'),
+    (['--scale_time=-1'], 'scale_time'),
+])
+def test_train_bad_input(in_tmp, args, word):
+    code, out = run_cli(train.main, TINY + ['--outdir=exps'] + args)
+    last = out.strip().splitlines()[-1]            # click's own type errors add a usage line before it
+    assert code != 0 and last.startswith('Error:') and word in last, out
+    assert not os.path.exists('exps') or os.listdir('exps') == []
+
+
+@pytest.mark.parametrize('student,teacher,extra', [('amed', 'heun', []), ('ipndm', 'ipndm', ['--max_order=3']),
+                                                   ('dpmpp', 'dpmpp', ['--max_order=2'])])
+def test_gradient_accumulation_equals_large_batch(in_tmp, student, teacher, extra):
+    args = [f'--sampler_stu={student}', f'--sampler_tea={teacher}', '--M=1', '--afs=True'] + extra
+    one = train_tiny('a', *args)
+    acc = train_tiny('b', '--batch-gpu=2', *args)
+    p1, _ = load_snapshot(snapshot_of(one))
+    p2, _ = load_snapshot(snapshot_of(acc))
+    for (k, v1), v2 in zip(p1.state_dict().items(), p2.state_dict().values()):
+        assert torch.allclose(v1, v2, rtol=1e-4, atol=1e-6), k
+
+
+def test_sample_images_depend_only_on_seed(in_tmp):
+    train_tiny('exps', '--afs=True')
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--batch=2', '--outdir=a', '--no-progress'])
+    assert code == 0, out
+    code, out = run_cli(sample.main, ['--predictor_path=00000', '--seeds=3,4', '--batch=5', '--outdir=b',
+                                      '--no-subdirs', '--no-progress', '--return_inters=True'])
+    assert code == 0, out
+    for seed in (3, 4):
+        assert np.array_equal(read_png(f'a/000000/{seed:06d}.png'), read_png(f'b/{seed:06d}.png'))
+    traj = np.load('b/000003.npz')
+    assert traj['trajectory'].shape == (3, 3, 32, 32) and traj['sigmas'].shape == (3,)
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid', '--outdir=g', '--no-progress'])
+    assert code == 0 and os.listdir('g') == ['grid.png']
+    assert read_png('g/grid.png').shape == (64, 96, 3)
+
+
+def test_sample_plain_solver_baseline(in_tmp):
+    code, out = run_cli(sample.main, ['--dataset_name=toy', '--solver=dpmpp', '--num_steps=4', '--seeds=0-1',
+                                      '--outdir=p', '--no-progress'])
+    assert code == 0, out
+    assert sorted(os.listdir('p/000000')) == ['000000.png', '000001.png']
+
+
+def test_sample_bad_input(in_tmp):
+    run = train_tiny('exps')
+    os.makedirs('exps/00005-a')
+    os.makedirs('exp/00005-b')
+    open('junk.pt', 'w').write('not a snapshot')
+    cases = [
+        (['--predictor_path=9'], 'experiment 9 not found'),
+        (['--predictor_path=5'], 'ambiguous'),
+        (['--predictor_path=missing.pt'], 'not found'),
+        (['--predictor_path=junk.pt'], 'junk.pt'),
+        (['--predictor_path=0', '--dataset_name=toy_cond'], 'toy'),
+        (['--predictor_path=0', '--seeds=1-x'], 'seed'),
+        (['--predictor_path=0', '--solver=euler'], 'solver'),
+        (['--dataset_name=toy', '--solver=ipndm', '--max_order=9'], 'max_order'),
+        (['--dataset_name=nope', '--solver=euler'], 'dataset_name'),
+    ]
+    for args, word in cases:
+        code, out = run_cli(sample.main, args + ['--outdir=o', '--no-progress'])
+        assert code != 0 and word in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, out
+        assert not os.path.exists('o')
+
+
+def torchrun(script, args, cwd, nproc=2):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(ROOT, script)] + args
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_two_processes_match_one(in_tmp):
+    args = TINY + ['--afs=True', '--device=cpu']
+    torchrun('train.py', args + ['--outdir=two'], in_tmp)
+    code, out = run_cli(train.main, args + ['--outdir=one'])
+    assert code == 0, out
+    p2, _ = load_snapshot(snapshot_of(os.path.join('two', os.listdir('two')[0])))
+    p1, _ = load_snapshot(snapshot_of(os.path.join('one', os.listdir('one')[0])))
+    for v1, v2 in zip(p1.state_dict().values(), p2.state_dict().values()):
+        assert torch.allclose(v1, v2, rtol=1e-4, atol=1e-6)
+    snap = snapshot_of(os.path.join('one', os.listdir('one')[0]))
+    torchrun('sample.py', [f'--predictor_path={snap}', '--seeds=0-6', '--batch=2', '--outdir=s2', '--no-progress',
+                           '--device=cpu'], in_tmp)
+    code, out = run_cli(sample.main, [f'--predictor_path={snap}', '--seeds=0-6', '--batch=3', '--outdir=s1',
+                                      '--no-progress'])
+    assert code == 0, out
+    for seed in range(7):
+        assert np.array_equal(read_png(f's1/000000/{seed:06d}.png'), read_png(f's2/000000/{seed:06d}.png'))
+    torchrun('sample.py', [f'--predictor_path={snap}', '--seeds=0-6', '--grid', '--outdir=g2', '--no-progress',
+                           '--device=cpu'], in_tmp)
+    assert os.listdir('g2') == ['grid.png']
