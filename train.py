@@ -8,17 +8,13 @@ Example (the built-in analytic model, CPU):
 """
 
 import json
-import os
-import sys
 
 import click
-import torch
 
 import solvers
-from models.presets import dataset_names, load_model
+from models.presets import dataset_names
 from torch_utils import distributed as dist
-from training import experiments
-from training.training_loop import split_batch, training_loop
+from training.launch import plan_training, run_training
 
 
 class HalfWidth(click.ParamType):
@@ -45,24 +41,6 @@ class HalfWidth(click.ParamType):
         if not v >= 0:
             self.fail(f'{value!r} must be >= 0', param, ctx)
         return v
-
-
-class Logger:
-    """Writes messages to log.txt (rank 0) and to the console."""
-
-    def __init__(self, path):
-        self.file = open(path, 'at') if path else None
-
-    def __call__(self, msg, console=True):
-        if console:
-            print(msg, flush=True)
-        if self.file is not None:
-            self.file.write(msg + '\n')
-            self.file.flush()
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -108,78 +86,20 @@ class Logger:
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 def main(dry_run, progress, device, **opts):
     """Train an AMED predictor; the run lands in a new folder of --outdir."""
-    o = dict(opts)
-    multistep = [s for s in (o['sampler_stu'], o['sampler_tea']) if s in ('ipndm', 'dpmpp')]
-    if o['max_order'] is not None and not multistep:
-        raise click.ClickException('--max_order is used only by the ipndm and dpmpp solvers')
-    for opt in ('predict_x0', 'lower_order_final'):
-        if o[opt] is not None and 'dpmpp' not in (o['sampler_stu'], o['sampler_tea']):
-            raise click.ClickException(f'--{opt} is used only by the dpmpp solver')
     try:
         dev = dist.init(device)
-    except (RuntimeError, ValueError) as e:
+        plan = plan_training(opts, dev)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        dist.shutdown()
         raise click.ClickException(str(e))
-    try:
-        model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
-                           o['classifier_path'], o['prompt_path'], device=dev)
-        loss_kwargs = dict(sampler_stu=o['sampler_stu'], sampler_tea=o['sampler_tea'], num_steps=o['num_steps'],
-                           M=o['M'], schedule_type=o['schedule_type'], schedule_rho=o['schedule_rho'],
-                           sigma_min=o['sigma_min'], sigma_max=o['sigma_max'], afs=o['afs'],
-                           max_order=o['max_order'], predict_x0=o['predict_x0'],
-                           lower_order_final=o['lower_order_final'])
-        from training.loss import AMEDLoss
-        probe = AMEDLoss(model, **loss_kwargs)   # validates every solver/schedule option
-        sigma_min, sigma_max = probe.t_student[-1], probe.t_student[0]
-        nfe = experiments.training_nfe(o['dataset_name'], o['num_steps'], o['afs'], model.calls_per_eval)
-        desc = o['desc']
-        name_fn = lambda i: experiments.run_name(i, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'],
-                                                 o['sampler_tea'], o['M'], o['schedule_type'], o['schedule_rho'],
-                                                 o['afs'], desc)
-        name_fn(0)   # validates desc
-        split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise click.ClickException(str(e))
-
-    student = probe.student
-    settings = dict(
-        solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
-        schedule_rho=o['schedule_rho'], sigma_min=sigma_min, sigma_max=sigma_max, afs=o['afs'],
-        max_order=getattr(student, 'max_order', None), predict_x0=getattr(student, 'predict_x0', None),
-        lower_order_final=getattr(student, 'lower_order_final', None),
-        thresholding=getattr(student, 'thresholding', None),
-        sampler_tea=o['sampler_tea'], M=o['M'], nfe=nfe,
-        guidance_type=o['guidance_type'], guidance_rate=o['guidance_rate'],
-        dataset_name=o['dataset_name'], model_path=o['model_path'],
-        img_shape=list(model.img_shape), label_dim=int(model.label_dim))
-    predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
-    options = dict(o, device=str(dev), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
-                   predictor_kwargs=predictor_kwargs, settings=settings)
-
     if dry_run:
-        dist.print0(json.dumps(options, indent=2))
+        dist.print0(json.dumps(plan['options'], indent=2))
         dist.print0('Dry run; exiting.')
+        dist.shutdown()
         return
-
-    run_dir = None
-    if dist.is_main():
-        run_dir = experiments.make_run_dir(o['outdir'], name_fn)
-        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(dict(options, run_dir=run_dir), f, indent=2)
-    log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
     try:
-        if dist.is_main():
-            log(f'Run folder: {run_dir}')
-            log(f"Student {o['sampler_stu']} (NFE {nfe}), teacher {o['sampler_tea']} with M={o['M']}, "
-                f"{o['schedule_type']} schedule, sigma {sigma_min:g}..{sigma_max:g}, {dist.get_world_size()} process(es) on {dev}")
-        _, path = training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch=o['batch'],
-                                batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
-                                device=dev, tick_kimg=o['tick_kimg'], progress=progress, log=log)
-        if dist.is_main():
-            log(f'Saved {path}')
-    except ValueError as e:
-        raise click.ClickException(str(e))
+        run_training(plan, progress=progress)
     finally:
-        log.close()
         dist.shutdown()
 
 

@@ -32,7 +32,8 @@ class Denoiser(torch.nn.Module):
     calls_per_eval = 1
     sigma_to_t = None
     t_to_sigma = None
-    feature_module = None
+    # ``feature_module`` is a registered submodule of each adapter (not a class attribute here: a
+    # class attribute would shadow the submodule in nn.Module's attribute lookup).
 
     @property
     def img_shape(self):
@@ -56,14 +57,15 @@ class Denoiser(torch.nn.Module):
     def capture_feature(self):
         """Context manager: hooks ``feature_module`` and yields a dict whose key 'feature' holds
         the reduced (B, 8, 8) feature of the last forward call. The hook is always removed."""
-        if self.feature_module is None:
+        module = getattr(self, 'feature_module', None)
+        if module is None:
             raise ValueError(f'{type(self).__name__} names no feature_module for the AMED predictor')
         holder = {}
 
         def hook(module, inputs, output):
             holder['feature'] = self.amed_feature(output.detach())
 
-        handle = self.feature_module.register_forward_hook(hook)
+        handle = module.register_forward_hook(hook)
         try:
             yield holder
         finally:

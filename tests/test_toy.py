@@ -9,6 +9,17 @@ import torch
 from models.toy import STEPS_PER_UNIT, GaussianMixture, IsotropicGaussian, build
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run these tests on one thread. The ODE tests make thousands of denoiser calls on tiny batches;
+    with several threads each small FFT or matmul pays for thread hand-offs, which become stalls of
+    milliseconds when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def edm_sigmas(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's polynomial schedule, descending, without the final 0."""
     i = torch.arange(num_steps, dtype=torch.float64)
@@ -107,7 +118,8 @@ def test_denoiser_matches_dense_computation(resolution, channels):
     # the per-sample path taken when sigma requires grad agrees too
     torch.testing.assert_close(model(x, sigma.clone().requires_grad_()).detach(), expected, atol=1e-10, rtol=0)
     # and a single shared sigma
-    torch.testing.assert_close(model(x, 0.7), dense_denoiser(model, x, torch.full((7,), 0.7, dtype=torch.float64)), atol=1e-10, rtol=0)
+    shared = dense_denoiser(model, x, torch.full((7,), 0.7, dtype=torch.float64))
+    torch.testing.assert_close(model(x, 0.7), shared, atol=1e-10, rtol=0)
 
 
 def test_conditional_matches_dense_computation():

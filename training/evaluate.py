@@ -1,0 +1,59 @@
+"""Accuracy of solvers on the exact analytic model: error to the exact ODE solution from the
+same noise, at a given NFE."""
+
+import math
+
+import torch
+
+import solver_utils
+import solvers
+
+#: The comparison of the quickstart: (label, solver options) of the baselines, as in DESIGN.md and
+#: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
+#: DPM-Solver++(3M) on logSNR).
+BASELINES = [
+    ('iPNDM', dict(solver='ipndm', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
+    ('DPM-Solver-2', dict(solver='dpm', schedule_type='polynomial', schedule_rho=7.0)),
+    ('DPM-Solver++(3M)', dict(solver='dpmpp', max_order=3, schedule_type='logsnr')),
+    ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
+]
+
+
+def steps_for_nfe(solver, nfe, afs, with_predictor):
+    """The number of time points N whose run costs exactly ``nfe`` evaluations (ValueError if none)."""
+    for n in range(2, nfe + 3):
+        if solver_utils.count_nfe(solver, n, afs, with_predictor) == nfe:
+            return n
+    raise ValueError(f'no num_steps gives NFE {nfe} for {solver} (afs={afs}, predictor={with_predictor})')
+
+
+def rms_error(x, exact):
+    """Mean over samples of the per-sample root-mean-square pixel difference."""
+    return (x.double() - exact.double()).flatten(1).square().mean(1).sqrt().mean().item()
+
+
+@torch.no_grad()
+def exact_solution(model, latents, sigma_max, sigma_min, cond=None, steps_per_unit=None):
+    kw = {} if steps_per_unit is None else dict(steps_per_unit=steps_per_unit)
+    return model.ode_solution_from_noise(latents.double(), sigma_max, [sigma_min], cond=cond, **kw)[-1]
+
+
+@torch.no_grad()
+def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
+    """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
+    outs = []
+    for i in range(0, latents.shape[0], batch):
+        c = None if cond is None else cond[i:i + batch]
+        outs.append(solvers.sample(model, latents[i:i + batch], c, predictor=predictor, **solver_kwargs))
+    return rms_error(torch.cat(outs), exact)
+
+
+def format_table(rows, nfes, title='RMS error to the exact ODE solution'):
+    """Markdown table: rows are (label, {nfe: value})."""
+    head = f"| {title} | " + ' | '.join(f'NFE {n}' for n in nfes) + ' |'
+    sep = '|---|' + '---|' * len(nfes)
+    lines = [head, sep]
+    for label, values in rows:
+        cells = [('%.4f' % values[n]) if n in values and not math.isnan(values[n]) else '-' for n in nfes]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)

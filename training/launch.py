@@ -1,0 +1,113 @@
+"""From training options to a finished run: validation, the run folder, logging, the loop.
+
+``train.py`` parses options into a dict and calls :func:`plan_training` and :func:`run_training`;
+the quickstart calls the same two functions.
+"""
+
+import json
+import os
+
+from models.presets import load_model
+from torch_utils import distributed as dist
+from training import experiments
+from training.loss import MULTISTEP, AMEDLoss
+from training.training_loop import split_batch, training_loop
+
+#: Defaults of every training option (the brief's parameter table, plus ours).
+DEFAULTS = dict(
+    dataset_name=None, model_path=None, outdir='./exps', desc=None, batch=64, batch_gpu=None, total_kimg=10.0,
+    lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
+    num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type='polynomial', schedule_rho=7.0,
+    max_order=None, predict_x0=None, lower_order_final=None, guidance_type=None, guidance_rate=None,
+    classifier_path=None, prompt_path=None)
+
+
+class Logger:
+    """Writes messages to log.txt (rank 0) and to the console."""
+
+    def __init__(self, path):
+        self.file = open(path, 'at') if path else None
+
+    def __call__(self, msg, console=True):
+        if console:
+            print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + '\n')
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def plan_training(options, device):
+    """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
+    a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
+    function. Writes nothing."""
+    o = dict(DEFAULTS, **options)
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    multistep = [s for s in (o['sampler_stu'], o['sampler_tea']) if s in MULTISTEP]
+    if o['max_order'] is not None and not multistep:
+        raise ValueError('max_order is used only by the ipndm and dpmpp solvers')
+    for opt in ('predict_x0', 'lower_order_final'):
+        if o[opt] is not None and 'dpmpp' not in (o['sampler_stu'], o['sampler_tea']):
+            raise ValueError(f'{opt} is used only by the dpmpp solver')
+    for opt in ('scale_dir', 'scale_time'):
+        if not o[opt] >= 0:
+            raise ValueError(f'{opt} must be >= 0, got {o[opt]}')
+    model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
+                       o['classifier_path'], o['prompt_path'], device=device)
+    loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
+                                     'sigma_min', 'sigma_max', 'afs', 'max_order', 'predict_x0', 'lower_order_final')}
+    probe = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option
+    split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
+    nfe = experiments.training_nfe(o['dataset_name'], o['num_steps'], o['afs'], model.calls_per_eval)
+
+    def name_fn(run_id):
+        return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
+                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'])
+    name_fn(0)   # validates desc
+
+    student = probe.student
+    settings = dict(
+        solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
+        schedule_rho=o['schedule_rho'], sigma_min=probe.t_student[-1], sigma_max=probe.t_student[0], afs=o['afs'],
+        max_order=getattr(student, 'max_order', None), predict_x0=getattr(student, 'predict_x0', None),
+        lower_order_final=getattr(student, 'lower_order_final', None),
+        thresholding=getattr(student, 'thresholding', None),
+        sampler_tea=o['sampler_tea'], M=o['M'], nfe=nfe, guidance_type=o['guidance_type'],
+        guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
+        img_shape=list(model.img_shape), label_dim=int(model.label_dim))
+    predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
+    options = dict(o, device=str(device), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
+                   predictor_kwargs=predictor_kwargs, settings=settings)
+    return dict(model=model, options=options, name_fn=name_fn, device=device)
+
+
+def run_training(plan, progress=True):
+    """Create the run folder (rank 0), write training_options.json and log.txt, train, and save
+    the snapshot. Returns (run_dir, snapshot path) on rank 0 and (None, None) elsewhere."""
+    o = plan['options']
+    run_dir = None
+    if dist.is_main():
+        run_dir = experiments.make_run_dir(o['outdir'], plan['name_fn'])
+        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(dict(o, run_dir=run_dir), f, indent=2)
+    log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
+    try:
+        s = o['settings']
+        if dist.is_main():
+            log(f'Run folder: {run_dir}')
+            log(f"Student {o['sampler_stu']} (NFE {s['nfe']}), teacher {o['sampler_tea']} with M={o['M']}, "
+                f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
+                f"{dist.get_world_size()} process(es) on {plan['device']}")
+        _, path = training_loop(plan['model'], run_dir, o['loss_kwargs'], o['predictor_kwargs'], s, batch=o['batch'],
+                                batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
+                                device=plan['device'], tick_kimg=o['tick_kimg'], progress=progress, log=log)
+        if dist.is_main():
+            log(f'Saved {path}')
+    finally:
+        log.close()
+    return run_dir, path

@@ -1,0 +1,96 @@
+"""Quickstart on the built-in analytic model: train AMED predictors, sample a grid, and compare
+AMED-Solver and AMED-Plugin (iPNDM) with plain solvers by their error to the exact ODE solution.
+
+    python -m training.quickstart            # what quickstart.sh runs after installing
+
+Everything runs on CPU in a few minutes; nothing is downloaded.
+"""
+
+import os
+import time
+
+import click
+import torch
+
+from models.presets import load_model
+from torch_utils import distributed as dist
+from torch_utils.misc import StackedRandomGenerator
+from training import evaluate, generate
+from training.launch import plan_training, run_training
+from training.snapshot import load_snapshot
+
+#: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS.
+RECIPES = [
+    ('AMED-Solver', dict(sampler_stu='amed', sampler_tea='heun', M=1, schedule_type='time_uniform',
+                         schedule_rho=1.0, scale_dir=0.01, scale_time=0.0)),
+    ('AMED-Plugin (iPNDM)', dict(sampler_stu='ipndm', sampler_tea='ipndm', M=2, schedule_type='polynomial',
+                                 schedule_rho=7.0, max_order=4, scale_dir=0.01, scale_time=0.2)),
+]
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--dataset_name', type=click.Choice(['toy', 'toy_cond']), default='toy')
+@click.option('--nfe', 'nfes', help='NFE values (odd: AFS is used)', type=str, default='3,5,7,9')
+@click.option('--kimg', help='Training trajectories per predictor (thousands)', type=float, default=2.0)
+@click.option('--batch', help='Training batch', type=int, default=32)
+@click.option('--num', help='Evaluation samples', type=int, default=64)
+@click.option('--outdir', help='Where the runs go', type=str, default='./exps')
+@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin samples at NFE 5', type=str,
+              default='./samples/quickstart/grid.png')
+@click.option('--progress/--no-progress', default=False)
+def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
+    """Train, sample a grid, print the error table."""
+    start = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    nfes = [int(v) for v in nfes.split(',')]
+    if any(n % 2 == 0 or n < 3 for n in nfes):
+        raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
+    device = dist.init('cpu')
+    model = load_model(dataset_name, device=device)
+    seeds = list(range(num))
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([num, *model.img_shape])
+    cond = model.sample_cond(rnd, num)
+    exact = evaluate.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond, steps_per_unit=32)
+    print(f'Exact ODE solutions of {num} samples: {time.time() - start:.1f} s')
+
+    rows = []
+    grid_snapshot = None
+    for label, recipe in RECIPES:
+        values = {}
+        for nfe in nfes:
+            num_steps = evaluate.steps_for_nfe(recipe['sampler_stu'], nfe, afs=True, with_predictor=True)
+            opts = dict(recipe, dataset_name=dataset_name, num_steps=num_steps, afs=True, batch=batch,
+                        total_kimg=kimg, tick_kimg=kimg, outdir=outdir, desc='quickstart')
+            t0 = time.time()
+            run_dir, path = run_training(plan_training(opts, device), progress=progress)
+            predictor, settings = load_snapshot(path)
+            values[nfe] = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+                                                **generate.solver_kwargs_from_settings(settings))
+            print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
+            if label.startswith('AMED-Plugin') and nfe == 5:
+                grid_snapshot = path
+        rows.append((label, values))
+    for label, kwargs in evaluate.BASELINES:
+        values = {}
+        for nfe in nfes:
+            num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+            values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
+        rows.append((label, values))
+
+    if grid_snapshot is not None:
+        predictor, settings = load_snapshot(grid_snapshot)
+        folder = os.path.dirname(grid_path) or '.'
+        generate.generate_images(model, list(range(64)), folder, generate.solver_kwargs_from_settings(settings),
+                                 predictor, grid=True, progress=False)
+        if os.path.basename(grid_path) != 'grid.png':
+            os.replace(os.path.join(folder, 'grid.png'), grid_path)
+        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, NFE 5): {grid_path}')
+    print()
+    print(evaluate.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
+    print(f'\nTotal time: {time.time() - start:.0f} s')
+    dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()
