@@ -3,6 +3,6 @@
 `dnnlib.EasyDict` must keep this exact name: EDM and AMED pickles refer to it.
 """
 
-from .util import EasyDict
+from .util import EasyDict, make_cache_dir_path, open_url
 
-__all__ = ['EasyDict']
+__all__ = ['EasyDict', 'make_cache_dir_path', 'open_url']
