@@ -47,6 +47,7 @@ class HalfWidth(click.ParamType):
 # General options.
 @click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())}", type=str, required=True)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
+@click.option('--predictor_path', help='Start from this predictor (ours or published): file, run folder or experiment number', type=str)
 @click.option('--outdir', help='Where to create the run folder', type=str, default='./exps')
 @click.option('--desc', help='String appended to the run folder name', type=str)
 @click.option('--batch', help='Total batch size (trajectories per Adam step)', type=click.IntRange(min=1), default=64)

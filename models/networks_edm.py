@@ -16,13 +16,16 @@ Diffusion-Based Generative Models" (EDM, NeurIPS 2022), so that the published ED
 The state-dict keys, shapes and module names equal those listed in ``fixtures/edm-*.json``.
 
 Self-containment rule: NVIDIA's persistence pickles re-execute a network module's full source
-text in a fresh module, so this file imports only numpy and torch, uses no relative imports,
-and defines every class at top level. Classes are looked up by name in ``globals()``.
+text in a fresh module, so this file imports only numpy, torch and ``torch_utils.persistence``,
+uses no relative imports, and defines every class at top level (each nn.Module class is a
+persistent class, as in EDM). Classes are looked up by name in ``globals()``.
 """
 
 import numpy as np
 import torch
 from torch.nn.functional import silu
+
+from torch_utils import persistence
 
 # ---------------------------------------------------------------------------------------------
 # Weight initialisation.
@@ -52,6 +55,7 @@ def weight_init(shape, mode, fan_in, fan_out):
 # Layers.
 
 
+@persistence.persistent_class
 class Linear(torch.nn.Module):
     """Fully connected layer ``y = x W^T + b`` whose parameters are cast to the input's dtype.
 
@@ -84,6 +88,7 @@ def make_resample_filter(taps):
     return (torch.outer(f, f) / f.sum().square()).unsqueeze(0).unsqueeze(0)
 
 
+@persistence.persistent_class
 class Conv2d(torch.nn.Module):
     """2-D convolution with optional 2x FIR upsampling (``up``) or downsampling (``down``).
 
@@ -157,6 +162,7 @@ class Conv2d(torch.nn.Module):
         return x
 
 
+@persistence.persistent_class
 class GroupNorm(torch.nn.Module):
     """Group normalisation with EDM's group count rule.
 
@@ -208,6 +214,7 @@ class AttentionOp(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype)
 
 
+@persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     """Residual U-Net block with timestep-embedding modulation and optional self-attention.
 
@@ -295,6 +302,7 @@ class UNetBlock(torch.nn.Module):
 # Noise-level embeddings.
 
 
+@persistence.persistent_class
 class PositionalEmbedding(torch.nn.Module):
     """Sinusoidal (transformer-style) embedding of a scalar per sample.
 
@@ -320,6 +328,7 @@ class PositionalEmbedding(torch.nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+@persistence.persistent_class
 class FourierEmbedding(torch.nn.Module):
     """Random Fourier feature embedding (NCSN++): ``[cos(2 pi x f), sin(2 pi x f)]`` with
     fixed frequencies ``f ~ N(0, scale^2)`` stored in the buffer ``freqs``."""
@@ -338,6 +347,7 @@ class FourierEmbedding(torch.nn.Module):
 # Backbones.
 
 
+@persistence.persistent_class
 class SongUNet(torch.nn.Module):
     """DDPM++ / NCSN++ U-Net of Song et al. (score SDE), as configured in EDM.
 
@@ -490,6 +500,7 @@ class SongUNet(torch.nn.Module):
         return aux
 
 
+@persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
     """ADM U-Net of Dhariwal & Nichol ("Diffusion models beat GANs"), as configured in EDM.
 
@@ -643,6 +654,7 @@ class _Precond(torch.nn.Module):
         return torch.as_tensor(sigma)
 
 
+@persistence.persistent_class
 class VPPrecond(_Precond):
     """Variance-preserving preconditioning (Song et al. 2021, DDPM++) in EDM's sigma space.
 
@@ -687,6 +699,7 @@ class VPPrecond(_Precond):
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
 
+@persistence.persistent_class
 class VEPrecond(_Precond):
     """Variance-exploding preconditioning (Song et al. 2021, NCSN++).
 
@@ -710,6 +723,7 @@ class VEPrecond(_Precond):
         return c_skip, c_out, c_in, c_noise
 
 
+@persistence.persistent_class
 class EDMPrecond(_Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1) with data standard deviation ``sigma_data``.
 

@@ -9,8 +9,7 @@ from typing import Callable, Optional, Tuple
 
 #: Dataset names of the brief (../shared/BRIEF.md) whose loaders are not part of this build yet.
 PENDING = {
-    'cifar10': 'EDM checkpoints', 'ffhq': 'EDM checkpoints', 'afhqv2': 'EDM checkpoints',
-    'imagenet64': 'EDM checkpoints', 'lsun_bedroom': 'Consistency-Models checkpoints',
+    'lsun_bedroom': 'Consistency-Models checkpoints',
     'lsun_cat': 'Consistency-Models checkpoints', 'imagenet256': 'ADM checkpoints',
     'lsun_bedroom_ldm': 'LDM checkpoints', 'ms_coco': 'Stable Diffusion checkpoints',
 }
@@ -32,9 +31,21 @@ def _build_toy(conditional):
     return build
 
 
+def _build_edm(dataset_name):
+    def build(model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None):
+        from models.edm import EDM_URLS, EDMDenoiser, load_edm_pickle
+        return EDMDenoiser(load_edm_pickle(model_path or EDM_URLS[dataset_name]))
+    return build
+
+
 PRESETS = {
     'toy': Preset('toy', _build_toy(False), 'built-in analytic Gaussian mixture, 3x32x32, unconditional'),
     'toy_cond': Preset('toy_cond', _build_toy(True), 'built-in analytic Gaussian mixture, 3x32x32, 10 classes'),
+    'cifar10': Preset('cifar10', _build_edm('cifar10'), 'EDM CIFAR-10 32x32 unconditional VP', takes_model_path=True),
+    'ffhq': Preset('ffhq', _build_edm('ffhq'), 'EDM FFHQ 64x64 unconditional VP', takes_model_path=True),
+    'afhqv2': Preset('afhqv2', _build_edm('afhqv2'), 'EDM AFHQv2 64x64 unconditional VP', takes_model_path=True),
+    'imagenet64': Preset('imagenet64', _build_edm('imagenet64'), 'EDM ImageNet 64x64 conditional ADM',
+                         takes_model_path=True),
 }
 
 

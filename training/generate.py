@@ -28,7 +28,8 @@ def load_predictor(spec, device='cpu'):
     Returns (predictor, settings) where settings hold everything the sampler needs."""
     path = experiments.resolve_predictor_path(spec)
     if path.endswith('.pkl'):
-        raise ValueError(f'{path}: NVIDIA-pickle predictors (the published ones) are not supported by this build yet')
+        from training.legacy import load_published_predictor
+        return load_published_predictor(path, device=device)
     from training.snapshot import load_snapshot
     return load_snapshot(path, device=device)
 

@@ -19,7 +19,7 @@ DEFAULTS = dict(
     lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
     num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type='polynomial', schedule_rho=7.0,
     max_order=None, predict_x0=None, lower_order_final=None, guidance_type=None, guidance_rate=None,
-    classifier_path=None, prompt_path=None)
+    classifier_path=None, prompt_path=None, predictor_path=None)
 
 
 class Logger:
@@ -81,9 +81,30 @@ def plan_training(options, device):
         guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
         img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
+    init_state = None
+    if o['predictor_path'] is not None:
+        init_state = initial_weights(o['predictor_path'], settings, predictor_kwargs)
     options = dict(o, device=str(device), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
                    predictor_kwargs=predictor_kwargs, settings=settings)
-    return dict(model=model, options=options, name_fn=name_fn, device=device)
+    return dict(model=model, options=options, name_fn=name_fn, device=device, init_state=init_state)
+
+
+def initial_weights(spec, settings, predictor_kwargs):
+    """Weights to start training from: a predictor (ours or published; path, run folder or
+    experiment number) trained for the same student, number of steps and model."""
+    from training.generate import check_compatible, load_predictor
+    from training.networks import AMEDPredictor
+    predictor, loaded = load_predictor(spec)
+    for key in ('solver', 'num_steps', 'dataset_name'):
+        if loaded.get(key) != settings[key]:
+            raise ValueError(f"--predictor_path was trained with {key}={loaded.get(key)!r}, this run uses {settings[key]!r}")
+    state = getattr(predictor, 'net', predictor).state_dict()
+    target = AMEDPredictor(**predictor_kwargs)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"--predictor_path has other scale heads than --scale_dir/--scale_time ask for "
+                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    return {k: v.clone() for k, v in target.state_dict().items()}
 
 
 def run_training(plan, progress=True):
@@ -105,7 +126,8 @@ def run_training(plan, progress=True):
                 f"{dist.get_world_size()} process(es) on {plan['device']}")
         _, path = training_loop(plan['model'], run_dir, o['loss_kwargs'], o['predictor_kwargs'], s, batch=o['batch'],
                                 batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
-                                device=plan['device'], tick_kimg=o['tick_kimg'], progress=progress, log=log)
+                                device=plan['device'], tick_kimg=o['tick_kimg'], progress=progress, log=log,
+                                init_state=plan.get('init_state'))
         if dist.is_main():
             log(f'Saved {path}')
     finally:

@@ -89,16 +89,20 @@ def _console(msg, console=True):
 
 def training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0,
-                  progress=True, log=_console):
+                  progress=True, log=_console, init_state=None):
     """Train an AMED predictor for the frozen ``model`` and write snapshots and stats to ``run_dir``
-    (rank 0). ``log(msg, console=True)`` receives every tick line (for log.txt).
+    (rank 0). ``log(msg, console=True)`` receives every tick line (for log.txt); ``init_state``
+    is an optional predictor state dict to start from.
     Returns the trained predictor (unwrapped, eval mode) and the snapshot path (rank 0; None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_gpu_total, batch_gpu, rounds = split_batch(batch, batch_gpu, world)
 
     loss_fn = AMEDLoss(model, **loss_kwargs)
     torch.manual_seed(seed)   # identical initial weights on every rank
-    predictor = AMEDPredictor(**predictor_kwargs).to(device).train()
+    predictor = AMEDPredictor(**predictor_kwargs)
+    if init_state is not None:
+        predictor.load_state_dict(init_state)
+    predictor = predictor.to(device).train()
     ddp = predictor
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,128 @@
+"""Loading the published AMED predictors (NVIDIA-persistence pickles of the official code).
+
+A published snapshot ``network-snapshot-*.pkl`` is a dict with ``'model'`` (a persistent
+``AMED_predictor``) and ``'loss_fn'`` (a persistent ``AMED_loss`` whose state holds function
+objects ``solvers_amed.<sampler>`` and CUDA tensors). Their embedded sources import
+``torch_utils.persistence``, ``torch_utils.distributed``, ``solver_utils.get_schedule`` and (before
+June 2024 for the predictor, always for the loss) ``solvers_amed`` (REFERENCE.md section 10).
+
+This module provides ``solvers_amed`` only while such a file is being unpickled (a stand-in module
+whose sampler functions refuse to run: we sample with :mod:`solvers`), loads every tensor on the
+CPU, and wraps the predictor so that it answers our predictor interface. Nothing else in the
+codebase depends on the legacy names.
+"""
+
+import contextlib
+import sys
+import types
+
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+LEGACY_SAMPLERS = ('amed_sampler', 'euler_sampler', 'ipndm_sampler', 'dpm_2_sampler', 'dpm_pp_sampler',
+                   'heun_sampler')
+
+
+def _make_solvers_amed():
+    module = types.ModuleType('solvers_amed', 'Stand-in for the official solvers_amed (unpickling only).')
+
+    def make(name):
+        def sampler(*args, **kwargs):
+            raise RuntimeError(f'solvers_amed.{name} is a stand-in for unpickling; sample with solvers.py')
+        sampler.__name__ = sampler.__qualname__ = name
+        sampler.__module__ = 'solvers_amed'
+        return sampler
+
+    for name in LEGACY_SAMPLERS:
+        setattr(module, name, make(name))
+    return module
+
+
+SOLVERS_AMED = _make_solvers_amed()
+
+
+@contextlib.contextmanager
+def legacy_modules():
+    """Make ``import solvers_amed`` work (for unpickling or writing published-format files)."""
+    previous = sys.modules.get('solvers_amed')
+    sys.modules['solvers_amed'] = SOLVERS_AMED
+    try:
+        yield SOLVERS_AMED
+    finally:
+        if previous is None:
+            sys.modules.pop('solvers_amed', None)
+        else:
+            sys.modules['solvers_amed'] = previous
+
+
+class LegacyPredictor(torch.nn.Module):
+    """A published ``AMED_predictor`` behind our interface ``(feature, t_cur, t_next) -> (r, c, a)``.
+
+    Handles both output conventions (REFERENCE.md section 2): a bare r when both scale heads are
+    off; a pair that is (r, scale_time) when ``scale_time`` is set and (r, scale_dir) otherwise; or
+    the triple. A bare r is never split along the batch (the official [*output] bug)."""
+
+    needs_feature = True
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+
+    def forward(self, feature, t_cur, t_next):
+        b, dev = feature.shape[0], feature.device
+        t_cur = torch.as_tensor(t_cur, dtype=torch.float32, device=dev).reshape(1)
+        t_next = torch.as_tensor(t_next, dtype=torch.float32, device=dev).reshape(1)
+        out = self.net(feature.float(), t_cur, t_next)
+        ones = torch.ones(b, device=dev)
+        if isinstance(out, torch.Tensor):
+            r, c, a = out, ones, ones
+        elif len(out) == 2:
+            r, other = out
+            c, a = (ones, other) if getattr(self.net, 'scale_time', 0) else (other, ones)
+        elif len(out) == 3:
+            r, c, a = out
+        else:
+            raise ValueError(f'unexpected AMED_predictor output of length {len(out)}')
+        return r.reshape(b), c.reshape(b), a.reshape(b)
+
+
+def settings_of(net):
+    """Our sampler settings from the config attributes of an official predictor."""
+    solver = net.sampler_stu
+    settings = dict(solver=solver, num_steps=int(net.num_steps), schedule_type=net.schedule_type,
+                    schedule_rho=float(net.schedule_rho), afs=bool(net.afs), dataset_name=net.dataset_name,
+                    guidance_type=getattr(net, 'guidance_type', None), guidance_rate=getattr(net, 'guidance_rate', None),
+                    sampler_tea=getattr(net, 'sampler_tea', None), M=getattr(net, 'M', None))
+    if solver in ('ipndm', 'dpmpp'):
+        settings['max_order'] = int(net.max_order) if net.max_order is not None else None
+    if solver == 'dpmpp':
+        settings['predict_x0'] = bool(net.predict_x0)
+        settings['lower_order_final'] = bool(net.lower_order_final)
+    if settings['guidance_type'] in ('None', None):
+        settings['guidance_type'] = None
+        settings['guidance_rate'] = None
+    return settings
+
+
+def load_published_predictor(path, device='cpu', verbose=True):
+    """Load a published AMED predictor pickle (path or URL) on ``device``, also without CUDA.
+
+    Returns (predictor, settings). Prints a one-line note: unpickling executes code."""
+    if verbose:
+        print(f'note: loading {path} executes the code stored in it (NVIDIA pickle); load only files you trust',
+              file=sys.stderr)
+    with dnnlib.util.open_url(path, verbose=verbose) as f, legacy_modules():
+        try:
+            data = persistence.cpu_unpickler_load(f)
+        except Exception as e:
+            raise ValueError(f'{path}: not a readable AMED predictor pickle ({type(e).__name__}: {e})') from None
+    if not isinstance(data, dict) or 'model' not in data:
+        raise ValueError(f"{path}: not an AMED predictor pickle (no 'model' entry)")
+    net = data['model']
+    missing = [a for a in ('sampler_stu', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'dataset_name')
+               if not hasattr(net, a)]
+    if missing:
+        raise ValueError(f"{path}: the 'model' entry lacks the predictor settings {', '.join(missing)}")
+    return LegacyPredictor(net).to(device), settings_of(net)
