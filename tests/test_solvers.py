@@ -286,3 +286,36 @@ def test_dynamic_threshold_formula():
 def test_bad_input_names_the_option(gmm, kwargs, word):
     with pytest.raises(ValueError, match=word):
         solvers.sample(gmm, latents(1, dtype=torch.float32), **kwargs)
+
+
+def test_feature_hook_removed_also_on_error(gmm):
+    class Failing(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+
+        def capture_feature(self):
+            return self.inner.capture_feature()
+
+        def forward(self, x, sigma, cond=None):
+            self.inner(x, sigma, cond)
+            raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        solvers.sample(Failing(gmm), latents(1, dtype=torch.float32), solver='amed', num_steps=3,
+                       predictor=ConstantPredictor())
+    assert len(gmm.feature_module._forward_hooks) == 0
+
+
+def test_afs_step_feeds_zero_feature(gmm):
+    seen = []
+
+    class Recorder(ConstantPredictor):
+        def forward(self, feature, t_cur, t_next):
+            seen.append(feature.clone())
+            return super().forward(feature, t_cur, t_next)
+
+    solvers.sample(gmm, latents(2, dtype=torch.float32), solver='amed', num_steps=4, afs=True, predictor=Recorder())
+    assert len(seen) == 3 and torch.equal(seen[0], torch.zeros(2, 8, 8))
+    assert not torch.equal(seen[1], torch.zeros(2, 8, 8))

@@ -181,3 +181,16 @@ def test_torchrun_two_processes_match_one(in_tmp):
     torchrun('sample.py', [f'--predictor_path={snap}', '--seeds=0-6', '--grid', '--outdir=g2', '--no-progress',
                            '--device=cpu'], in_tmp)
     assert os.listdir('g2') == ['grid.png']
+
+
+def test_class_conditional_builtin_model(in_tmp):
+    code, out = run_cli(train.main, ['--dataset_name=toy_cond', '--batch=8', '--total_kimg=0.016', '--no-progress',
+                                     '--num_steps=3', '--outdir=exps', '--sampler_stu=dpm', '--sampler_tea=dpmpp',
+                                     '--max_order=2'])
+    assert code == 0, out
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-2', '--outdir=c', '--no-progress'])
+    assert code == 0, out
+    assert len(os.listdir('c/000000')) == 3
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--dataset_name=toy', '--seeds=0', '--outdir=d',
+                                      '--no-progress'])
+    assert code != 0 and 'toy_cond' in out

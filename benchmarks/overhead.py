@@ -1,0 +1,417 @@
+"""Overhead benchmark: how much of a sampling run is *not* network calls.
+
+Builds a CIFAR-10-sized network with our own code (VPPrecond + SongUNet, EDM's official
+``edm-cifar10-32x32-uncond-vp`` configuration, random weights, seed 0) wrapped as
+:class:`models.edm.EDMDenoiser`, and a random-weight AMED predictor
+(``AMEDPredictor(scale_dir=0.01, scale_time=0.2)``). For every student at NFE 5
+
+* AMED-Solver (predictor only),
+* Euler, iPNDM (max_order 4), DPM-Solver-2, DPM-Solver++ (max_order 3), each with and without
+  the AMED plugin,
+
+all with the analytical first step (AFS; predictor runs use ``num_steps=4``, plain runs the
+``num_steps`` that give NFE 5: euler/ipndm/dpmpp 7, dpm 4), it times whole sampling runs and one
+bare network call at the same batch, and reports per configuration
+
+* the wall time per batch (median of ``--repeats`` runs after ``--warmup`` untimed ones),
+* the NFE (counted during every run and checked against :func:`solver_utils.count_nfe`),
+* ``ratio = wall_time / (NFE x one network call)``; ``ratio - 1`` is the overhead of everything
+  but the network calls (predictor, feature hook, schedule, solver arithmetic). Target: at most
+  3 % (ratio <= 1.03) for the predictor runs;
+* ``vs plain``: the wall time of a predictor run over that of the plain run of the same solver
+  at the same NFE.
+
+The bare network calls (``--calls`` of them before every timed sampling run) are interleaved
+with the sampling runs, and the configuration order rotates from round to round, so slow drift
+of a shared machine hits both alike; the network time is the median of all of them.
+
+Usage (from anywhere; the repository root is put on ``sys.path``)::
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--batch 64] [--repeats N] [--out docs/benchmarks.md]
+
+Defaults depend on the device. CUDA: batch 64, 10 repeats, 1 warm-up run per configuration,
+5 bare calls per timed run. CPU: batch 1, 3 repeats, no per-configuration warm-up runs, 1 bare
+call per timed run (one CIFAR-size call at batch 64 takes about a minute on a 2-core CPU, so
+batch 64 cannot fit a few-minute run there; ask for it with ``--batch 64``). Both always start
+with two untimed network calls. ``torch.set_num_threads`` is left as is.
+
+With ``--out`` the Markdown report (exact command, device, torch version, date, batch) is
+written into the file between ``<!-- overhead:<device>:start -->`` and
+``<!-- overhead:<device>:end -->`` (``<device>`` is cpu or cuda, so the CPU and the GPU record
+live side by side); all other text of the file is kept.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import dataclasses     # noqa: E402
+import datetime        # noqa: E402
+import math            # noqa: E402
+import platform        # noqa: E402
+import shlex           # noqa: E402
+import statistics      # noqa: E402
+import time            # noqa: E402
+from typing import Optional  # noqa: E402
+
+import click           # noqa: E402
+import torch           # noqa: E402
+
+import solver_utils    # noqa: E402
+import solvers         # noqa: E402
+from models.edm import EDMDenoiser                   # noqa: E402
+from models.networks_edm import build_from_config   # noqa: E402
+from training.networks import AMEDPredictor         # noqa: E402
+
+# EDM's official CIFAR-10 network (edm-cifar10-32x32-uncond-vp.pkl): the constructor arguments
+# stored in that pickle (DDPM++ backbone, VP preconditioning; 55.7M parameters).
+CIFAR10_CONFIG = {
+    'precond': 'VPPrecond',
+    'model_type': 'SongUNet',
+    'img_resolution': 32,
+    'img_channels': 3,
+    'label_dim': 0,
+    'augment_dim': 9,
+    'dropout': 0.13,
+    'model_channels': 128,
+    'channel_mult': [2, 2, 2],
+    'channel_mult_noise': 1,
+    'embedding_type': 'positional',
+    'encoder_type': 'standard',
+    'decoder_type': 'standard',
+    'resample_filter': [1, 1],
+}
+
+PREDICTOR_KWARGS = dict(scale_dir=0.01, scale_time=0.2)
+NFE = 5
+TARGET_RATIO = 1.03
+DEFAULTS = {
+    'cuda': dict(batch=64, repeats=10, warmup=1, calls=5),
+    'cpu': dict(batch=1, repeats=3, warmup=0, calls=1),
+}
+SOLVER_LABELS = {'amed': 'AMED-Solver', 'euler': 'Euler', 'ipndm': 'iPNDM', 'dpm': 'DPM-Solver-2',
+                 'dpmpp': 'DPM-Solver++(3M)'}
+
+
+# ----------------------------------------------------------------------------------------------
+# The configurations.
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One timed sampling configuration (all at NFE 5 with AFS)."""
+    solver: str
+    predictor: bool
+    num_steps: int
+    max_order: Optional[int] = None
+    afs: bool = True
+
+    @property
+    def label(self):
+        name = SOLVER_LABELS[self.solver]
+        if self.solver == 'amed':
+            return name
+        return f'{name} + AMED-Plugin' if self.predictor else name
+
+    @property
+    def nfe(self):
+        return solver_utils.count_nfe(self.solver, self.num_steps, afs=self.afs, with_predictor=self.predictor)
+
+    def sample_kwargs(self):
+        return dict(solver=self.solver, num_steps=self.num_steps, afs=self.afs, max_order=self.max_order)
+
+
+def default_configs():
+    """AMED-Solver, then each plugin solver with and without the predictor (NFE 5, AFS)."""
+    plain_steps = {'euler': 7, 'ipndm': 7, 'dpm': 4, 'dpmpp': 7}
+    orders = {'ipndm': 4, 'dpmpp': 3}
+    configs = [RunConfig('amed', True, 4)]
+    for name in ('euler', 'ipndm', 'dpm', 'dpmpp'):
+        configs.append(RunConfig(name, True, 4, orders.get(name)))
+        configs.append(RunConfig(name, False, plain_steps[name], orders.get(name)))
+    for c in configs:
+        assert c.nfe == NFE, (c, c.nfe)
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and timing.
+
+def build_model(net_config=None, device='cpu', seed=0):
+    """(EDMDenoiser around a random-weight preconditioned network, random-weight AMEDPredictor).
+
+    Both are built on the CPU from ``torch.manual_seed(seed)`` (so the weights do not depend on
+    the device), then moved to ``device`` in eval mode without gradients."""
+    torch.manual_seed(seed)
+    net = build_from_config(dict(CIFAR10_CONFIG if net_config is None else net_config), device='cpu')
+    model = EDMDenoiser(net).eval().requires_grad_(False).to(device)
+    predictor = AMEDPredictor(**PREDICTOR_KWARGS).eval().requires_grad_(False).to(device)
+    return model, predictor
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    cpu = None
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or 'unknown CPU'
+    return f'{cpu} ({os.cpu_count()} logical CPUs, torch threads: {torch.get_num_threads()})'
+
+
+def _load():
+    try:
+        return '{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+class _CallCounter:
+    """Counts calls of the denoiser (a forward pre-hook; the same few microseconds are added to
+    the bare calls and to the calls inside sampling runs, so they cancel in the ratio)."""
+
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += 1
+
+    def remove(self):
+        self.handle.remove()
+
+
+def run_benchmark(device='cpu', batch=None, repeats=None, warmup=None, calls=None, net_config=None, seed=0,
+                  configs=None, log=None):
+    """Time every configuration; returns a dict with ``meta``, ``net_call_s`` and ``rows``.
+
+    Each row: label, solver, predictor, num_steps, max_order, nfe, wall_s (median), walls_s (all
+    timed runs), ratio = wall_s / (nfe * net_call_s), overhead = ratio - 1, vs_plain (wall_s over
+    that of the plain run of the same solver, or None). Options left at None take the device's
+    defaults (:data:`DEFAULTS`). ``log``: a callable for progress lines, or None.
+    """
+    device = torch.device(device)
+    defaults = DEFAULTS['cuda' if device.type == 'cuda' else 'cpu']
+    batch = defaults['batch'] if batch is None else int(batch)
+    repeats = defaults['repeats'] if repeats is None else int(repeats)
+    warmup = defaults['warmup'] if warmup is None else int(warmup)
+    calls = defaults['calls'] if calls is None else int(calls)
+    if batch < 1 or repeats < 1 or warmup < 0 or calls < 1:
+        raise ValueError('batch, repeats and calls must be >= 1 and warmup >= 0')
+    configs = default_configs() if configs is None else list(configs)
+    say = log or (lambda msg: None)
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    model, predictor = build_model(net_config, device, seed)
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, *model.img_shape, generator=gen, dtype=torch.float32).to(device)
+    sigma = torch.ones(batch, dtype=torch.float32, device=device)
+    x_bare = latents * sigma.reshape(-1, 1, 1, 1)
+
+    counter = _CallCounter(model)
+    net_times = []
+    walls = {c: [] for c in configs}
+    start_load = _load()
+    start = time.perf_counter()
+
+    def bare_call():
+        sync()
+        t0 = time.perf_counter()
+        model(x_bare, sigma)
+        sync()
+        return time.perf_counter() - t0
+
+    def sampling_run(c):
+        counter.count = 0
+        sync()
+        t0 = time.perf_counter()
+        solvers.sample(model, latents, predictor=predictor if c.predictor else None, **c.sample_kwargs())
+        sync()
+        elapsed = time.perf_counter() - t0
+        if counter.count != c.nfe:
+            raise RuntimeError(f'{c.label}: {counter.count} network calls, count_nfe says {c.nfe}')
+        return elapsed
+
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                bare_call()
+            for c in configs:
+                for _ in range(warmup):
+                    sampling_run(c)
+            say(f'warm-up done ({time.perf_counter() - start:.1f} s)')
+            for rnd in range(repeats):
+                shift = rnd % len(configs)
+                for c in configs[shift:] + configs[:shift]:
+                    for _ in range(calls):
+                        net_times.append(bare_call())
+                    walls[c].append(sampling_run(c))
+                say(f'round {rnd + 1}/{repeats} done ({time.perf_counter() - start:.1f} s, '
+                    f'network call so far {statistics.median(net_times) * 1e3:.1f} ms)')
+    finally:
+        counter.remove()
+
+    net = statistics.median(net_times)
+    rows = []
+    plain = {c.solver: statistics.median(walls[c]) for c in configs if not c.predictor}
+    for c in configs:
+        wall = statistics.median(walls[c])
+        ratio = wall / (c.nfe * net)
+        vs_plain = wall / plain[c.solver] if c.predictor and c.solver in plain else None
+        rows.append(dict(label=c.label, solver=c.solver, predictor=c.predictor, num_steps=c.num_steps,
+                         max_order=c.max_order, afs=c.afs, nfe=c.nfe, wall_s=wall, walls_s=list(walls[c]),
+                         ratio=ratio, overhead=ratio - 1, vs_plain=vs_plain))
+    meta = dict(device=str(device), device_name=device_name(device), torch_version=torch.__version__,
+                batch=batch, repeats=repeats, warmup=warmup, calls=calls, num_threads=torch.get_num_threads(),
+                num_params=sum(p.numel() for p in model.net.parameters()),
+                predictor_params=sum(p.numel() for p in predictor.parameters()),
+                net_calls=len(net_times), net_call_min_s=min(net_times), net_call_max_s=max(net_times),
+                load_start=start_load, load_end=_load(), total_s=time.perf_counter() - start,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
+    return dict(meta=meta, net_call_s=net, rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting.
+
+def _ms(seconds):
+    ms = seconds * 1e3
+    return f'{ms:.0f}' if ms >= 1000 else f'{ms:.1f}' if ms >= 10 else f'{ms:.2f}'
+
+
+def format_table(result):
+    """The Markdown table: one row per configuration."""
+    net = result['net_call_s']
+    lines = ['| configuration | predictor | num_steps | NFE | wall time / batch (ms) | NFE x net call (ms) '
+             '| ratio | overhead | vs plain |',
+             '|---|:-:|--:|--:|--:|--:|--:|--:|--:|']
+    for r in result['rows']:
+        label = r['label'] + (f" (order {r['max_order']})" if r['max_order'] and r['solver'] == 'ipndm' else '')
+        vs = '' if r['vs_plain'] is None else f"{r['vs_plain']:.3f}"
+        lines.append(f"| {label} | {'yes' if r['predictor'] else 'no'} | {r['num_steps']} | {r['nfe']} "
+                     f"| {_ms(r['wall_s'])} | {_ms(r['nfe'] * net)} | {r['ratio']:.3f} "
+                     f"| {100 * r['overhead']:+.1f} % | {vs} |")
+    return '\n'.join(lines)
+
+
+def format_report(result, command=None):
+    """Title, run details, the table and a short reading guide (Markdown)."""
+    m = result['meta']
+    pred = [r for r in result['rows'] if r['predictor']]
+    ok = sum(r['ratio'] <= TARGET_RATIO for r in pred)
+    worst = max(pred, key=lambda r: r['ratio']) if pred else None
+    load = ''
+    if m['device'].startswith('cpu') and m['load_start'] is not None:
+        load = f"\n- load average (1, 5, 15 min) at start / end: {m['load_start']} / {m['load_end']}"
+    lines = [
+        f"### Overhead of the solvers and the AMED predictor ({m['device']})",
+        '',
+        f"- command: `{command}`" if command else None,
+        f"- device: {m['device_name']}",
+        f"- torch {m['torch_version']}; date: {m['date']}",
+        f"- batch {m['batch']} (float32 latents); network: VPPrecond + SongUNet, official EDM CIFAR-10 "
+        f"config, random weights, {m['num_params'] / 1e6:.1f}M parameters; AMED predictor: "
+        f"{m['predictor_params']} parameters (scale_dir 0.01, scale_time 0.2), random weights",
+        f"- wall time: median of {m['repeats']} runs after {m['warmup']} warm-up run(s) per configuration; "
+        f"one network call: median of {m['net_calls']} bare calls interleaved with the runs = "
+        f"{_ms(result['net_call_s'])} ms (min {_ms(m['net_call_min_s'])}, max {_ms(m['net_call_max_s'])})"
+        + load,
+        f"- whole benchmark: {m['total_s']:.0f} s",
+        '',
+        format_table(result),
+        '',
+        'ratio = wall time / (NFE x one bare network call); ratio - 1 is the cost of everything but the '
+        'network calls (predictor, feature hook, schedule, solver arithmetic). vs plain = wall time of the '
+        'predictor run / wall time of the plain run of the same solver at the same NFE. All runs use AFS.',
+        '',
+    ]
+    if pred:
+        lines.append(f"Target ratio <= {TARGET_RATIO:.2f} for the predictor runs: met by {ok} of {len(pred)} "
+                     f"(largest: {worst['label']}, {worst['ratio']:.3f}).")
+    if m['device'].startswith('cpu'):
+        lines.append('On a small shared CPU the spread of single network calls (min/max above) is larger than '
+                     'the overhead being measured, so ratios below 1 and a few percent above it are noise; '
+                     'the GPU record is the one that decides the target.')
+    return '\n'.join(x for x in lines if x is not None) + '\n'
+
+
+def markers(key):
+    return f'<!-- overhead:{key}:start -->', f'<!-- overhead:{key}:end -->'
+
+
+def write_section(path, body, key):
+    """Put ``body`` between this benchmark's markers for ``key`` in ``path``, keeping everything
+    else; a missing file is created, a missing section appended."""
+    start, end = markers(key)
+    section = f'{start}\n{body.rstrip()}\n{end}'
+    text = ''
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    i, j = text.find(start), text.find(end)
+    if i >= 0 and j > i:
+        new = text[:i] + section + text[j + len(end):]
+    elif i >= 0 or j >= 0:
+        raise ValueError(f'{path}: unbalanced {start} / {end} markers; fix the file by hand')
+    elif text.strip():
+        new = text.rstrip('\n') + '\n\n' + section + '\n'
+    else:
+        new = ('# Benchmarks\n\nMeasured numbers written by the scripts in `benchmarks/`. Each script owns the '
+               'text between its HTML comment markers and rewrites only that; edit anything else freely.\n\n'
+               + section + '\n')
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(new)
+
+
+def command_line(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    script = os.path.relpath(os.path.abspath(__file__), ROOT)
+    return shlex.join(['python', script, *argv])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
+@click.option('--batch', help='Images per batch (default: 64 on cuda, 1 on cpu)', type=click.IntRange(min=1))
+@click.option('--repeats', help='Timed runs per configuration (default: 10 on cuda, 3 on cpu)',
+              type=click.IntRange(min=1))
+@click.option('--warmup', help='Untimed runs per configuration first (default: 1 on cuda, 0 on cpu)',
+              type=click.IntRange(min=0))
+@click.option('--calls', help='Bare network calls timed before each timed run (default: 5 on cuda, 1 on cpu)',
+              type=click.IntRange(min=1))
+@click.option('--out', help='Markdown file to write the report into (its own section)', type=click.Path(dir_okay=False))
+def main(device, batch, repeats, warmup, calls, out):
+    """Time sampling runs against bare network calls: the overhead of solvers and the AMED predictor."""
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.UsageError('--device cuda: no CUDA device is available')
+    command = command_line()
+    result = run_benchmark(device, batch, repeats, warmup, calls,
+                           log=lambda msg: click.echo(msg, err=True))
+    report = format_report(result, command)
+    click.echo(report)
+    if out:
+        write_section(out, report, 'cuda' if device == 'cuda' else 'cpu')
+        click.echo(f'wrote {out}', err=True)
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
