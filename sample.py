@@ -30,6 +30,8 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--subdirs/--no-subdirs', help='Put PNGs in 1000-seed subfolders', default=True)
 @click.option('--outdir', help='Output folder (default ./samples/<dataset>/<solver>_nfe<NFE>)', type=str)
 @click.option('--return_inters', help='Also save each trajectory at the grid points as <seed>.npz', type=bool, default=False)
+@click.option('--classifier_path', help='Classifier for classifier guidance (file or URL)', type=str)
+@click.option('--use_fp16', help='fp16 network weights (CUDA; models that support it)', is_flag=True)
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 # Plain-solver options (only without --predictor_path: a predictor carries its own).
@@ -44,10 +46,15 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--predict_x0', type=bool)
 @click.option('--lower_order_final', type=bool)
 @click.option('--thresholding', help='Dynamic thresholding (dpmpp; default: predict_x0)', type=bool)
-def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters, device,
-         progress, **plain):
+@click.option('--guidance_type', help='Guidance of a plain run (cg for imagenet256)', type=click.Choice(['cg', 'cfg', 'uncond']))
+@click.option('--guidance_rate', help='Guidance rate of a plain run', type=float)
+def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters,
+         classifier_path, use_fp16, device, progress, **plain):
     """Generate one PNG per seed (or a grid) with an AMED predictor or a plain solver."""
+    guidance = dict(guidance_type=plain.pop('guidance_type'), guidance_rate=plain.pop('guidance_rate'))
     given = {k: v for k, v in plain.items() if v is not None}
+    if predictor_path is not None:
+        given.update({k: v for k, v in guidance.items() if v is not None})
     try:
         seed_list = parse_int_list(seeds)
         if predictor_path is not None and given:
@@ -62,10 +69,11 @@ def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, 
             if dataset_name is None:
                 dataset_name = settings['dataset_name']
             solver_kwargs = generate.solver_kwargs_from_settings(settings)
+            guidance = dict(guidance_type=settings.get('guidance_type'), guidance_rate=settings.get('guidance_rate'))
         else:
             solver_kwargs = dict(PLAIN_DEFAULTS, **given)
-        model = load_model(dataset_name, model_path, settings.get('guidance_type'), settings.get('guidance_rate'),
-                           device=dev)
+        model = load_model(dataset_name, model_path, guidance['guidance_type'], guidance['guidance_rate'],
+                           classifier_path=classifier_path, use_fp16=use_fp16, device=dev)
         if predictor is not None:
             generate.check_compatible(settings, model)
         nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)

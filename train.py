@@ -83,6 +83,7 @@ class HalfWidth(click.ParamType):
 @click.option('--guidance_rate', help='Guidance rate', type=float)
 @click.option('--classifier_path', help='Classifier for classifier guidance', type=str)
 @click.option('--prompt_path', help='Captions CSV for Stable Diffusion', type=str)
+@click.option('--use_fp16', help='fp16 network weights (CUDA; models that support it)', is_flag=True)
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 def main(dry_run, progress, device, **opts):

@@ -9,8 +9,6 @@ from typing import Callable, Optional, Tuple
 
 #: Dataset names of the brief (../shared/BRIEF.md) whose loaders are not part of this build yet.
 PENDING = {
-    'lsun_bedroom': 'Consistency-Models checkpoints',
-    'lsun_cat': 'Consistency-Models checkpoints', 'imagenet256': 'ADM checkpoints',
     'lsun_bedroom_ldm': 'LDM checkpoints', 'ms_coco': 'Stable Diffusion checkpoints',
 }
 
@@ -18,24 +16,40 @@ PENDING = {
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    build: Callable            # build(model_path, guidance_type, guidance_rate, classifier_path, prompt_path)
+    build: Callable            # build(model_path=..., guidance_type=..., guidance_rate=..., classifier_path=...,
+                               #       prompt_path=..., use_fp16=..., device=...)
     description: str
     guidance_types: Tuple = (None,)
     takes_model_path: bool = False
+    takes_classifier: bool = False
+    takes_fp16: bool = False
 
 
 def _build_toy(conditional):
-    def build(model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None):
+    def build(**kwargs):
         from models.toy import GaussianMixture
         return GaussianMixture(seed=0, conditional=conditional)
     return build
 
 
 def _build_edm(dataset_name):
-    def build(model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None):
+    def build(model_path=None, **kwargs):
         from models.edm import EDM_URLS, EDMDenoiser, load_edm_pickle
         return EDMDenoiser(load_edm_pickle(model_path or EDM_URLS[dataset_name]))
     return build
+
+
+def _build_cm(dataset_name):
+    def build(model_path=None, use_fp16=False, device='cpu', **kwargs):
+        from models.adm import load_cm
+        return load_cm(dataset_name, model_path, use_fp16=use_fp16, device=device)
+    return build
+
+
+def _build_adm(model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None, use_fp16=False,
+               device='cpu', **kwargs):
+    from models.adm import load_adm
+    return load_adm(model_path, classifier_path, guidance_type, guidance_rate, use_fp16=use_fp16, device=device)
 
 
 PRESETS = {
@@ -46,6 +60,12 @@ PRESETS = {
     'afhqv2': Preset('afhqv2', _build_edm('afhqv2'), 'EDM AFHQv2 64x64 unconditional VP', takes_model_path=True),
     'imagenet64': Preset('imagenet64', _build_edm('imagenet64'), 'EDM ImageNet 64x64 conditional ADM',
                          takes_model_path=True),
+    'lsun_bedroom': Preset('lsun_bedroom', _build_cm('lsun_bedroom'), 'Consistency-Models EDM U-Net, LSUN Bedroom 256',
+                           takes_model_path=True, takes_fp16=True),
+    'lsun_cat': Preset('lsun_cat', _build_cm('lsun_cat'), 'Consistency-Models EDM U-Net, LSUN Cat 256',
+                       takes_model_path=True, takes_fp16=True),
+    'imagenet256': Preset('imagenet256', _build_adm, 'ADM ImageNet 256, classifier guidance',
+                          guidance_types=(None, 'cg'), takes_model_path=True, takes_classifier=True, takes_fp16=True),
 }
 
 
@@ -54,7 +74,7 @@ def dataset_names():
 
 
 def load_model(dataset_name, model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None,
-               prompt_path=None, device='cpu'):
+               prompt_path=None, use_fp16=False, device='cpu'):
     """Build the denoiser of ``dataset_name`` on ``device`` (frozen: eval mode, no gradients).
 
     Raises ValueError with one line for an unknown name or an option the preset does not take."""
@@ -69,10 +89,12 @@ def load_model(dataset_name, model_path=None, guidance_type=None, guidance_rate=
     if guidance_type is None and guidance_rate not in (None, 0, 0.0):
         raise ValueError(f'guidance_rate needs a guidance_type; dataset {dataset_name!r} takes none')
     for opt, val in (('model_path', model_path if not preset.takes_model_path else None),
-                     ('classifier_path', classifier_path), ('prompt_path', prompt_path)):
+                     ('classifier_path', classifier_path if not preset.takes_classifier else None),
+                     ('prompt_path', prompt_path), ('use_fp16', (use_fp16 or None) if not preset.takes_fp16 else None)):
         if val is not None:
             raise ValueError(f'{opt} is not used by dataset {dataset_name!r}')
-    model = preset.build(model_path, guidance_type, guidance_rate, classifier_path, prompt_path)
+    model = preset.build(model_path=model_path, guidance_type=guidance_type, guidance_rate=guidance_rate,
+                         classifier_path=classifier_path, prompt_path=prompt_path, use_fp16=use_fp16, device=device)
     model = model.to(device).eval().requires_grad_(False)
     model.dataset_name = dataset_name
     return model
