@@ -14,7 +14,7 @@ import click
 import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
-from training.launch import plan_training, run_training
+from training.launch import DEFAULTS as D, plan_training, run_training
 
 
 class HalfWidth(click.ParamType):
@@ -48,32 +48,32 @@ class HalfWidth(click.ParamType):
 @click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())}", type=str, required=True)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
 @click.option('--predictor_path', help='Start from this predictor (ours or published): file, run folder or experiment number', type=str)
-@click.option('--outdir', help='Where to create the run folder', type=str, default='./exps')
+@click.option('--outdir', help='Where to create the run folder', type=str, default=D['outdir'])
 @click.option('--desc', help='String appended to the run folder name', type=str)
-@click.option('--batch', help='Total batch size (trajectories per Adam step)', type=click.IntRange(min=1), default=64)
+@click.option('--batch', help='Total batch size (trajectories per Adam step)', type=click.IntRange(min=1), default=D['batch'])
 @click.option('--batch-gpu', 'batch_gpu', help='Trajectories per process per round (gradient accumulation)',
               type=click.IntRange(min=1))
-@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0, min_open=True), default=10)
-@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=5e-3)
-@click.option('--seed', help='Random seed', type=int, default=0)
+@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0, min_open=True), default=D['total_kimg'])
+@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=D['lr'])
+@click.option('--seed', help='Random seed', type=int, default=D['seed'])
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
 @click.option('--scale_dir', help='Half-width of the scale_dir range (1-s, 1+s); 0 turns the head off',
-              type=HalfWidth(0.01), default=0.01)
+              type=HalfWidth(0.01), default=D['scale_dir'])
 @click.option('--scale_time', help='Half-width of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
-              type=HalfWidth(0.2), default=0.0)
-@click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=1.0)
+              type=HalfWidth(0.2), default=D['scale_time'])
+@click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=D['tick_kimg'])
 # Solver options.
-@click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default='amed')
-@click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default='heun')
-@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(min=2), default=4)
-@click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=1)
-@click.option('--afs', help='Analytical first step', type=bool, default=False)
+@click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default=D['sampler_stu'])
+@click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default=D['sampler_tea'])
+@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(min=2), default=D['num_steps'])
+@click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=D['M'])
+@click.option('--afs', help='Analytical first step', type=bool, default=D['afs'])
 # Schedule options.
 @click.option('--sigma_min', help='Lowest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_max', help='Highest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
 @click.option('--schedule_type', help='Time schedule', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']),
-              default='polynomial')
-@click.option('--schedule_rho', help='Schedule exponent', type=click.FloatRange(min=0, min_open=True), default=7.0)
+              default=D['schedule_type'])
+@click.option('--schedule_rho', help='Schedule exponent', type=click.FloatRange(min=0, min_open=True), default=D['schedule_rho'])
 # Additional (multistep) options.
 @click.option('--max_order', help='iPNDM (1-4, default 4) / DPM-Solver++ (1-3, default 3) order', type=int)
 @click.option('--predict_x0', help='DPM-Solver++ data prediction (default True)', type=bool)
