@@ -1,0 +1,354 @@
+"""fid.py and training/fid_lib.py: the Frechet distance against closed forms, calc/ref round trips
+with a tiny pickled stand-in detector, bad input, torchrun with two processes, the pixel metric on
+the built-in model, and our Inception-v3 against pytorch-fid's (peer venv, injected weights)."""
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fid
+from models import toy
+from models.inception import FIDInception
+from tests.fid_standin import StandInDetector
+from training import fid_lib
+from training.generate import to_uint8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_PYTHON = os.path.join(ROOT, '.peer-venv', 'bin', 'python')
+
+
+def run_fid(args):
+    result = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def run_fid_error(args):
+    """Exit code, the last line on stderr, and all output."""
+    result = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    lines = result.stderr.strip().splitlines()
+    return result.exit_code, lines[-1] if lines else '', result.output
+
+
+def write_images(folder, n, size=(16, 16), seed=0, start=0):
+    """n random RGB PNGs folder/img<i>.png; returns the uint8 (n, 3, H, W) array in file order."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    images = rng.randint(0, 256, size=(n, size[1], size[0], 3)).astype(np.uint8)
+    for i, img in enumerate(images):
+        PIL.Image.fromarray(img).save(os.path.join(folder, f'img{start + i:03d}.png'))
+    return images.transpose(0, 3, 1, 2)
+
+
+def zip_folder(folder, dest):
+    with zipfile.ZipFile(dest, 'w') as z:
+        for name in sorted(os.listdir(folder)):
+            z.write(os.path.join(folder, name), arcname=f'sub/{name}')
+    return dest
+
+
+def direct_stats(features):
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def standin_features(images):
+    with torch.no_grad():
+        return StandInDetector()(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+def load_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """Inception forwards on one thread: on a shared 2-core machine, two OpenMP threads can be
+    ten times slower than one when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def standin(in_tmp):
+    with open('standin.pkl', 'wb') as f:
+        pickle.dump(StandInDetector(), f)
+    return 'standin.pkl'
+
+
+# ----------------------------------------------------------------------------
+# The Frechet distance.
+
+def test_fd_closed_form_diagonal():
+    rng = np.random.RandomState(0)
+    m1, m2 = rng.randn(7), rng.randn(7)
+    s1, s2 = rng.uniform(0.1, 2, 7), rng.uniform(0.1, 2, 7)    # standard deviations
+    expected = np.sum((m1 - m2) ** 2) + np.sum((s1 - s2) ** 2)
+    assert fid_lib.frechet_distance(m1, np.diag(s1 ** 2), m2, np.diag(s2 ** 2)) == pytest.approx(expected, rel=1e-10)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert fid_lib.frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9 + 1.5 ** 2, rel=1e-12)
+    assert abs(fid_lib.frechet_distance(m1, np.diag(s1), m1, np.diag(s1))) < 1e-12
+
+
+def test_fd_full_covariance_against_eigendecomposition():
+    rng = np.random.RandomState(1)
+    d = 12
+    a, b = rng.randn(d, 2 * d), rng.randn(d, d + 3)
+    s1, s2 = a @ a.T / d, b @ b.T / d + 0.1 * np.eye(d)
+    m1, m2 = rng.randn(d), rng.randn(d)
+    # tr sqrtm(S1 S2) = tr sqrtm(S1^1/2 S2 S1^1/2), a symmetric PSD matrix: eigen-decompositions only.
+    w, v = np.linalg.eigh(s1)
+    s1_half = (v * np.sqrt(w)) @ v.T
+    tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(s1_half @ s2 @ s1_half), 0, None)))
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid_lib.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(fid_lib.FIDError, match='dimensions'):
+        fid_lib.frechet_distance(m1, s1, m2[:3], s2[:3, :3])
+
+
+# ----------------------------------------------------------------------------
+# calc and ref with a stand-in detector.
+
+def test_ref_calc_round_trip_folder_and_zip(standin):
+    images = write_images('a', 9)
+    other = write_images('b', 7, seed=5)
+    code, out = run_fid(['ref', '--data=a', '--dest=refs/a.npz', f'--detector={standin}', '--batch=4',
+                         '--workers=0', '--no-progress'])
+    assert code == 0, out
+    assert 'unpickling executes code' in out and 'images/s' in out
+    stats = load_npz('refs/a.npz')
+    assert stats['mu'].dtype == np.float64 and stats['sigma'].shape == (16, 16) and str(stats['metric']) == 'FID'
+    mu, sigma = direct_stats(standin_features(images))
+    assert np.allclose(stats['mu'], mu, rtol=0, atol=1e-12) and np.allclose(stats['sigma'], sigma, rtol=0, atol=1e-12)
+
+    # The same images from a zip (in a subfolder, with image-loading workers) against it: FD ~ 0.
+    zip_folder('a', 'a.zip')
+    code, out = run_fid(['calc', '--images=a.zip', '--ref=refs/a.npz', f'--detector={standin}', '--batch=2',
+                         '--workers=2', '--no-progress'])
+    assert code == 0, out
+    label, value = out.strip().splitlines()[-1].split(': ')
+    assert label == 'FID' and abs(float(value)) < 1e-6
+
+    # Another image set: the printed value is the distance of the two direct statistics (%g).
+    code, out = run_fid(['calc', '--images=b', '--ref=refs/a.npz', f'--detector={standin}', '--workers=0',
+                         '--no-progress'])
+    assert code == 0, out
+    expected = fid_lib.frechet_distance(*direct_stats(standin_features(other)), mu, sigma)
+    assert out.strip().splitlines()[-1] == f'FID: {expected:g}'
+
+
+def test_grayscale_rgba_jpeg_become_rgb(in_tmp):
+    os.makedirs('m/deeper')
+    rng = np.random.RandomState(2)
+    gray = rng.randint(0, 256, (8, 8)).astype(np.uint8)
+    rgba = rng.randint(0, 256, (8, 8, 4)).astype(np.uint8)
+    PIL.Image.fromarray(gray, 'L').save('m/0.png')
+    PIL.Image.fromarray(rgba, 'RGBA').save('m/deeper/1.png')
+    PIL.Image.fromarray(rgba[:, :, :3]).save('m/2.JPEG', quality=95)
+    open('m/notes.txt', 'w').write('ignored')
+    images = fid_lib.ImageSet('m')
+    assert images.names == ['0.png', '2.JPEG', 'deeper/1.png']
+    assert np.array_equal(images.load(0), np.repeat(gray[:, :, None], 3, axis=2))
+    assert np.array_equal(images.load(2), rgba[:, :, :3])
+    assert images.load(1).shape == (8, 8, 3)
+
+
+def test_num_subset_is_seeded_and_sorted(standin):
+    images = write_images('a', 10)
+    picks = [fid_lib.ImageSet('a', num=4, seed=s).names for s in (1, 1, 2)]
+    assert picks[0] == picks[1] == sorted(picks[0]) and picks[0] != picks[2]
+    keep = np.sort(np.random.RandomState(1).choice(10, 4, replace=False))
+    assert picks[0] == [f'img{i:03d}.png' for i in keep]
+    for dest in ('s1.npz', 's2.npz'):
+        code, out = run_fid(['ref', '--data=a', f'--dest={dest}', '--num=4', '--seed=1', f'--detector={standin}',
+                             '--workers=0', '--no-progress'])
+        assert code == 0, out
+    s1, s2 = load_npz('s1.npz'), load_npz('s2.npz')
+    assert np.array_equal(s1['mu'], s2['mu']) and np.array_equal(s1['sigma'], s2['sigma'])
+    mu, _ = direct_stats(standin_features(images[keep]))
+    assert np.allclose(s1['mu'], mu, rtol=0, atol=1e-12)
+
+
+def test_bad_input_gives_one_line(standin):
+    write_images('ok', 3)
+    write_images('mixed', 3)
+    write_images('mixed', 1, size=(8, 12), start=3)
+    write_images('broken', 3)
+    open('broken/img001.png', 'wb').write(b'not a png at all')
+    write_images('one', 1)
+    np.savez('pix.npz', mu=np.zeros(192), sigma=np.eye(192), metric=np.array('FD-pixel8'))
+    common = [f'--detector={standin}', '--workers=0', '--no-progress']
+    cases = [
+        (['ref', '--data=mixed', '--dest=x.npz', *common], ['img003.png', '8x12', '16x16']),
+        (['ref', '--data=broken', '--dest=x.npz', *common], ['cannot read image', 'img001.png']),
+        (['ref', '--data=one', '--dest=x.npz', *common], ['at least 2']),
+        (['ref', '--data=missing', '--dest=x.npz', *common], ['does not exist']),
+        (['ref', '--data=ok', '--dest=x.npz', '--num=5', *common], ['only 3 images']),
+        (['ref', '--data=ok', '--dest=x.npz', '--detector=net.onnx', '--workers=0'], ['.pkl', '.pth']),
+        (['ref', '--data=ok', '--dest=x.npz', '--detector=nothere.pkl', '--workers=0'], ['nothere.pkl']),
+        (['ref', '--data=ok', '--dest=x.npz', '--metric=pixel', *common], ['--detector does not apply']),
+        (['calc', '--images=ok', '--ref=pix.npz', *common], ['FD-pixel8 statistics', '--metric=pixel']),
+        (['calc', '--images=ok', '--ref=nothere.npz', *common], ['nothere.npz']),
+        (['calc', '--images=ok', '--ref=pix.npz', '--metric=pixel', '--workers=0', '--num=1'], ['--num']),
+    ]
+    for args, words in cases:
+        code, last, out = run_fid_error(args)
+        assert code != 0 and 'Traceback' not in out, (args, out)
+        assert last.startswith('Error:') and all(w in last for w in words), (args, out)
+    assert not os.path.exists('x.npz')
+    # a .pth that is not an FID Inception state dict
+    torch.save({'weight': torch.zeros(3)}, 'wrong.pth')
+    code, last, out = run_fid_error(['ref', '--data=ok', '--dest=x.npz', '--detector=wrong.pth', '--workers=0',
+                                     '--no-progress'])
+    assert code != 0 and last.startswith('Error: --detector wrong.pth: not a state dict'), out
+
+
+def torchrun(args, cwd, nproc=2, check=True):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(ROOT, 'fid.py')] + args
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_two_processes_match_one(standin):
+    write_images('a', 11)
+    args = ['--data=a', f'--detector={standin}', '--batch=3', '--workers=0', '--no-progress', '--device=cpu']
+    code, out = run_fid(['ref', '--dest=one.npz', *args])
+    assert code == 0, out
+    # --num_images (all 11): torchrun's parser would take --num for its --numa-binding.
+    result = torchrun(['ref', '--dest=two.npz', '--num_images=11', *args], os.getcwd())
+    assert '2 process(es)' in result.stdout
+    one, two = load_npz('one.npz'), load_npz('two.npz')
+    assert np.abs(one['mu'] - two['mu']).max() <= 1e-10
+    assert np.abs(one['sigma'] - two['sigma']).max() <= 1e-10
+    # An error on one rank's share stops both ranks with the message (no hang at a collective).
+    write_images('a', 1, size=(8, 8), start=11)
+    result = torchrun(['ref', '--dest=bad.npz', *args], os.getcwd(), check=False)
+    assert result.returncode != 0 and 'img011.png is 8x8 pixels' in result.stdout + result.stderr
+    assert not os.path.exists('bad.npz')
+
+
+# ----------------------------------------------------------------------------
+# The pixel metric on the built-in model.
+
+def test_pixel_metric_end_to_end(in_tmp):
+    code, out = run_fid(['toydata', '--dest=data', '--num=30', '--seed=3', '--no-progress'])
+    assert code == 0, out
+    files = sorted(os.listdir('data/000000'))
+    assert files == [f'{i:06d}.png' for i in range(30)]
+    # Exact samples: chunk 0 of toydata is model.sample(100, generator(seed, 0)), mapped as sample.py does.
+    state = np.random.SeedSequence([3, 0]).generate_state(2, np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    expected = to_uint8(toy.build('toy').sample(100, gen))
+    pixels = np.stack([np.asarray(PIL.Image.open(f'data/000000/{f}')) for f in files])
+    assert np.array_equal(pixels, expected[:30])
+    # A longer run writes the same first images (image i depends on (seed, i) only).
+    code, out = run_fid(['toydata', '--dest=more', '--num=120', '--seed=3', '--no-progress'])
+    assert code == 0 and np.array_equal(np.asarray(PIL.Image.open('more/000000/000029.png')), pixels[29])
+
+    code, out = run_fid(['ref', '--metric=pixel', '--data=data', '--dest=toy.npz', '--workers=0', '--no-progress'])
+    assert code == 0, out
+    stats = load_npz('toy.npz')
+    assert str(stats['metric']) == 'FD-pixel8' and stats['mu'].shape == (192,)
+    pooled = pixels.astype(np.float64).reshape(30, 8, 4, 8, 4, 3).mean(axis=(2, 4)) / 255   # (N, 8, 8, C)
+    mu, sigma = direct_stats(pooled.transpose(0, 3, 1, 2).reshape(30, -1))
+    assert np.allclose(stats['mu'], mu, rtol=0, atol=1e-12) and np.allclose(stats['sigma'], sigma, atol=1e-12)
+
+    code, out = run_fid(['calc', '--metric=pixel', '--images=more', '--ref=toy.npz', '--workers=0', '--no-progress'])
+    assert code == 0, out
+    assert 'FID' not in out
+    label, value = out.strip().splitlines()[-1].split(': ')
+    assert label == 'FD-pixel8' and float(value) > 0
+
+
+# ----------------------------------------------------------------------------
+# Our Inception-v3.
+
+def random_inception(seed=0):
+    """FIDInception with random weights that keep activations O(1) through the network."""
+    torch.manual_seed(seed)
+    net = FIDInception()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def test_inception_pth_detector(in_tmp, one_thread):
+    net = random_inception()
+    torch.save(net.state_dict(), 'random.pth')
+    images = write_images('a', 2)
+    code, out = run_fid(['ref', '--data=a', '--dest=r.npz', '--detector=random.pth', '--workers=0', '--no-progress'])
+    assert code == 0, out
+    assert 'state dict' in out and 'unpickling' not in out
+    features = net(torch.from_numpy(np.ascontiguousarray(images)), return_features=True)
+    assert features.shape == (2, 2048) and features.std() > 0.1
+    assert np.allclose(load_npz('r.npz')['mu'], features.double().mean(0).numpy(), rtol=1e-5, atol=1e-5)
+    assert net(torch.from_numpy(images[:1]), return_features=False).shape == (1, 1008)
+
+
+PEER_SCRIPT = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import torch
+    import pytorch_fid.inception as pfi
+
+    state_dict = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
+    # fid_inception_v3() builds the FID Inception from pytorch-fid's own blocks, then fetches the
+    # weights with load_state_dict_from_url: hand it ours instead, so nothing is downloaded.
+    pfi.load_state_dict_from_url = lambda url, *args, **kwargs: state_dict
+    net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True,
+                          use_fid_inception=True).eval()
+    images = torch.from_numpy(np.load(sys.argv[2]))
+    with torch.no_grad():
+        features = net(images.float() / 255)[0].flatten(1)
+    np.save(sys.argv[3], features.numpy())
+''')
+
+
+def test_inception_matches_pytorch_fid(tmp_path, one_thread):
+    if not os.path.exists(PEER_PYTHON):
+        pytest.skip('pytorch-fid peer venv missing: run .ci/run or see requirements-test.txt')
+    net = random_inception(seed=1)
+    torch.save(net.state_dict(), tmp_path / 'sd.pth')
+    images = np.random.RandomState(0).randint(0, 256, (2, 3, 40, 24)).astype(np.uint8)
+    np.save(tmp_path / 'images.npy', images)
+    (tmp_path / 'peer.py').write_text(PEER_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([PEER_PYTHON, str(tmp_path / 'peer.py'), str(tmp_path / 'sd.pth'),
+                             str(tmp_path / 'images.npy'), str(tmp_path / 'peer.npy')],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = np.load(tmp_path / 'peer.npy')
+    with torch.no_grad():
+        ours = net(torch.from_numpy(images), return_features=True).numpy()
+    assert ours.shape == theirs.shape == (2, 2048)
+    assert np.abs(ours).max() > 1 and ours.std() > 0.1     # the comparison is not between near-zeros
+    assert np.abs(ours - theirs).max() <= 1e-4

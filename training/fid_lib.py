@@ -1,0 +1,485 @@
+"""Frechet distances of image sets: the library behind ``fid.py`` (calc, ref, toydata).
+
+Two metrics, each with its own label, and statistics files that say which one made them:
+
+* ``'fid'`` (label ``FID``): 2048-d pool features of the Inception-v3 of the TF graph
+  ``inception-2015-12-05``, as in EDM. The detector is NVIDIA's pickle by default
+  (:data:`DEFAULT_DETECTOR`, EDM's; its reference statistics were made with it), or a ``.pth``
+  state dict for our :class:`models.inception.FIDInception` (e.g. pytorch-fid's
+  ``pt_inception-2015-12-05-6726825d.pth``).
+* ``'pixel'`` (label ``FD-pixel8``): no network, nothing to download. Images in [0, 1] are
+  average-pooled to 8x8 and flattened (3*8*8 = 192 dims). A Frechet distance of raw
+  low-resolution pixels: meaningful for the built-in analytic model, never comparable to FID.
+
+Statistics (EDM's format, extended): an ``.npz`` with ``mu`` (float64 [D]), ``sigma`` (float64
+[D, D]) and ``metric`` (the label as a string; files without it, such as EDM's published
+references, are taken as ``FID``).
+
+Multi-process: under torchrun each rank extracts features of its share of the images
+(:func:`torch_utils.distributed.rank_seeds` over image indices); sum(f) and sum(f^T f) are
+accumulated in float64 and summed over ranks with ``all_reduce_sum``. Errors (an unreadable image,
+a size mismatch, a missing file) reach every rank, so no rank waits forever at a collective.
+
+Errors meant for the user are :class:`FIDError` (a ValueError) with a one-line message.
+"""
+
+import io
+import os
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import persistence
+
+DEFAULT_DETECTOR = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
+                    'inception-2015-12-05.pkl')
+PIXEL_RES = 8
+METRICS = {'fid': 'FID', 'pixel': f'FD-pixel{PIXEL_RES}'}   # CLI name -> label (stored in the npz)
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
+
+
+class FIDError(ValueError):
+    """A problem with the user's input: the message is one line that says what to fix."""
+
+
+# ----------------------------------------------------------------------------
+# Keeping ranks in step on errors.
+
+def _agree(err):
+    """Raise FIDError on every rank if ``err`` (a message or None) is set on any rank.
+
+    One small all-reduce per call; the messages are exchanged only when something failed."""
+    if dist.get_world_size() == 1:
+        if err:
+            raise FIDError(err)
+        return
+    flag = torch.tensor([1.0 if err else 0.0], dtype=torch.float64)
+    if float(dist.all_reduce_sum(flag)[0]) == 0:
+        return
+    messages = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(messages, err)
+    raise FIDError(next(m for m in messages if m))
+
+
+def _attempt(fn, *args, **kwargs):
+    """(result, None) or (None, one-line message) for the user-level errors of ``fn``."""
+    try:
+        return fn(*args, **kwargs), None
+    except FIDError as e:
+        return None, str(e)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        return None, ' '.join(f'{type(e).__name__}: {e}'.split())
+
+
+def _rank0_then_others(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 first (e.g. a download into the cache), then on the other ranks."""
+    result, err = (_attempt(fn, *args, **kwargs) if dist.is_main() else (None, None))
+    _agree(err)
+    if not dist.is_main():
+        result, err = _attempt(fn, *args, **kwargs)
+    _agree(err)
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Image sets: a folder (recursive) or a zip of PNG/JPEG files.
+
+def _decode(data, name):
+    """Bytes of one image file -> uint8 (H, W, 3). Grayscale becomes RGB; alpha is dropped."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert('RGB')
+    except PIL.UnidentifiedImageError:
+        raise FIDError(f'cannot read image {name}: not an image file that PIL can decode') from None
+    except Exception as e:  # PIL raises many types for a damaged file
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        raise FIDError(f'cannot read image {name}: {reason}') from None
+    return np.array(rgb, dtype=np.uint8)  # a writable copy
+
+
+class ImageSet:
+    """The images of a folder (searched recursively) or a ``.zip``, in sorted order of their
+    relative paths; files other than PNG/JPEG are ignored. Each image is decoded to RGB uint8.
+
+    ``num`` (optional) selects a seeded subset: ``np.random.RandomState(seed).choice(total, num,
+    replace=False)``, sorted. Picklable (a zip is reopened in each process)."""
+
+    def __init__(self, path, num=None, seed=0):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            self.kind = 'dir'
+            names = []
+            for root, _dirs, files in os.walk(self.path):
+                for f in files:
+                    names.append(os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/'))
+        elif os.path.isfile(self.path) and self.path.lower().endswith('.zip'):
+            self.kind = 'zip'
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    names = [n for n in z.namelist() if not n.endswith('/')]
+            except (zipfile.BadZipFile, OSError) as e:
+                raise FIDError(f'cannot open zip {self.path}: {e}') from None
+        elif os.path.exists(self.path):
+            raise FIDError(f'{self.path} is neither a folder nor a .zip file')
+        else:
+            raise FIDError(f'{self.path} does not exist')
+        names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        total = len(names)
+        if num is not None:
+            if num < 2:
+                raise FIDError(f'--num must be at least 2, got {num}')
+            if num > total:
+                raise FIDError(f'--num={num} but {self.path} holds only {total} images')
+            keep = np.sort(np.random.RandomState(seed).choice(total, num, replace=False))
+            names = [names[i] for i in keep]
+        if len(names) < 2:
+            raise FIDError(f'{self.path} holds {len(names)} PNG/JPEG image(s); the statistics need at least 2')
+        self.names = names
+        self._zip = None
+        self._zip_pid = None
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def _read(self, name):
+        if self.kind == 'dir':
+            with open(os.path.join(self.path, name), 'rb') as f:
+                return f.read()
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip.read(name)
+
+    def display_name(self, i):
+        return f'{self.path}:{self.names[i]}' if self.kind == 'zip' else os.path.join(self.path, self.names[i])
+
+    def load(self, i):
+        """Image ``i`` as uint8 (H, W, 3)."""
+        name = self.display_name(i)
+        try:
+            data = self._read(self.names[i])
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            raise FIDError(f'cannot read image {name}: {e}') from None
+        return _decode(data, name)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item k = batch k of this rank: (uint8 (B, 3, H, W) or None, error message or None).
+
+    Errors travel as messages, so that a DataLoader worker never raises and every rank sees them."""
+
+    def __init__(self, images, batches, size):
+        self.images, self.batches, self.size = images, batches, size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        idx = self.batches[k].tolist()
+        if not idx:
+            return None, None
+        out = []
+        try:
+            for i in idx:
+                img = self.images.load(i)
+                if img.shape[:2] != self.size:
+                    raise FIDError(f'image {self.images.display_name(i)} is {img.shape[1]}x{img.shape[0]} pixels '
+                                   f'but {self.images.display_name(0)} is {self.size[1]}x{self.size[0]}: '
+                                   f'all images must have the same size')
+                out.append(img)
+        except FIDError as e:
+            return None, str(e)
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------
+# Detectors: callables detector(uint8 (N, 3, H, W), return_features=True) -> (N, D).
+
+class PixelFeatures(torch.nn.Module):
+    """The 'pixel' metric's features: images in [0, 1] average-pooled to 8x8 and flattened
+    (C*8*8 dims, float64). Uses no weights."""
+
+    def forward(self, images, return_features=True):
+        if not return_features:
+            raise ValueError('PixelFeatures only returns features')
+        x = images.to(torch.float64) / 255
+        return F.adaptive_avg_pool2d(x, PIXEL_RES).flatten(1)
+
+
+def _local_file(spec):
+    """Download ``spec`` into the dnnlib cache if it is a URL; return a local path."""
+    return dnnlib.util.open_url(spec, return_filename=True, verbose=dist.is_main())
+
+
+def _check_state_dict(state, net, spec):
+    """FIDError naming what does not fit when ``state`` is not a state dict of ``net``."""
+    what = f'--detector {spec}: not a state dict of the FID Inception-v3 (pytorch-fid pt_inception-2015-12-05-*.pth)'
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FIDError(f'{what}: it holds a {type(state).__name__}')
+    own = net.state_dict()
+    optional = [k for k in own if k.endswith('num_batches_tracked')]   # batch norm restores these itself
+    problems = []
+    missing = [k for k in own if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', shapes)):
+        if keys:
+            problems.append(f'{len(keys)} {label} (e.g. {keys[0]})')
+    if problems:
+        raise FIDError(f'{what}: {", ".join(problems)}')
+
+
+def _load_detector_file(spec, device):
+    base = spec.split('?')[0].lower()
+    try:
+        path = _local_file(spec)
+    except FileNotFoundError:
+        raise FIDError(f'--detector {spec}: no such file') from None
+    except dnnlib.util.DownloadError as e:
+        raise FIDError(str(e)) from None
+    if base.endswith('.pth'):
+        from models.inception import FIDInception  # pylint: disable=import-outside-toplevel
+        net = FIDInception()
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # a damaged file or one that is not a plain state dict
+            raise FIDError(f'--detector {spec}: cannot load it as weights: {" ".join(str(e).split())[:200]}') from None
+        _check_state_dict(state, net, spec)
+        net.load_state_dict(state, strict=True)
+        return net.to(device)
+    with open(path, 'rb') as f:
+        try:
+            net = persistence.cpu_unpickler_load(f)
+        except Exception as e:  # any unpickling failure: say which file
+            reason = ' '.join(str(e).split())[:200]
+            raise FIDError(f'--detector {spec}: cannot unpickle: {type(e).__name__}: {reason}') from None
+    if not callable(net):
+        raise FIDError(f'--detector {spec}: the pickle holds a {type(net).__name__}, not a network')
+    return net.to(device) if hasattr(net, 'to') else net
+
+
+def load_detector(spec, device=torch.device('cpu')):
+    """Load the FID detector from a path or URL (rank 0 downloads first; cached).
+
+    ``.pth``: a state dict for :class:`models.inception.FIDInception` (``weights_only`` load).
+    ``.pkl``: a pickled network called as ``net(images_uint8, return_features=True)``, e.g.
+    NVIDIA's :data:`DEFAULT_DETECTOR`; unpickling executes code, so load trusted files only.
+    """
+    base = spec.split('?')[0].lower()
+    if not base.endswith(('.pth', '.pkl')):
+        raise FIDError(f'--detector must name a .pkl (a pickled network, e.g. NVIDIA\'s) or a .pth '
+                       f'(state dict of the FID Inception-v3), got {spec}')
+    if base.endswith('.pkl'):
+        dist.print0(f'Loading detector {spec} (unpickling executes code from the file: trusted files only)')
+    else:
+        dist.print0(f'Loading detector {spec} (FID Inception-v3 state dict)')
+    # Used as loaded, as EDM does (FIDInception is in eval mode; a pickle keeps its own mode).
+    return _rank0_then_others(_load_detector_file, spec, device)
+
+
+def make_detector(metric, detector=None, device=torch.device('cpu')):
+    """The feature extractor for ``metric`` ('fid' or 'pixel'); ``detector`` is the path/URL
+    for 'fid' (default :data:`DEFAULT_DETECTOR`) and must be None for 'pixel'."""
+    _check_metric(metric)
+    if metric == 'pixel':
+        if detector is not None:
+            raise FIDError('--detector does not apply to --metric=pixel (it uses no network)')
+        return PixelFeatures()
+    return load_detector(detector or DEFAULT_DETECTOR, device)
+
+
+# ----------------------------------------------------------------------------
+# Statistics.
+
+@torch.no_grad()
+def feature_stats(images, detector, batch=64, device=torch.device('cpu'), workers=2, progress=True):
+    """Mean and covariance of the detector's features over an :class:`ImageSet`.
+
+    Every rank handles its share of the images; returns (mu float64 [D], sigma float64 [D, D]) as
+    numpy arrays on every rank, with sigma = (sum f^T f - n mu mu^T) / (n - 1)."""
+    n = len(images)
+    first = images.load(0)  # every rank: the size every image must have, and the feature dimension
+    size = first.shape[:2]
+    probe = detector(torch.from_numpy(first).permute(2, 0, 1)[None].to(device), return_features=True)
+    if probe.ndim != 2 or probe.shape[0] != 1:
+        raise FIDError(f'the detector returned shape {tuple(probe.shape)} for one image; expected (1, D)')
+    dim = probe.shape[1]
+
+    batches = dist.rank_seeds(range(n), batch)
+    loader = torch.utils.data.DataLoader(_Batches(images, batches, size), batch_size=None, shuffle=False,
+                                         num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+    mu_sum = torch.zeros([dim], dtype=torch.float64, device=device)
+    sigma_sum = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+    count = torch.zeros([1], dtype=torch.float64, device=device)
+    start = time.time()
+    for x, err in tqdm(loader, total=len(batches), unit='batch', disable=not (progress and dist.is_main()),
+                       dynamic_ncols=True):
+        _agree(err)
+        if x is None:
+            continue
+        f = detector(x.to(device), return_features=True).to(torch.float64)
+        if f.shape != (x.shape[0], dim):
+            raise FIDError(f'the detector returned shape {tuple(f.shape)} for {x.shape[0]} images; '
+                           f'expected ({x.shape[0]}, {dim})')
+        mu_sum += f.sum(dim=0)
+        sigma_sum += f.T @ f
+        count += f.shape[0]
+    for t in (mu_sum, sigma_sum, count):
+        dist.all_reduce_sum(t)
+    elapsed = time.time() - start
+    assert int(count.item()) == n, (count.item(), n)
+    dist.print0(f'Features of {n} images in {elapsed:.1f} s: {n / max(elapsed, 1e-9):.1f} images/s '
+                f'({dist.get_world_size()} process(es), batch {batch} per process, {device.type})')
+    mu = mu_sum / n
+    sigma = (sigma_sum - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part (scipy.linalg.sqrtm), as EDM."""
+    import scipy.linalg  # pylint: disable=import-outside-toplevel  (half a second; only rank 0 of calc needs it)
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise FIDError(f'the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}')
+    m = np.square(mu1 - mu2).sum()
+    with warnings.catch_warnings():  # singular products are common (fewer images than dimensions): as EDM's disp=False
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+
+def save_stats(dest, mu, sigma, metric):
+    """Write ``mu``, ``sigma`` and the metric's label to ``dest`` (.npz), creating folders."""
+    folder = os.path.dirname(dest)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(dest, 'wb') as f:  # np.savez on a file object keeps the name exactly as given
+        np.savez(f, mu=mu, sigma=sigma, metric=np.array(METRICS[metric]))
+
+
+def load_stats(ref):
+    """Read statistics from a path or URL (downloads are cached): dict with mu, sigma, metric
+    (the label; ``FID`` for files without one, such as EDM's references)."""
+    try:
+        with dnnlib.util.open_url(ref, verbose=dist.is_main()) as f:
+            data = dict(np.load(f, allow_pickle=False))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise FIDError(f'cannot read reference statistics {ref}: {" ".join(str(e).split())}') from None
+    missing = [k for k in ('mu', 'sigma') if k not in data]
+    if missing:
+        raise FIDError(f'{ref} is not a statistics file: it lacks {", ".join(missing)}')
+    mu, sigma = data['mu'], data['sigma']
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    metric = str(data['metric']) if 'metric' in data else METRICS['fid']
+    return dict(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), metric=metric)
+
+
+# ----------------------------------------------------------------------------
+# The commands.
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise FIDError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def start(device=None):
+    """``dist.init(device)`` with its errors as FIDError; returns the device."""
+    try:
+        return dist.init(device)
+    except (RuntimeError, ValueError) as e:
+        raise FIDError(str(e)) from None
+
+
+def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
+                progress=True):
+    """Statistics of the images in ``data`` (folder or zip), written to ``dest`` by rank 0.
+    Returns (mu, sigma)."""
+    _check_metric(metric)
+    dev = start(device)
+    images, err = _attempt(ImageSet, data, num=num, seed=seed)
+    _agree(err)
+    net = make_detector(metric, detector, dev)
+    dist.print0(f'Computing {METRICS[metric]} statistics of {len(images)} images in {data}...')
+    mu, sigma = feature_stats(images, net, batch=batch, device=dev, workers=workers, progress=progress)
+    if dist.is_main():
+        _, err = _attempt(save_stats, dest, mu, sigma, metric)
+    _agree(err if dist.is_main() else None)
+    dist.print0(f'Saved {dest}')
+    return mu, sigma
+
+
+def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
+               progress=True):
+    """Frechet distance of ``images`` (folder or zip) to the statistics ``ref`` (path or URL).
+
+    Rank 0 prints ``<label>: <value %g>`` and returns the value; other ranks return None."""
+    _check_metric(metric)
+    dev = start(device)
+    label = METRICS.get(metric)
+    stats, err = None, None
+    if dist.is_main():
+        stats, err = _attempt(load_stats, ref)
+        if stats is not None and stats['metric'] != label:
+            other = next((k for k, v in METRICS.items() if v == stats['metric']), None)
+            hint = f' (use --metric={other})' if other else ''
+            err = f'{ref} holds {stats["metric"]} statistics, not {label}{hint}'
+    _agree(err)
+    image_set, err = _attempt(ImageSet, images, num=num, seed=seed)
+    _agree(err)
+    net = make_detector(metric, detector, dev)
+    dist.print0(f'Computing {label} of {len(image_set)} images in {images} against {ref}...')
+    mu, sigma = feature_stats(image_set, net, batch=batch, device=dev, workers=workers, progress=progress)
+    if not dist.is_main():
+        return None
+    if mu.shape != stats['mu'].shape:
+        raise FIDError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
+                       f'{mu.shape[0]}-d features: the reference was made with another detector')
+    value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
+    print(f'{label}: {value:g}')
+    return value
+
+
+def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True):
+    """Write ``num`` exact data samples of a built-in analytic model as PNGs (``dest/000000/000000.png``...).
+
+    Image i comes from chunk i // 100, drawn as ``model.sample(100, generator)`` with a generator
+    seeded from (seed, chunk) by numpy's SeedSequence, so it depends only on (seed, i), not on
+    ``num`` or the number of processes, and its noise is unrelated to sample.py's seed i.
+    Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks."""
+    from models import toy  # pylint: disable=import-outside-toplevel
+    from training.generate import save_png, seed_path, to_uint8  # pylint: disable=import-outside-toplevel
+    if num < 1:
+        raise FIDError(f'--num must be at least 1, got {num}')
+    try:
+        model = toy.build(dataset_name)
+    except ValueError as e:
+        raise FIDError(str(e)) from None
+    chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
+    for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
+        if len(chunk) == 0:
+            continue
+        c = int(chunk[0])
+        state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        images = to_uint8(model.sample(TOY_CHUNK, gen))
+        for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
+            i = c * TOY_CHUNK + j
+            save_png(seed_path(dest, i, 'png'), images[j])
+    dist.barrier()
+    dist.print0(f'Wrote {num} exact samples of {dataset_name} to {dest}')
