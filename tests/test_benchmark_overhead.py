@@ -24,7 +24,7 @@ def overhead():
 
 @pytest.fixture(scope='module')
 def result(overhead):
-    return overhead.run_benchmark('cpu', batch=2, repeats=1, warmup=0, calls=1, net_config=TINY_CONFIG)
+    return overhead.run_benchmark('cpu', batch=2, repeats=1, warmup=0, calls=1, net_config=TINY_CONFIG, stub_runs=2)
 
 
 def _positive(v):
@@ -54,9 +54,9 @@ def test_rows(overhead, result):
     for r in rows:
         assert r['nfe'] == 5
         assert len(r['walls_s']) == 1
-        for key in ('wall_s', 'ratio'):
+        for key in ('wall_s', 'ratio', 'stub_s'):
             assert _positive(r[key]), (r['label'], key, r[key])
-        assert math.isfinite(r['overhead'])
+        assert math.isfinite(r['overhead']) and math.isfinite(r['stub_ratio']) and r['stub_ratio'] > 1
         if r['predictor'] and r['solver'] != 'amed':
             assert _positive(r['vs_plain'])
         else:
