@@ -11,7 +11,6 @@
   attention math (legacy / new / Consistency-Models channel orders against a reference).
 """
 
-import json
 import math
 import os
 import runpy
@@ -22,13 +21,9 @@ import torch.nn.functional as F
 
 from models import networks_adm as na
 
-# The manifests live in the shared folder next to the checkout (or in ``$AMED_FIXTURES``).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CANDIDATES = [os.environ.get('AMED_FIXTURES', ''), os.path.join(ROOT, 'shared', 'fixtures'),
-               os.path.join(ROOT, '..', 'shared', 'fixtures')]
-FIXTURE_DIR = next((d for d in _CANDIDATES if d and os.path.isdir(d)), None)
+from tests.manifests import load_manifest
 
-needs_fixtures = pytest.mark.skipif(FIXTURE_DIR is None, reason='fixtures folder not found')
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 # (fixture name, factory)
 MANIFESTS = [
@@ -38,26 +33,14 @@ MANIFESTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Run these small convolutions on one thread (much faster for tiny tensors on a busy
-    CI box). The previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def load_manifest(name):
-    with open(os.path.join(FIXTURE_DIR, name + '.json')) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------
 # Official names and shapes (meta device: no memory).
 
 
-@needs_fixtures
 @pytest.mark.parametrize('name,factory', MANIFESTS)
 def test_manifest_matches(name, factory):
     manifest = load_manifest(name)
@@ -78,7 +61,6 @@ def test_manifest_matches(name, factory):
     assert modules == dict(manifest['modules'])
 
 
-@needs_fixtures
 @pytest.mark.parametrize('name,factory', [m for m in MANIFESTS if 'classifier' not in m[0]])
 def test_manifest_unet_forward_and_hook_on_meta(name, factory):
     """Full-size U-Net forward on the meta device: output shape and the middle_block hook."""
@@ -95,7 +77,6 @@ def test_manifest_unet_forward_and_hook_on_meta(name, factory):
     assert len(features) == 1 and features[0].shape == (2, 1024, 8, 8)
 
 
-@needs_fixtures
 def test_manifest_classifier_forward_on_meta():
     config = load_manifest('adm-256x256_classifier')['config']
     with torch.device('meta'):
@@ -105,7 +86,6 @@ def test_manifest_classifier_forward_on_meta():
     assert net.out[2].positional_embedding.shape == (512, 8 * 8 + 1)
 
 
-@needs_fixtures
 @pytest.mark.parametrize('name,factory', MANIFESTS)
 def test_manifest_fp16_conversion_on_meta(name, factory):
     """convert_to_fp16 turns exactly the torso's convolutions to float16 (official rule)."""

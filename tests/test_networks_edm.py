@@ -8,7 +8,6 @@
 * The module source must run standalone, as NVIDIA's persistence pickles re-execute it.
 """
 
-import json
 import math
 import os
 
@@ -17,11 +16,7 @@ import torch
 
 from models import networks_edm as ne
 
-# The manifests live in the shared folder next to the checkout (or in ``$AMED_FIXTURES``).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CANDIDATES = [os.environ.get('AMED_FIXTURES', ''), os.path.join(ROOT, 'shared', 'fixtures'),
-               os.path.join(ROOT, '..', 'shared', 'fixtures')]
-FIXTURE_DIR = next((d for d in _CANDIDATES if d and os.path.isdir(d)), None)
+from tests.manifests import load_manifest
 
 # (fixture name, the enc block that feeds the AMED predictor, its channel count at 8x8).
 MANIFESTS = [
@@ -30,29 +25,17 @@ MANIFESTS = [
     ('edm-imagenet-64x64-cond-adm', '8x8_block2', 768),
 ]
 
-needs_fixtures = pytest.mark.skipif(FIXTURE_DIR is None, reason='fixtures folder not found')
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Run these small convolutions on one thread: on a busy 2-core CI box, OpenMP's
-    multi-threaded kernels for tiny tensors are orders of magnitude slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def load_manifest(name):
-    with open(os.path.join(FIXTURE_DIR, name + '.json')) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------
 # Official names and shapes (meta device: no memory).
 
 
-@needs_fixtures
 @pytest.mark.parametrize('name,hook_block,hook_channels', MANIFESTS)
 def test_manifest_matches(name, hook_block, hook_channels):
     manifest = load_manifest(name)
@@ -74,7 +57,6 @@ def test_manifest_matches(name, hook_block, hook_channels):
     assert hook_block in net.model.enc
 
 
-@needs_fixtures
 @pytest.mark.parametrize('name,hook_block,hook_channels', MANIFESTS)
 def test_manifest_forward_shapes_on_meta(name, hook_block, hook_channels):
     """A full-size forward on the meta device: output shape and the AMED hook's 8x8 activation."""
@@ -91,7 +73,6 @@ def test_manifest_forward_shapes_on_meta(name, hook_block, hook_channels):
     assert seen == [torch.Size([2, hook_channels, 8, 8])]
 
 
-@needs_fixtures
 def test_manifest_precond_attributes():
     vp = ne.build_from_config(load_manifest('edm-cifar10-32x32-uncond-vp')['config'])
     assert type(vp).__name__ == 'VPPrecond'
