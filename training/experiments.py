@@ -33,7 +33,7 @@ def run_name(run_id, dataset_name, num_steps, nfe, sampler_stu, sampler_tea, M, 
     return name
 
 
-def training_nfe(dataset_name, num_steps, afs, calls_per_eval=1):
+def training_nfe(num_steps, afs, calls_per_eval=1):
     """NFE of the student with a predictor, as in the run name (doubled under CFG)."""
     return solver_utils.count_nfe('amed', num_steps, afs, with_predictor=True, calls_per_eval=calls_per_eval)
 

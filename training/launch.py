@@ -63,7 +63,7 @@ def plan_training(options, device):
                                      'sigma_min', 'sigma_max', 'afs', 'max_order', 'predict_x0', 'lower_order_final')}
     probe = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option
     split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
-    nfe = experiments.training_nfe(o['dataset_name'], o['num_steps'], o['afs'], model.calls_per_eval)
+    nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
 
     def name_fn(run_id):
         return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
