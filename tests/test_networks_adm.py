@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models import networks_adm as na
 
-from tests.manifests import load_manifest
+from tests.manifests import assert_matches_manifest, load_manifest
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -48,17 +48,7 @@ def test_manifest_matches(name, factory):
         net = factory(manifest['config'])
     assert all(t.device.type == 'meta' for t in net.state_dict().values())
 
-    ours = {k: list(v.shape) for k, v in net.state_dict().items()}
-    theirs = {k: list(shape) for k, shape in manifest['state_dict']}
-    assert sorted(set(ours) - set(theirs)) == [] and sorted(set(theirs) - set(ours)) == []
-    assert ours == theirs
-    # Not required, but true: the order is the official one too.
-    assert list(ours) == [k for k, _ in manifest['state_dict']]
-
-    assert sum(p.numel() for p in net.parameters()) == manifest['num_params']
-
-    modules = {n: type(m).__name__ for n, m in net.named_modules() if n}
-    assert modules == dict(manifest['modules'])
+    assert_matches_manifest(net, manifest)
 
 
 @pytest.mark.parametrize('name,factory', [m for m in MANIFESTS if 'classifier' not in m[0]])

@@ -16,7 +16,7 @@ import torch
 
 from models import networks_edm as ne
 
-from tests.manifests import load_manifest
+from tests.manifests import assert_matches_manifest, load_manifest
 
 # (fixture name, the enc block that feeds the AMED predictor, its channel count at 8x8).
 MANIFESTS = [
@@ -42,17 +42,7 @@ def test_manifest_matches(name, hook_block, hook_channels):
     net = ne.build_from_config(manifest['config'])
     assert all(t.device.type == 'meta' for t in net.state_dict().values())
 
-    ours = {k: list(v.shape) for k, v in net.state_dict().items()}
-    theirs = {k: list(shape) for k, shape in manifest['state_dict']}
-    assert sorted(set(ours) - set(theirs)) == [] and sorted(set(theirs) - set(ours)) == []
-    assert ours == theirs
-    # Not required, but true: the order is EDM's too.
-    assert list(ours) == [k for k, _ in manifest['state_dict']]
-
-    assert sum(p.numel() for p in net.parameters()) == manifest['num_params']
-
-    modules = {n: type(m).__name__ for n, m in net.named_modules() if n}
-    assert modules == dict(manifest['modules'])
+    assert_matches_manifest(net, manifest)
 
     assert hook_block in net.model.enc
 
