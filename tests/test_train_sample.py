@@ -194,3 +194,16 @@ def test_class_conditional_builtin_model(in_tmp):
     code, out = run_cli(sample.main, ['--predictor_path=0', '--dataset_name=toy', '--seeds=0', '--outdir=d',
                                       '--no-progress'])
     assert code != 0 and 'toy_cond' in out
+
+
+def test_quickstart_smoke(in_tmp):
+    """The quickstart runs end to end (tiny settings; the real figures are in the README)."""
+    from training import quickstart
+    code, out = run_cli(quickstart.main, ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--outdir=exps',
+                                          '--grid=g.png'])
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith('| ')]
+    labels = [r.split('|')[1].strip() for r in rows[1:]]
+    assert labels == ['AMED-Solver', 'AMED-Plugin (iPNDM)', 'iPNDM', 'DPM-Solver-2', 'DPM-Solver++(3M)', 'Euler']
+    assert all(np.isfinite(float(r.split('|')[2])) for r in rows[1:])
+    assert os.path.exists('g.png') and len(os.listdir('exps')) == 2

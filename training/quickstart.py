@@ -35,7 +35,7 @@ RECIPES = [
 @click.option('--batch', help='Training batch', type=int, default=32)
 @click.option('--num', help='Evaluation samples', type=int, default=64)
 @click.option('--outdir', help='Where the runs go', type=str, default='./exps')
-@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin samples at NFE 5', type=str,
+@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin samples at NFE 5 (or the first --nfe)', type=str,
               default='./samples/quickstart/grid.png')
 @click.option('--progress/--no-progress', default=False)
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
@@ -56,6 +56,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
 
     rows = []
     grid_snapshot = None
+    grid_nfe = 5 if 5 in nfes else nfes[0]
     for label, recipe in RECIPES:
         values = {}
         for nfe in nfes:
@@ -68,7 +69,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             values[nfe] = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **generate.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
-            if label.startswith('AMED-Plugin') and nfe == 5:
+            if label.startswith('AMED-Plugin') and nfe == grid_nfe:
                 grid_snapshot = path
         rows.append((label, values))
     for label, kwargs in evaluate.BASELINES:
@@ -85,7 +86,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
                                  predictor, grid=True, progress=False)
         if os.path.basename(grid_path) != 'grid.png':
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
-        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, NFE 5): {grid_path}')
+        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, NFE {grid_nfe}): {grid_path}')
     print()
     print(evaluate.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
     print(f'\nTotal time: {time.time() - start:.0f} s')
