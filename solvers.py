@@ -31,7 +31,6 @@ and scales the model terms of the final update to t_{n+1} by c. This logic exist
 """
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch

@@ -15,7 +15,6 @@ fine-tuned checkpoints of the same family).
 """
 
 import json
-import math
 import os
 
 import torch

@@ -6,11 +6,8 @@ the file. The official AMED code then sets sigma_min = 0.002 and sigma_max = 80 
 so do we.
 """
 
-import sys
-
 import torch
 
-import dnnlib
 from torch_utils import persistence
 
 from .base import Denoiser
@@ -23,21 +20,9 @@ EDM_URLS = {
 }
 
 
-def pickle_note(path):
-    """The one-line warning printed before any pickle is loaded."""
-    print(f'note: loading {path} executes the code stored in it (NVIDIA pickle); load only files you trust',
-          file=sys.stderr)
-
-
 def load_edm_pickle(path, verbose=True):
     """Load the ``'ema'`` network of an EDM training pickle (path or URL; URLs are cached)."""
-    if verbose:
-        pickle_note(path)
-    with dnnlib.util.open_url(path, verbose=verbose) as f:
-        try:
-            data = persistence.cpu_unpickler_load(f)
-        except Exception as e:   # a corrupt or foreign file: one line, naming it
-            raise ValueError(f'{path}: not a readable EDM network pickle ({type(e).__name__}: {e})') from None
+    data = persistence.load_pickle(path, 'EDM network', verbose=verbose)
     if not isinstance(data, dict) or 'ema' not in data:
         raise ValueError(f"{path}: not an EDM network pickle (no 'ema' entry)")
     return data['ema']

@@ -5,7 +5,7 @@ guidance, classifier and prompt options it takes; anything else is rejected with
 """
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 #: Dataset names of the brief (../shared/BRIEF.md) whose loaders are not part of this build yet.
 PENDING = {

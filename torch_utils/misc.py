@@ -1,6 +1,8 @@
-"""Small helpers shared by the scripts: per-seed random generators and seed lists."""
+"""Small helpers shared by the scripts: per-seed random generators, seed lists, atomic writes."""
 
+import os
 import re
+import tempfile
 
 import torch
 
@@ -47,3 +49,22 @@ def parse_int_list(text):
     if len(set(values)) != len(values):
         raise ValueError(f'invalid seed list {text!r}: a seed appears twice')
     return values
+
+
+def atomic_write(path, write):
+    """Write a file all at once: ``write(tmp_path)`` fills a temporary file in the same folder
+    (created if needed), which then replaces ``path``; on any error the temporary file is removed
+    and ``path`` is untouched. The temporary file keeps ``path``'s extension."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

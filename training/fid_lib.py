@@ -39,6 +39,7 @@ from tqdm import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
+from torch_utils.misc import atomic_write
 
 DEFAULT_DETECTOR = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                     'inception-2015-12-05.pkl')
@@ -261,12 +262,10 @@ def _load_detector_file(spec, device):
         _check_state_dict(state, net, spec)
         net.load_state_dict(state, strict=True)
         return net.to(device)
-    with open(path, 'rb') as f:
-        try:
-            net = persistence.cpu_unpickler_load(f)
-        except Exception as e:  # any unpickling failure: say which file
-            reason = ' '.join(str(e).split())[:200]
-            raise FIDError(f'--detector {spec}: cannot unpickle: {type(e).__name__}: {reason}') from None
+    try:
+        net = persistence.load_pickle(path, 'detector', verbose=False)   # the caller printed the note
+    except ValueError as e:
+        raise FIDError(f'--detector {spec}: cannot unpickle: {e}') from None
     if not callable(net):
         raise FIDError(f'--detector {spec}: the pickle holds a {type(net).__name__}, not a network')
     return net.to(device) if hasattr(net, 'to') else net
@@ -364,12 +363,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def save_stats(dest, mu, sigma, metric):
-    """Write ``mu``, ``sigma`` and the metric's label to ``dest`` (.npz), creating folders."""
-    folder = os.path.dirname(dest)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(dest, 'wb') as f:  # np.savez on a file object keeps the name exactly as given
-        np.savez(f, mu=mu, sigma=sigma, metric=np.array(METRICS[metric]))
+    """Write ``mu``, ``sigma`` and the metric's label to ``dest`` (.npz) atomically, creating folders."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # np.savez on a file object keeps the name exactly as given
+            np.savez(f, mu=mu, sigma=sigma, metric=np.array(METRICS[metric]))
+    atomic_write(dest, write)
 
 
 def load_stats(ref):

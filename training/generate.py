@@ -5,7 +5,6 @@ so an image depends only on its seed: not on the batch size, not on the number o
 """
 
 import os
-import tempfile
 
 import numpy as np
 import PIL.Image
@@ -15,7 +14,7 @@ from tqdm import tqdm
 import solver_utils
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator
+from torch_utils.misc import StackedRandomGenerator, atomic_write
 from training import experiments
 
 SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs',
@@ -61,23 +60,9 @@ def to_uint8(images):
     return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _atomic_write(path, write):
-    folder = os.path.dirname(path) or '.'
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_png(path, image):
     img = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, 'L' if image.shape[2] == 1 else 'RGB')
-    _atomic_write(path, lambda p: img.save(p, format='PNG'))
+    atomic_write(path, lambda p: img.save(p, format='PNG'))
 
 
 def make_grid(images, ncol=None):
@@ -131,7 +116,7 @@ def generate_images(model, seeds, outdir, solver_kwargs, predictor=None, batch=6
                 save_png(seed_path(outdir, seed, 'png', subdirs), images[j])
             if return_inters:
                 traj = out[:, j].float().cpu().numpy()
-                _atomic_write(seed_path(outdir, seed, 'npz', subdirs),
+                atomic_write(seed_path(outdir, seed, 'npz', subdirs),
                               lambda p: np.savez(p, trajectory=traj, sigmas=t_steps.numpy()))
             written += 1
     if grid:

@@ -92,7 +92,7 @@ def plan_training(options, device):
 def initial_weights(spec, settings, predictor_kwargs):
     """Weights to start training from: a predictor (ours or published; path, run folder or
     experiment number) trained for the same student, number of steps and model."""
-    from training.generate import check_compatible, load_predictor
+    from training.generate import load_predictor
     from training.networks import AMEDPredictor
     predictor, loaded = load_predictor(spec)
     for key in ('solver', 'num_steps', 'dataset_name'):

@@ -18,7 +18,6 @@ import types
 
 import torch
 
-import dnnlib
 from torch_utils import persistence
 
 LEGACY_SAMPLERS = ('amed_sampler', 'euler_sampler', 'ipndm_sampler', 'dpm_2_sampler', 'dpm_pp_sampler',
@@ -110,14 +109,8 @@ def load_published_predictor(path, device='cpu', verbose=True):
     """Load a published AMED predictor pickle (path or URL) on ``device``, also without CUDA.
 
     Returns (predictor, settings). Prints a one-line note: unpickling executes code."""
-    if verbose:
-        print(f'note: loading {path} executes the code stored in it (NVIDIA pickle); load only files you trust',
-              file=sys.stderr)
-    with dnnlib.util.open_url(path, verbose=verbose) as f, legacy_modules():
-        try:
-            data = persistence.cpu_unpickler_load(f)
-        except Exception as e:
-            raise ValueError(f'{path}: not a readable AMED predictor pickle ({type(e).__name__}: {e})') from None
+    with legacy_modules():
+        data = persistence.load_pickle(path, 'AMED predictor', verbose=verbose)
     if not isinstance(data, dict) or 'model' not in data:
         raise ValueError(f"{path}: not an AMED predictor pickle (no 'model' entry)")
     net = data['model']

@@ -15,11 +15,12 @@ source code; they are not read here.
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 
 import torch
+
+from torch_utils.misc import atomic_write
 
 from training.networks import AMEDPredictor
 
@@ -64,21 +65,12 @@ def save_snapshot(path, predictor, settings):
         'settings': _plain('settings', settings),
         'state_dict': {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
+    def write(tmp):
+        with open(tmp, 'wb') as f:
             torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, write)
 
 
 def load_snapshot(path, device='cpu'):

@@ -49,15 +49,18 @@ class StatsCollector:
         self.values = {}
 
     def add(self, name, tensor):
-        t = tensor.detach().double().flatten().cpu()
-        acc = self.values.setdefault(name, torch.zeros(3, dtype=torch.float64))
-        acc += torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64), t.sum(), t.square().sum()])
+        """Accumulate count, sum and sum of squares on the tensor's device (no host sync per step)."""
+        t = tensor.detach().double().flatten()
+        acc = self.values.setdefault(name, torch.zeros(3, dtype=torch.float64, device=t.device))
+        acc[0] += t.numel()
+        acc[1] += t.sum()
+        acc[2] += t.square().sum()
 
     def report(self):
         out = {}
         for name in sorted(self.values):
             acc = dist.all_reduce_sum(self.values[name].clone())
-            num, s, sq = acc.tolist()
+            num, s, sq = acc.cpu().tolist()
             mean = s / max(num, 1)
             out[name] = dict(num=num, mean=mean, std=float(np.sqrt(max(sq / max(num, 1) - mean ** 2, 0.0))))
         self.values = {}
