@@ -31,6 +31,8 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--outdir', help='Output folder (default ./samples/<dataset>/<solver>_nfe<NFE>)', type=str)
 @click.option('--return_inters', help='Also save each trajectory at the grid points as <seed>.npz', type=bool, default=False)
 @click.option('--classifier_path', help='Classifier for classifier guidance (file or URL)', type=str)
+@click.option('--prompt', help='ms_coco: one prompt for every image (default: caption i of --prompt_path for seed i)', type=str)
+@click.option('--prompt_path', help='ms_coco: captions CSV (column text; default ./src/prompts/MS-COCO_val2014_30k_captions.csv)', type=str)
 @click.option('--use_fp16', help='fp16 network weights (CUDA; models that support it)', is_flag=True)
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
@@ -46,10 +48,10 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--predict_x0', type=bool)
 @click.option('--lower_order_final', type=bool)
 @click.option('--thresholding', help='Dynamic thresholding (dpmpp; default: predict_x0)', type=bool)
-@click.option('--guidance_type', help='Guidance of a plain run (cg for imagenet256)', type=click.Choice(['cg', 'cfg', 'uncond']))
+@click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=float)
 def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters,
-         classifier_path, use_fp16, device, progress, **plain):
+         classifier_path, prompt, prompt_path, use_fp16, device, progress, **plain):
     """Generate one PNG per seed (or a grid) with an AMED predictor or a plain solver."""
     guidance = dict(guidance_type=plain.pop('guidance_type'), guidance_rate=plain.pop('guidance_rate'))
     given = {k: v for k, v in plain.items() if v is not None}
@@ -73,9 +75,11 @@ def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, 
         else:
             solver_kwargs = dict(PLAIN_DEFAULTS, **given)
         model = load_model(dataset_name, model_path, guidance['guidance_type'], guidance['guidance_rate'],
-                           classifier_path=classifier_path, use_fp16=use_fp16, device=dev)
+                           classifier_path=classifier_path, prompt_path=prompt_path, use_fp16=use_fp16, device=dev,
+                           prompt=prompt)
         if predictor is not None:
             generate.check_compatible(settings, model)
+        model.check_seeds(seed_list)
         nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
         name = solver_kwargs['solver'] if predictor is None or solver_kwargs['solver'] == 'amed' \
             else 'amed-' + solver_kwargs['solver']

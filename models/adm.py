@@ -148,7 +148,7 @@ class ADMDenoiser(Denoiser):
         sigma = torch.as_tensor(sigma)
         return (torch.sqrt(self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)) - self.beta_min) / self.beta_d
 
-    def sample_cond(self, rnd, batch_size):
+    def sample_cond(self, rnd, batch_size, training=False):
         return rnd.randint(self.label_dim, size=[batch_size])
 
     def forward(self, x, sigma, cond=None):

@@ -12,7 +12,11 @@ Everything outside ``models/`` sees a model only through :class:`Denoiser`:
   the ``discrete`` schedule (None for continuous-time models).
 * ``feature_module``: the submodule whose output (B, C', 8, 8) feeds the AMED predictor.
 * ``amed_feature(activation)``: reduces that output to (B, 8, 8) (channel mean by default).
-* ``sample_cond(rnd, batch_size)``: conditioning drawn from a per-seed generator.
+* ``sample_cond(rnd, batch_size, training=False)``: conditioning drawn from a per-seed generator
+  (``rnd.seeds`` are the seeds; text models take caption i for seed i when sampling and a random
+  caption when ``training``).
+* ``check_seeds(seeds)``: rejects sampling seeds that ``sample_cond`` cannot serve (before anything
+  is written).
 * ``decode(x)``: latent -> image in [-1, 1] (identity for pixel models).
 """
 
@@ -46,9 +50,12 @@ class Denoiser(torch.nn.Module):
         """Reduce the hooked activation (B, C', 8, 8) to the predictor input (B, 8, 8)."""
         return activation.float().mean(dim=1)
 
-    def sample_cond(self, rnd, batch_size):
+    def sample_cond(self, rnd, batch_size, training=False):
         """Conditioning for ``batch_size`` images from a per-seed generator (None if unconditional)."""
         return None
+
+    def check_seeds(self, seeds):
+        """Raise ValueError (one line) when ``sample_cond`` cannot serve these sampling seeds."""
 
     def decode(self, x):
         return x

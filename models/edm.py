@@ -55,7 +55,7 @@ class EDMDenoiser(Denoiser):
             raise ValueError('this EDM model is class-conditional: give one-hot labels')
         return self.net(x, sigma, class_labels=cond).to(x.dtype)
 
-    def sample_cond(self, rnd, batch_size):
+    def sample_cond(self, rnd, batch_size, training=False):
         if not self.label_dim:
             return None
         labels = rnd.randint(self.label_dim, size=[batch_size])

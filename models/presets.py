@@ -7,11 +7,6 @@ guidance, classifier and prompt options it takes; anything else is rejected with
 import dataclasses
 from typing import Callable, Tuple
 
-#: Dataset names of the brief (../shared/BRIEF.md) whose loaders are not part of this build yet.
-PENDING = {
-    'lsun_bedroom_ldm': 'LDM checkpoints', 'ms_coco': 'Stable Diffusion checkpoints',
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -23,6 +18,8 @@ class Preset:
     takes_model_path: bool = False
     takes_classifier: bool = False
     takes_fp16: bool = False
+    takes_prompts: bool = False
+    needs: str = ''            # optional packages the preset needs (pip extra 'latent')
 
 
 def _build_toy(conditional):
@@ -52,6 +49,20 @@ def _build_adm(model_path=None, guidance_type=None, guidance_rate=None, classifi
     return load_adm(model_path, classifier_path, guidance_type, guidance_rate, use_fp16=use_fp16, device=device)
 
 
+def _build_ldm(model_path=None, guidance_type=None, guidance_rate=None, use_fp16=False, device='cpu', **kwargs):
+    if guidance_rate not in (None, 0, 1):
+        raise ValueError('lsun_bedroom_ldm is unconditional: guidance_rate must be 1 (the official recipe) or unset')
+    from models.ldm import load_ldm
+    return load_ldm(model_path, use_fp16=use_fp16, device=device)
+
+
+def _build_sd(model_path=None, guidance_type=None, guidance_rate=None, prompt_path=None, prompt=None, use_fp16=False,
+              device='cpu', **kwargs):
+    from models.stable_diffusion import load_sd
+    return load_sd(model_path, guidance_type, guidance_rate, prompt_path=prompt_path, prompt=prompt,
+                   use_fp16=use_fp16, device=device)
+
+
 PRESETS = {
     'toy': Preset('toy', _build_toy(False), 'built-in analytic Gaussian mixture, 3x32x32, unconditional'),
     'toy_cond': Preset('toy_cond', _build_toy(True), 'built-in analytic Gaussian mixture, 3x32x32, 10 classes'),
@@ -66,35 +77,50 @@ PRESETS = {
                        takes_model_path=True, takes_fp16=True),
     'imagenet256': Preset('imagenet256', _build_adm, 'ADM ImageNet 256, classifier guidance',
                           guidance_types=(None, 'cg'), takes_model_path=True, takes_classifier=True, takes_fp16=True),
+    'lsun_bedroom_ldm': Preset('lsun_bedroom_ldm', _build_ldm, 'LDM LSUN Bedroom 256, VQ-f4 latents 3x64x64',
+                               guidance_types=(None, 'uncond'), takes_model_path=True, takes_fp16=True,
+                               needs='diffusers'),
+    'ms_coco': Preset('ms_coco', _build_sd, 'Stable Diffusion v1.x, latents 4x64x64, classifier-free guidance, '
+                      'MS-COCO captions', guidance_types=('cfg',), takes_model_path=True, takes_fp16=True,
+                      takes_prompts=True, needs='diffusers, transformers'),
 }
 
 
 def dataset_names():
-    return sorted(PRESETS) + sorted(PENDING)
+    return sorted(PRESETS)
 
 
 def load_model(dataset_name, model_path=None, guidance_type=None, guidance_rate=None, classifier_path=None,
-               prompt_path=None, use_fp16=False, device='cpu'):
+               prompt_path=None, use_fp16=False, device='cpu', prompt=None):
     """Build the denoiser of ``dataset_name`` on ``device`` (frozen: eval mode, no gradients).
 
     Raises ValueError with one line for an unknown name or an option the preset does not take."""
     if dataset_name not in PRESETS:
-        if dataset_name in PENDING:
-            raise ValueError(f'dataset_name {dataset_name!r} needs the loader for {PENDING[dataset_name]}, '
-                             f'which this build does not include yet')
         raise ValueError(f"unknown dataset_name {dataset_name!r} (choose one of {', '.join(dataset_names())})")
     preset = PRESETS[dataset_name]
     if guidance_type not in preset.guidance_types:
-        raise ValueError(f'guidance_type {guidance_type!r} is not supported by dataset {dataset_name!r}')
+        raise ValueError(f'guidance_type {guidance_type!r} is not supported by dataset {dataset_name!r} '
+                         f"(choose {' or '.join(str(g) for g in preset.guidance_types)})")
     if guidance_type is None and guidance_rate not in (None, 0, 0.0):
         raise ValueError(f'guidance_rate needs a guidance_type; dataset {dataset_name!r} takes none')
     for opt, val in (('model_path', model_path if not preset.takes_model_path else None),
                      ('classifier_path', classifier_path if not preset.takes_classifier else None),
-                     ('prompt_path', prompt_path), ('use_fp16', (use_fp16 or None) if not preset.takes_fp16 else None)):
+                     ('prompt_path', prompt_path if not preset.takes_prompts else None),
+                     ('prompt', prompt if not preset.takes_prompts else None), ('use_fp16', (use_fp16 or None) if not preset.takes_fp16 else None)):
         if val is not None:
             raise ValueError(f'{opt} is not used by dataset {dataset_name!r}')
+    if preset.needs:
+        _check_installed(dataset_name, preset.needs)
     model = preset.build(model_path=model_path, guidance_type=guidance_type, guidance_rate=guidance_rate,
-                         classifier_path=classifier_path, prompt_path=prompt_path, use_fp16=use_fp16, device=device)
+                         classifier_path=classifier_path, prompt_path=prompt_path, prompt=prompt, use_fp16=use_fp16,
+                         device=device)
     model = model.to(device).eval().requires_grad_(False)
     model.dataset_name = dataset_name
     return model
+
+
+def _check_installed(dataset_name, needs):
+    import importlib.util
+    missing = [name.strip() for name in needs.split(',') if importlib.util.find_spec(name.strip()) is None]
+    if missing:
+        raise ValueError(f"dataset {dataset_name!r} needs {', '.join(missing)}: pip install -r requirements-latent.txt")

@@ -393,7 +393,7 @@ class GaussianMixture(_AnalyticDenoiser):
             raise ValueError(f'labels must lie in [0, {self.num_components}), got {cond.tolist()}')
         return cond.long()
 
-    def sample_cond(self, rnd, batch_size):
+    def sample_cond(self, rnd, batch_size, training=False):
         """Labels (B,) drawn as ``rnd.randint(K, size=[batch_size], device=...)``, None if unconditional.
 
         ``rnd`` is any object with ``randint(high, size=..., device=...)`` like ``torch.randint`` without

@@ -14,6 +14,7 @@ class StackedRandomGenerator:
 
     def __init__(self, device, seeds):
         self.device = torch.device(device)
+        self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn(self, size, **kwargs):

@@ -38,7 +38,7 @@ def draw_inputs(model, seeds, device):
     """Unit-variance latents and conditioning for the given per-sample seeds."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *model.img_shape])
-    cond = model.sample_cond(rnd, len(seeds))
+    cond = model.sample_cond(rnd, len(seeds), training=True)
     return latents, cond
 
 
