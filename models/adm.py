@@ -21,7 +21,7 @@ import torch
 
 import dnnlib
 
-from .base import Denoiser
+from .base import Denoiser, load_strict
 
 URLS = {
     'lsun_bedroom': 'https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt',
@@ -75,11 +75,7 @@ def _build(factory, state, config, path, what):
         net = factory(config, **extra)
     except ValueError as e:
         raise ValueError(f'{path}: {e}') from None
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ValueError(f'{path}: does not match the {what} architecture ({first})') from None
+    load_strict(net, state, path, what)
     return net.eval().requires_grad_(False)
 
 

@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from .base import load_strict
 from .latent import (DiscreteEpsDenoiser, find_file, linear_alphas_cumprod, load_checkpoint, resolve_model_file,
                      strip_prefix, use_ema_weights)
 
@@ -89,16 +90,8 @@ def build_first_stage(state, config, path):
     converted = convert_ldm_vae_checkpoint(state, vq.config)
     if 'quantize.embedding.weight' in state:
         converted['quantize.embedding.weight'] = state['quantize.embedding.weight']
-    _load_strict(vq, converted, path, 'VQ first stage')
+    load_strict(vq, converted, path, 'VQ first stage')
     return vq
-
-
-def _load_strict(module, state, path, what):
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(f'{path}: does not match the {what} architecture ({lines[1] if len(lines) > 1 else lines[0]})') from None
 
 
 def load_ldm(model_path=None, use_fp16=False, device='cpu'):
@@ -116,7 +109,7 @@ def load_ldm(model_path=None, use_fp16=False, device='cpu'):
     if not unet_state:
         raise ValueError(f'{path}: no model.diffusion_model.* weights (not an LDM checkpoint)')
     unet = UNetModel(**config['unet'])
-    _load_strict(unet, unet_state, path, 'LDM U-Net')
+    load_strict(unet, unet_state, path, 'LDM U-Net')
 
     first_state, first_path = strip_prefix(state, 'first_stage_model.'), path
     if not first_state:

@@ -19,7 +19,7 @@ DEFAULTS = dict(
     lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
     num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type='polynomial', schedule_rho=7.0,
     max_order=None, predict_x0=None, lower_order_final=None, guidance_type=None, guidance_rate=None,
-    classifier_path=None, prompt_path=None, predictor_path=None, use_fp16=False)
+    classifier_path=None, prompt_path=None, prompt=None, predictor_path=None, use_fp16=False)
 
 
 class Logger:
@@ -58,7 +58,8 @@ def plan_training(options, device):
         if not o[opt] >= 0:
             raise ValueError(f'{opt} must be >= 0, got {o[opt]}')
     model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
-                       o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device)
+                       o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
+                       prompt=o['prompt'])
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
                                      'sigma_min', 'sigma_max', 'afs', 'max_order', 'predict_x0', 'lower_order_final')}
     probe = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option
