@@ -15,6 +15,7 @@ student and the backward pass of training all use the EMA network.
 
 import hashlib
 import os
+import pickle
 import zipfile
 
 import torch
@@ -103,7 +104,7 @@ def load_checkpoint(path, what):
             import safetensors.torch
             state = safetensors.torch.load_file(path, device='cpu')
         else:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = _load_torch_file(path)
     except Exception as e:
         raise ValueError(f'{path}: not a readable {what} checkpoint ({type(e).__name__}: '
                          f'{str(e).splitlines()[0] if str(e) else ""})') from None
@@ -112,6 +113,38 @@ def load_checkpoint(path, what):
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f'{path}: holds no {what} state dict')
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+class _Placeholder:
+    """Stands in for a class a checkpoint pickles besides its tensors (e.g. PyTorch Lightning's
+    ModelCheckpoint callback in LDM's training checkpoints): it takes any arguments and state and
+    runs no code."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _load_torch_file(path):
+    """``torch.load(weights_only=True)``; classes other than tensors' (which weights_only refuses)
+    are read as :class:`_Placeholder` subclasses of the same name, so no code from the file runs."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not names:
+            raise
+    stand_ins = []
+    for full in names:
+        module, _, name = full.rpartition('.')
+        stand_ins.append(type(name, (_Placeholder,), {'__module__': module, '__qualname__': name}))
+    with torch.serialization.safe_globals(stand_ins):
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    from torch_utils import distributed as dist
+    dist.print0(f"{path}: read {', '.join(names)} as placeholders (only the tensors are used; no code from the file runs)")
+    return state
 
 
 def use_ema_weights(state, prefix='model.diffusion_model.'):

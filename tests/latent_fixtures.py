@@ -212,6 +212,14 @@ def write_captions(path, captions):
 # ---------------------------------------------------------------------------------------------
 # LDM LSUN Bedroom.
 
+class TrainingCallback:
+    """Stands for PyTorch Lightning's ModelCheckpoint, which LDM training checkpoints pickle beside
+    the weights: torch.load(weights_only=True) refuses it; the loader must read it without running it."""
+
+    def __init__(self):
+        self.best_model_score = torch.tensor(0.1)
+
+
 def ldm_components(seed=0):
     from diffusers import VQModel
 
@@ -247,7 +255,7 @@ def write_ldm(folder, seed=0, first_stage_inside=True, vq_path=None, zip_name=No
         torch.save({'state_dict': dict(vq_state, **{'loss.logvar': torch.zeros(())})}, vq_path)
     state['alphas_cumprod'] = linear_alphas_cumprod(*LDM_BETAS).float()
     path = os.path.join(folder, 'model.ckpt')
-    torch.save({'state_dict': state}, path)
+    torch.save({'state_dict': state, 'callbacks': {TrainingCallback: TrainingCallback()}}, path)
     with open(path + '.json', 'w') as f:
         json.dump({'config': {'unet': LDM_UNET, 'first_stage': LDM_VQ}}, f)
     if zip_name:
