@@ -133,8 +133,12 @@ class TwoStage(Solver):
         return x + scale * (t_next - t_cur) * (w * d_mid + (1 - w) * d_cur)
 
 
-def make_solver(name, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None, corrected_3m=None):
-    """Build a solver by name, validating its options (ValueError naming the bad option)."""
+def make_solver(name, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None, corrected_3m=None,
+                latent=False):
+    """Build a solver by name, validating its options (ValueError naming the bad option).
+
+    ``latent``: the model works on latents, where dynamic thresholding (made for pixels in [-1, 1])
+    would shrink the data prediction; there ``thresholding`` defaults to off."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r} (choose one of {', '.join(SOLVERS)})")
     if name != 'dpmpp':
@@ -151,7 +155,8 @@ def make_solver(name, max_order=None, predict_x0=None, lower_order_final=None, t
             return IPNDM(int(order))
         return DPMpp(int(order), predict_x0=True if predict_x0 is None else bool(predict_x0),
                      lower_order_final=True if lower_order_final is None else bool(lower_order_final),
-                     thresholding=thresholding, corrected_3m=bool(corrected_3m))
+                     thresholding=False if thresholding is None and latent else thresholding,
+                     corrected_3m=bool(corrected_3m))
     if max_order is not None:
         raise ValueError(f"max_order is an option of ipndm and dpmpp only, not of solver {name!r}")
     if name == 'euler':
@@ -333,7 +338,8 @@ def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None, 
             schedule_rho=7.0, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None,
             corrected_3m=None, predictor=None, t_steps=None):
     """Validate a run's options (ValueError naming the bad one) and return (solver, schedule)."""
-    spec = make_solver(solver, max_order, predict_x0, lower_order_final, thresholding, corrected_3m)
+    spec = make_solver(solver, max_order, predict_x0, lower_order_final, thresholding, corrected_3m,
+                       latent=getattr(model, 'latent', False))
     if t_steps is None:
         check_options(spec, num_steps, model.sigma_min if sigma_min is None else sigma_min,
                       model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho, predictor)
@@ -364,7 +370,7 @@ def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=
         afs: analytical first step (saves the first model call).
         max_order: iPNDM (1-4) / DPM-Solver++ (1-3) order.
         predict_x0, lower_order_final, thresholding: DPM-Solver++ options (thresholding defaults to
-            predict_x0).
+            predict_x0 on pixel models and to off on latent models).
         corrected_3m: DPM-Solver++ option; third-order-accurate 3M update (off: the official
             update, which is second-order accurate; see solver_utils.dpm_multistep_update).
         denoise_to_zero: finish with one extra call x <- D(x; sigma_min).

@@ -8,6 +8,8 @@ Everything outside ``models/`` sees a model only through :class:`Denoiser`:
 * ``sigma_min``, ``sigma_max``: the noise range the model supports.
 * ``img_channels``, ``img_resolution`` (and ``img_shape``); ``label_dim`` (0 = unconditional).
 * ``calls_per_eval``: network calls one denoise costs (2 with classifier-free guidance).
+* ``latent``: True when x are latents (decoded by ``decode``); dynamic thresholding is then off by
+  default.
 * ``sigma_to_t`` / ``t_to_sigma``: the continuous-time maps of a discrete-time model, used by
   the ``discrete`` schedule (None for continuous-time models).
 * ``feature_module``: the submodule whose output (B, C', 8, 8) feeds the AMED predictor.
@@ -34,6 +36,7 @@ class Denoiser(torch.nn.Module):
     img_resolution = 32
     label_dim = 0
     calls_per_eval = 1
+    latent = False
     sigma_to_t = None
     t_to_sigma = None
     # ``feature_module`` is a registered submodule of each adapter (not a class attribute here: a

@@ -52,6 +52,8 @@ CONFIG = dict(
 class LDMDenoiser(DiscreteEpsDenoiser):
     """Unconditional LDM: eps = U-Net(x_in, timestep); images through the VQ decoder."""
 
+    latent = True
+
     def __init__(self, unet, first_stage, alphas_cumprod, scale_factor=1.0):
         super().__init__(alphas_cumprod)
         self.unet, self.first_stage = unet, first_stage

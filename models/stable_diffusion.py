@@ -60,6 +60,8 @@ def load_captions(path):
 class StableDiffusion(DiscreteEpsDenoiser):
     """SD v1.x as D(x; sigma) with classifier-free guidance (see the module docstring)."""
 
+    latent = True
+
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate, captions=None, prompt=None):
         super().__init__(alphas_cumprod)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer

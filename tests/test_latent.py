@@ -299,6 +299,18 @@ def test_every_student_samples_and_decodes(files, which):
             model.unet._forward_hooks.clear()
 
 
+def test_dynamic_thresholding_is_off_by_default_on_latents(files):
+    """Dynamic thresholding clips data predictions to pixel range; on latents it is off unless asked for."""
+    model = load_model('lsun_bedroom_ldm', files['ldm'])
+    assert solvers.prepare(model, 'dpmpp', predict_x0=True)[0].thresholding is False
+    assert solvers.prepare(model, 'dpmpp', predict_x0=True, thresholding=True)[0].thresholding is True
+    from training.loss import AMEDLoss
+    loss = AMEDLoss(model, 'dpmpp', 'dpmpp', num_steps=4, M=1, schedule_type='discrete', schedule_rho=1.0)
+    assert loss.student.thresholding is False and loss.teacher.thresholding is False
+    from models.toy import GaussianMixture
+    assert solvers.prepare(GaussianMixture(seed=0), 'dpmpp')[0].thresholding is True
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py and sample.py with the official recipes.
 

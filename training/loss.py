@@ -37,8 +37,9 @@ class AMEDLoss:
             raise ValueError(f'M must be a positive integer, got {M}')
         self.model = model
         self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
-        self.student = self._make(sampler_stu, max_order, predict_x0, lower_order_final)
-        self.teacher = self._make(sampler_tea, max_order, predict_x0, lower_order_final)
+        latent = getattr(model, 'latent', False)
+        self.student = self._make(sampler_stu, max_order, predict_x0, lower_order_final, latent)
+        self.teacher = self._make(sampler_tea, max_order, predict_x0, lower_order_final, latent)
         sched = dict(sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type, schedule_rho=schedule_rho)
         solvers.check_options(self.student, self.num_steps, model.sigma_min if sigma_min is None else sigma_min,
                               model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho,
@@ -47,11 +48,11 @@ class AMEDLoss:
         self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1, **sched).tolist()
 
     @staticmethod
-    def _make(name, max_order, predict_x0, lower_order_final):
+    def _make(name, max_order, predict_x0, lower_order_final, latent):
         multistep = name in MULTISTEP
         return solvers.make_solver(name, max_order if multistep else None,
                                    predict_x0 if name == 'dpmpp' else None,
-                                   lower_order_final if name == 'dpmpp' else None)
+                                   lower_order_final if name == 'dpmpp' else None, latent=latent)
 
     @property
     def multistep(self):
