@@ -99,6 +99,8 @@ def build_first_stage(state, config, path):
 def load_ldm(model_path=None, use_fp16=False, device='cpu'):
     from torch_utils import distributed as dist
     from models.networks_adm import UNetModel
+    if use_fp16 and torch.device(device).type != 'cuda':
+        raise ValueError('use_fp16 needs a CUDA device')
     if model_path is not None:
         path = resolve_model_file(model_path)
     else:
@@ -129,7 +131,5 @@ def load_ldm(model_path=None, use_fp16=False, device='cpu'):
     model = LDMDenoiser(unet.eval().requires_grad_(False), first_stage.eval().requires_grad_(False), abar,
                         config['scale_factor'])
     if use_fp16:
-        if torch.device(device).type != 'cuda':
-            raise ValueError('use_fp16 needs a CUDA device')
         unet.convert_to_fp16()
     return model
