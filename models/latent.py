@@ -84,7 +84,7 @@ class DiscreteEpsDenoiser(Denoiser):
 
     def forward(self, x, sigma, cond=None):
         sigma = sigma.reshape(-1)
-        timestep = self.timestep(sigma.detach()).to(torch.float32)
+        timestep = self.timestep(sigma).to(torch.float32)   # differentiable: training backpropagates through s
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
         x_in = (x / (sigma ** 2 + 1).sqrt()).to(torch.float32)
         eps = self.eps(x_in, timestep, cond).to(torch.float32)

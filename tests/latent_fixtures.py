@@ -226,9 +226,10 @@ def ldm_components(seed=0):
     from models.networks_adm import UNetModel
     torch.manual_seed(seed)
     unet = UNetModel(**LDM_UNET)
-    with torch.no_grad():
-        for p in unet.out.parameters():
-            p.normal_(0, 0.05)
+    with torch.no_grad():   # no zero-initialised layers: every block (and the time input) matters
+        for p in unet.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
     vq = VQModel(**LDM_VQ)
     return unet.eval(), vq.eval()
 

@@ -155,6 +155,24 @@ def test_cfg_is_one_batched_call_and_matches_its_formula(files):
     assert calls1 == [3] and m1.calls_per_eval == 1
 
 
+def test_gradient_reaches_sigma_through_the_timestep(files):
+    """Training differentiates D(x; s) with respect to the inserted time s; the network's timestep
+    input depends on s too (as in the official preconditioner), so autograd equals the finite difference."""
+    m = load_model('lsun_bedroom_ldm', files['ldm'])
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2
+    sigma = torch.tensor([1.3], requires_grad=True)
+    (grad,) = torch.autograd.grad(m(x, sigma).sum(), sigma)
+    h = 1e-4
+    with torch.no_grad():
+        fd = (m(x, sigma + h).double().sum() - m(x, sigma - h).double().sum()) / (2 * h)
+        # Without the timestep's dependence on sigma the derivative would differ markedly.
+        frozen = torch.autograd.functional.jacobian(
+            lambda s: (x - s * m.eps(x / (s ** 2 + 1).sqrt(), m.timestep(sigma.detach()).float(), None)).sum(),
+            sigma.detach())
+    assert float(grad) == pytest.approx(float(fd), rel=5e-3)
+    assert abs(float(frozen) - float(fd)) > 0.1 * abs(float(fd))
+
+
 def test_amed_feature_is_the_conditional_half_of_the_middle_block(files):
     m = sd(files, rate=7.5)
     rnd = StackedRandomGenerator('cpu', [0, 1])
