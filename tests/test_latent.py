@@ -59,6 +59,18 @@ def unet_calls(model):
     return calls
 
 
+def test_missing_extra_is_one_line(monkeypatch):
+    """Without diffusers/transformers the latent presets say what to install."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name in ('diffusers', 'transformers') else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs diffusers, transformers: pip install -r requirements-latent.txt"):
+        load_model('ms_coco', 'x', 'cfg', 7.5, prompt='p')
+    with pytest.raises(ValueError, match=r"needs diffusers: pip install -r requirements-latent.txt"):
+        load_model('lsun_bedroom_ldm', 'x')
+
+
 # ---------------------------------------------------------------------------------------------
 # The discrete-time VP maps (REFERENCE.md 4.1).
 
@@ -369,6 +381,22 @@ def test_sd_recipe_trains_and_samples(files, tmp_path, monkeypatch):
     code, out = run(sample.main, ['--predictor_path=0', f"--model_path={files['sd_ckpt']}",
                                   f"--prompt_path={files['captions']}", '--seeds=4-5', '--outdir=bad', '--no-progress'])
     assert code != 0 and 'seed 5 has no caption' in out
+
+
+def test_sd_torchrun_two_processes_follow_the_seeds(files, tmp_path, monkeypatch):
+    """torchrun with 2 processes (gloo): the seeds are split across ranks, each image still gets
+    its own seed's caption and noise, so the images match one process (up to rounding)."""
+    from tests.test_train_sample import torchrun
+    monkeypatch.chdir(tmp_path)
+    common = ['--dataset_name=ms_coco', f"--model_path={files['sd_ckpt']}", f"--prompt_path={files['captions']}",
+              '--guidance_type=cfg', '--guidance_rate=3', '--solver=dpmpp', '--num_steps=4', '--predict_x0=False',
+              '--schedule_type=discrete', '--schedule_rho=1', '--seeds=0-4', '--batch=2', '--no-progress']
+    torchrun('sample.py', common + ['--outdir=two', '--device=cpu'], str(tmp_path))
+    code, out = run(sample.main, common + ['--outdir=one'])
+    assert code == 0, out
+    for seed in range(5):
+        a, b = (np.asarray(PIL.Image.open(f'{d}/000000/{seed:06d}.png'), dtype=np.int16) for d in ('one', 'two'))
+        assert np.abs(a - b).max() <= 1, seed
 
 
 def test_ldm_recipe_trains_and_samples(files, tmp_path, monkeypatch):
