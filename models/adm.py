@@ -14,14 +14,10 @@ own code (models/networks_adm.py) with the official names. A JSON file ``<model 
 fine-tuned checkpoints of the same family).
 """
 
-import json
-import os
-
 import torch
 
-import dnnlib
-
-from .base import Denoiser, load_strict
+from .base import Denoiser
+from .files import load_checkpoint, load_strict, resolve_model_file, sidecar_config
 
 URLS = {
     'lsun_bedroom': 'https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt',
@@ -45,27 +41,14 @@ CLASSIFIER_CONFIG = dict(image_size=256, classifier_use_fp16=False, classifier_w
 
 
 def load_state_dict_file(path, what):
-    """``torch.load`` a state-dict checkpoint (path or URL, cached) on the CPU, code-free."""
-    local = dnnlib.util.open_url(path, return_filename=True) if '://' in str(path) else str(path)
-    if not os.path.exists(local):
-        raise FileNotFoundError(f'{what} file not found: {path}')
-    try:
-        state = torch.load(local, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{path}: not a readable {what} state dict ({type(e).__name__})') from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f'{path}: not a {what} state dict')
-    return state, local
+    """A state-dict checkpoint (path or URL, cached) on the CPU, code-free; returns (state, local path)."""
+    local = resolve_model_file(path)
+    return load_checkpoint(local, what), local
 
 
 def _config_for(local_path, default):
     """The official config, overridden by ``<file>.json``'s ``config`` when present."""
-    config = dict(default)
-    side = local_path + '.json'
-    if os.path.exists(side):
-        with open(side) as f:
-            config.update(json.load(f)['config'])
-    return config
+    return dict(default, **sidecar_config(local_path))
 
 
 def _build(factory, state, config, path, what):

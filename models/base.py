@@ -81,13 +81,3 @@ class Denoiser(torch.nn.Module):
         finally:
             handle.remove()
 
-
-def load_strict(module, state, path, what):
-    """``module.load_state_dict(state, strict=True)`` with a one-line ValueError naming the file and
-    the first mismatch."""
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(f'{path}: does not match the {what} architecture ({lines[1] if len(lines) > 1 else lines[0]})') from None
-    return module

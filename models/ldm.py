@@ -21,14 +21,11 @@ else ``./models/ldm_models/first_stage_models/vq-f4/model.ckpt`` (the brief's pa
 ``linear_end``), for other checkpoints of the family.
 """
 
-import json
-import os
 
 import torch
 
-from .base import load_strict
-from .latent import (DiscreteEpsDenoiser, find_file, linear_alphas_cumprod, load_checkpoint, resolve_model_file,
-                     strip_prefix, use_ema_weights)
+from .files import find_file, load_checkpoint, load_strict, resolve_model_file, sidecar_config
+from .latent import DiscreteEpsDenoiser, linear_alphas_cumprod, strip_prefix, use_ema_weights
 
 URLS = {
     'lsun_bedroom_ldm': 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
@@ -73,14 +70,11 @@ class LDMDenoiser(DiscreteEpsDenoiser):
 
 
 def _config_for(path):
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
-    side = path + '.json'
-    if os.path.exists(side):
-        with open(side) as f:
-            for k, v in json.load(f)['config'].items():
-                if k not in config:
-                    raise ValueError(f'{side}: unknown config key {k!r}')
-                config[k] = v
+    config = dict(CONFIG)
+    for k, v in sidecar_config(path).items():
+        if k not in config:
+            raise ValueError(f'{path}.json: unknown config key {k!r}')
+        config[k] = v
     return config
 
 

@@ -29,7 +29,8 @@ import os
 
 import torch
 
-from .latent import DiscreteEpsDenoiser, find_file, load_checkpoint, resolve_model_file, strip_prefix, use_ema_weights
+from .files import find_file, load_checkpoint, resolve_model_file
+from .latent import DiscreteEpsDenoiser, strip_prefix, use_ema_weights
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'stable-diffusion-v1')
 URLS = {
@@ -75,7 +76,6 @@ class StableDiffusion(DiscreteEpsDenoiser):
         self.feature_module = unet.mid_block
         self.max_length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
         self._uncond = {}
-        self._cfg_batch = False
 
     @torch.no_grad()
     def encode_prompts(self, prompts, device):
@@ -114,8 +114,7 @@ class StableDiffusion(DiscreteEpsDenoiser):
         if cond is None:
             raise ValueError('Stable Diffusion needs text embeddings as cond')
         dtype = self.unet.dtype
-        self._cfg_batch = self.calls_per_eval == 2
-        if not self._cfg_batch:
+        if self.calls_per_eval == 1:
             return self.unet(x_in.to(dtype), timestep, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
         context = torch.cat([self.uncond_embedding(cond), cond])
         out = self.unet(torch.cat([x_in, x_in]).to(dtype), torch.cat([timestep, timestep]),
@@ -124,7 +123,7 @@ class StableDiffusion(DiscreteEpsDenoiser):
         return eps_u + self.guidance_rate * (eps_c - eps_u)
 
     def amed_feature(self, activation):
-        if self._cfg_batch:
+        if self.calls_per_eval == 2:   # the U-Net batch is [unconditional; conditional]
             activation = activation[activation.shape[0] // 2:]
         return super().amed_feature(activation)
 
