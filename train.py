@@ -15,6 +15,7 @@ import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
 from training.launch import DEFAULTS as D, plan_training, run_training
+from training.loss import LOSSES
 
 
 class HalfWidth(click.ParamType):
@@ -62,6 +63,14 @@ class HalfWidth(click.ParamType):
 @click.option('--scale_time', help='Half-width of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
               type=HalfWidth(0.2), default=D['scale_time'])
 @click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=D['tick_kimg'])
+# Loss options.
+@click.option('--loss', help='interval: the official per-interval loss; trajectory: the whole student run against '
+              'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),
+              default=D['loss'])
+@click.option('--inter_weight', help='--loss=trajectory: weight of every intermediate student point (the final one has 1)',
+              type=click.FloatRange(min=0), default=D['inter_weight'])
+@click.option('--checkpointing', help='--loss=trajectory: gradient checkpointing per student step (memory of one '
+              'step instead of all)', type=bool, default=D['checkpointing'])
 # Solver options.
 @click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default=D['sampler_stu'])
 @click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default=D['sampler_tea'])

@@ -86,6 +86,10 @@ def test_dry_run_writes_nothing(in_tmp):
     (['--prompt_path=x.csv'], 'prompt_path'),
     (['--desc=a/b'], 'desc'),
     (['--scale_time=-1'], 'scale_time'),
+    (['--loss=nope'], 'loss'),
+    (['--inter_weight=0.5'], 'inter_weight'),
+    (['--checkpointing=True'], 'checkpointing'),
+    (['--loss=trajectory', '--inter_weight=-1'], 'inter_weight'),
 ])
 def test_train_bad_input(in_tmp, args, word):
     code, out = run_cli(train.main, TINY + ['--outdir=exps'] + args)
@@ -94,8 +98,11 @@ def test_train_bad_input(in_tmp, args, word):
     assert not os.path.exists('exps') or os.listdir('exps') == []
 
 
-@pytest.mark.parametrize('student,teacher,extra', [('amed', 'heun', []), ('ipndm', 'ipndm', ['--max_order=3']),
-                                                   ('dpmpp', 'dpmpp', ['--max_order=2'])])
+@pytest.mark.parametrize('student,teacher,extra', [
+    ('amed', 'heun', []), ('ipndm', 'ipndm', ['--max_order=3']), ('dpmpp', 'dpmpp', ['--max_order=2']),
+    ('amed', 'heun', ['--loss=trajectory', '--inter_weight=0.5']), ('euler', 'heun', ['--loss=trajectory']),
+    ('dpm', 'heun', ['--loss=trajectory']), ('ipndm', 'ipndm', ['--max_order=3', '--loss=trajectory']),
+    ('dpmpp', 'dpmpp', ['--max_order=2', '--loss=trajectory', '--checkpointing=True'])])
 def test_gradient_accumulation_equals_large_batch(in_tmp, student, teacher, extra):
     args = [f'--sampler_stu={student}', f'--sampler_tea={teacher}', '--M=1', '--afs=True'] + extra
     one = train_tiny('a', *args)
@@ -183,6 +190,18 @@ def test_torchrun_two_processes_match_one(in_tmp):
     assert os.listdir('g2') == ['grid.png']
 
 
+def test_torchrun_trajectory_loss_matches_one_process(in_tmp):
+    args = TINY + ['--afs=True', '--device=cpu', '--loss=trajectory', '--sampler_stu=ipndm', '--sampler_tea=ipndm']
+    torchrun('train.py', args + ['--outdir=two'], in_tmp)
+    code, out = run_cli(train.main, args + ['--outdir=one', '--batch-gpu=4'])
+    assert code == 0, out
+    p2, s2 = load_snapshot(snapshot_of(os.path.join('two', os.listdir('two')[0])))
+    p1, s1 = load_snapshot(snapshot_of(os.path.join('one', os.listdir('one')[0])))
+    assert s1['loss'] == s2['loss'] == 'trajectory' and os.listdir('one')[0].endswith('-afs-traj')
+    for v1, v2 in zip(p1.state_dict().values(), p2.state_dict().values()):
+        assert torch.allclose(v1, v2, rtol=1e-4, atol=1e-6)
+
+
 def test_class_conditional_builtin_model(in_tmp):
     code, out = run_cli(train.main, ['--dataset_name=toy_cond', '--batch=8', '--total_kimg=0.016', '--no-progress',
                                      '--num_steps=3', '--outdir=exps', '--sampler_stu=dpm', '--sampler_tea=dpmpp',
@@ -204,6 +223,8 @@ def test_quickstart_smoke(in_tmp):
     assert code == 0, out
     rows = [line for line in out.splitlines() if line.startswith('| ')]
     labels = [r.split('|')[1].strip() for r in rows[1:]]
-    assert labels == ['AMED-Solver', 'AMED-Plugin (iPNDM)', 'iPNDM', 'DPM-Solver-2', 'DPM-Solver++(3M)', 'Euler']
+    assert labels == ['AMED-Solver, interval loss', 'AMED-Solver, trajectory loss', 'AMED-Plugin (iPNDM), interval loss',
+                      'AMED-Plugin (iPNDM), trajectory loss', 'iPNDM', 'DPM-Solver-2', 'DPM-Solver++(3M)', 'Euler']
     assert all(np.isfinite(float(r.split('|')[2])) for r in rows[1:])
-    assert os.path.exists('g.png') and len(os.listdir('exps')) == 2
+    assert os.path.exists('g.png') and len(os.listdir('exps')) == 4
+    assert sum(name.endswith('-traj-quickstart') for name in os.listdir('exps')) == 2

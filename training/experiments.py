@@ -21,11 +21,15 @@ def schedule_tag(schedule_type, schedule_rho):
 
 
 def run_name(run_id, dataset_name, num_steps, nfe, sampler_stu, sampler_tea, M, schedule_type, schedule_rho,
-             afs, desc=None):
+             afs, desc=None, trajectory=False):
+    """The run folder name; ``trajectory`` (the --loss=trajectory runs) adds '-traj' after the
+    official fields, before the description."""
     name = (f'{run_id:05d}-{dataset_name}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-'
             f'{schedule_tag(schedule_type, schedule_rho)}')
     if afs:
         name += '-afs'
+    if trajectory:
+        name += '-traj'
     if desc:
         if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
             raise ValueError(f'desc {desc!r} may contain only letters, digits and _.+=-')

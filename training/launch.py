@@ -5,12 +5,13 @@ the quickstart calls the same two functions.
 """
 
 import json
+import math
 import os
 
 from models.presets import load_model
 from torch_utils import distributed as dist
 from training import experiments
-from training.loss import MULTISTEP, AMEDLoss
+from training.loss import LOSSES, MULTISTEP, AMEDLoss
 from training.training_loop import split_batch, training_loop
 
 #: Defaults of every training option (the brief's parameter table, plus ours).
@@ -19,7 +20,8 @@ DEFAULTS = dict(
     lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
     num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type='polynomial', schedule_rho=7.0,
     max_order=None, predict_x0=None, lower_order_final=None, guidance_type=None, guidance_rate=None,
-    classifier_path=None, prompt_path=None, prompt=None, predictor_path=None, use_fp16=False)
+    classifier_path=None, prompt_path=None, prompt=None, predictor_path=None, use_fp16=False, loss='interval',
+    inter_weight=0.0, checkpointing=False)
 
 
 class Logger:
@@ -57,28 +59,37 @@ def plan_training(options, device):
     for opt in ('scale_dir', 'scale_time'):
         if not o[opt] >= 0:
             raise ValueError(f'{opt} must be >= 0, got {o[opt]}')
+    if o['loss'] not in LOSSES:
+        raise ValueError(f"unknown loss {o['loss']!r} (choose one of {', '.join(LOSSES)})")
+    if o['loss'] != 'trajectory':
+        if o['inter_weight'] != DEFAULTS['inter_weight'] or o['checkpointing'] != DEFAULTS['checkpointing']:
+            raise ValueError('inter_weight and checkpointing are options of --loss=trajectory only')
+    elif not (o['inter_weight'] >= 0 and math.isfinite(o['inter_weight'])):
+        raise ValueError(f"inter_weight must be a finite number >= 0, got {o['inter_weight']}")
     model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
                        o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
                        prompt=o['prompt'])
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
                                      'sigma_min', 'sigma_max', 'afs', 'max_order', 'predict_x0', 'lower_order_final')}
-    probe = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option
+    loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
     split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
 
     def name_fn(run_id):
         return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
-                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'])
+                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'],
+                                    trajectory=o['loss'] == 'trajectory')
     name_fn(0)   # validates desc
 
-    student = probe.student
+    student = loss_fn.student
     settings = dict(
         solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
-        schedule_rho=o['schedule_rho'], sigma_min=probe.t_student[-1], sigma_max=probe.t_student[0], afs=o['afs'],
+        schedule_rho=o['schedule_rho'], sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0],
+        afs=o['afs'],
         max_order=getattr(student, 'max_order', None), predict_x0=getattr(student, 'predict_x0', None),
         lower_order_final=getattr(student, 'lower_order_final', None),
         thresholding=getattr(student, 'thresholding', None),
-        sampler_tea=o['sampler_tea'], M=o['M'], nfe=nfe, guidance_type=o['guidance_type'],
+        sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe, guidance_type=o['guidance_type'],
         guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
         img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
@@ -87,7 +98,7 @@ def plan_training(options, device):
         init_state = initial_weights(o['predictor_path'], settings, predictor_kwargs)
     options = dict(o, device=str(device), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
                    predictor_kwargs=predictor_kwargs, settings=settings)
-    return dict(model=model, options=options, name_fn=name_fn, device=device, init_state=init_state)
+    return dict(model=model, loss_fn=loss_fn, options=options, name_fn=name_fn, device=device, init_state=init_state)
 
 
 def initial_weights(spec, settings, predictor_kwargs):
@@ -123,12 +134,14 @@ def run_training(plan, progress=True):
         if dist.is_main():
             log(f'Run folder: {run_dir}')
             log(f"Student {o['sampler_stu']} (NFE {s['nfe']}), teacher {o['sampler_tea']} with M={o['M']}, "
+                f"{o['loss']} loss, "
                 f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
                 f"{dist.get_world_size()} process(es) on {plan['device']}")
-        _, path = training_loop(plan['model'], run_dir, o['loss_kwargs'], o['predictor_kwargs'], s, batch=o['batch'],
+        _, path = training_loop(plan['model'], run_dir, plan['loss_fn'], o['predictor_kwargs'], s, batch=o['batch'],
                                 batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
                                 device=plan['device'], tick_kimg=o['tick_kimg'], progress=progress, log=log,
-                                init_state=plan.get('init_state'))
+                                init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
+                                checkpointing=o['checkpointing'])
         if dist.is_main():
             log(f'Saved {path}')
     finally:

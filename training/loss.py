@@ -1,16 +1,30 @@
-"""The AMED distillation loss: teacher targets, and one student step per interval.
+"""The AMED distillation losses: teacher targets, and the student's steps.
 
 The student step is :func:`solvers.step`, the same function sampling uses, so a predictor samples
 exactly as it was trained. The teacher solves the same schedule refined by M inserted points per
 student interval; by the schedules' refinement property its grid contains the student's grid at
 every (M+1)-th point, and those points are the targets (REFERENCE.md section 5).
+
+Two losses share the targets (``train.py --loss``):
+
+* ``interval`` (the official loss, the default): one student step per interval, per-sample squared
+  L2 distance to the teacher point at its end, one optimiser step per interval. Single-step
+  students restart each interval from the teacher point; multistep students carry their own
+  state, detached. Each interval's choice of s is greedy: it cannot see its effect on later steps.
+* ``trajectory``: the student runs from noise over its whole schedule, history not detached, and
+  the loss is the squared L2 distance of its final state to the teacher's final state, plus
+  ``inter_weight`` times the same distance at every intermediate student point. Gradients flow
+  through every student step (the 8x8 feature the predictor reads stays an observation: it is
+  detached, as in sampling). One optimiser step per batch.
 """
 
 import torch
+import torch.utils.checkpoint
 
 import solvers
 
-SINGLE_STEP = ('amed', 'euler', 'dpm')   # restart each interval from the teacher point
+LOSSES = ('interval', 'trajectory')
+
 MULTISTEP = ('ipndm', 'dpmpp')           # carry their own state (history) across intervals
 
 
@@ -82,3 +96,32 @@ class AMEDLoss:
         new_state, info = solvers.step(self.model, self.student, state, self.t_student, cond, predictor, self.afs)
         loss = (new_state.x - target).square().flatten(1).sum(1)
         return loss, new_state, info
+
+    def trajectory(self, predictor, targets, cond=None, inter_weight=0.0, detach_state=False,
+                   checkpointing=False):
+        """The trajectory loss: the student runs from ``targets[0]`` over its whole schedule.
+
+        Returns the per-sample loss (B,) = |x_{N-1} - y_{N-1}|^2 + inter_weight * sum_{k=1}^{N-2}
+        |x_k - y_k|^2 (x the student, y the teacher targets) and the list of the N-1 steps' infos.
+        ``detach_state`` cuts the graph between steps (then, with ``inter_weight=1`` and a
+        multistep student, the gradient is the sum of the interval losses' gradients: a test of the
+        pieces); ``checkpointing`` recomputes each step in the backward pass instead of storing
+        its activations (gradient checkpointing: memory of one step instead of N-1).
+        """
+        state = solvers.SolverState(targets[0], 0)
+        total, infos = 0.0, []
+        for k in range(self.num_steps - 1):
+            if checkpointing and torch.is_grad_enabled():
+                state, info = torch.utils.checkpoint.checkpoint(
+                    solvers.step, self.model, self.student, state, self.t_student, cond, predictor, self.afs,
+                    use_reentrant=False)
+            else:
+                state, info = solvers.step(self.model, self.student, state, self.t_student, cond, predictor,
+                                           self.afs)
+            weight = 1.0 if k == self.num_steps - 2 else float(inter_weight)
+            if weight != 0:
+                total = total + weight * (state.x - targets[k + 1]).square().flatten(1).sum(1)
+            if detach_state:
+                state = state.detach()
+            infos.append(info)
+        return total, infos

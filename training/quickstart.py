@@ -19,13 +19,10 @@ from training import evaluate, generate
 from training.launch import plan_training, run_training
 from training.snapshot import load_snapshot
 
-#: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS.
-RECIPES = [
-    ('AMED-Solver', dict(sampler_stu='amed', sampler_tea='heun', M=1, schedule_type='time_uniform',
-                         schedule_rho=1.0, scale_dir=0.01, scale_time=0.0)),
-    ('AMED-Plugin (iPNDM)', dict(sampler_stu='ipndm', sampler_tea='ipndm', M=2, schedule_type='polynomial',
-                                 schedule_rho=7.0, max_order=4, scale_dir=0.01, scale_time=0.2)),
-]
+#: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
+#: with the official per-interval loss and with the trajectory loss.
+RECIPES = [(f'{evaluate.AMED_LABELS[name]}, {loss} loss', dict(evaluate.AMED_RECIPES[name], loss=loss))
+           for name in ('amed', 'ipndm') for loss in ('interval', 'trajectory')]
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -35,7 +32,7 @@ RECIPES = [
 @click.option('--batch', help='Training batch', type=int, default=32)
 @click.option('--num', help='Evaluation samples', type=int, default=64)
 @click.option('--outdir', help='Where the runs go', type=str, default='./exps')
-@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin samples at NFE 5 (or the first --nfe)', type=str,
+@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe)', type=str,
               default='./samples/quickstart/grid.png')
 @click.option('--progress/--no-progress', default=False)
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
@@ -69,7 +66,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             values[nfe] = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **generate.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
-            if label.startswith('AMED-Plugin') and nfe == grid_nfe:
+            if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
                 grid_snapshot = path
         rows.append((label, values))
     for label, kwargs in evaluate.BASELINES:
@@ -86,7 +83,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
                                  predictor, grid=True, progress=False)
         if os.path.basename(grid_path) != 'grid.png':
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
-        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, NFE {grid_nfe}): {grid_path}')
+        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
     print()
     print(evaluate.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
     print(f'\nTotal time: {time.time() - start:.0f} s')

@@ -1,15 +1,17 @@
 """Training loop of the AMED predictor (REFERENCE.md section 5, with its bugs fixed).
 
-Per global batch of ``batch`` trajectories:
+Per global batch of ``batch`` trajectories (:func:`train_batch`):
 
 1. every accumulation round of every rank draws its own latents (and labels) from per-sample
    generators, so the data do not depend on ``batch_gpu`` or the number of processes;
 2. the teacher solves each round's trajectories (no gradients);
-3. for each student interval k = 0 .. N-2: one student step per round through
-   :func:`solvers.step` (the sampling code), per-sample squared L2 loss to the teacher point,
-   gradients summed over rounds and averaged over the global batch (DDP averages over ranks),
-   NaN/inf gradients replaced as the official code does, one Adam step. Single-step students
-   restart each interval from the teacher point; multistep students carry their own state.
+3. ``interval`` loss (official): for each student interval k = 0 .. N-2, one student step per
+   round through :func:`solvers.step` (the sampling code), per-sample squared L2 loss to the
+   teacher point, gradients summed over rounds and averaged over the global batch (DDP averages
+   over ranks), NaN/inf gradients replaced as the official code does, one Adam step. Single-step
+   students restart each interval from the teacher point; multistep students carry their own
+   state. ``trajectory`` loss: the whole student run per round, one backward pass per round, the
+   gradients averaged over the global batch and the ranks, one Adam step per batch.
 """
 
 import contextlib
@@ -23,7 +25,6 @@ from tqdm import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
-from training.loss import AMEDLoss
 from training.networks import AMEDPredictor
 from training.snapshot import save_snapshot
 
@@ -90,24 +91,107 @@ def _console(msg, console=True):
         print(msg)
 
 
-def training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch=64, batch_gpu=None,
+def draw_batch(loss_fn, seeds, rank, batch_gpu_total, batch_gpu, rounds, device):
+    """This rank's accumulation rounds of one global batch: conditioning and teacher targets."""
+    rounds_data = []
+    for g in range(rounds):
+        lo = rank * batch_gpu_total + g * batch_gpu
+        latents, cond = draw_inputs(loss_fn.model, seeds[lo:lo + batch_gpu], device)
+        rounds_data.append(dict(cond=cond, targets=loss_fn.teacher_targets(latents, cond), state=None))
+    return rounds_data
+
+
+def _add_step_stats(stats, loss, infos):
+    stats.add('Loss/loss', loss)
+    stats.add('Loss/l2', loss.sqrt())
+    for info in infos:
+        stats.add('Pred/r', info.r)
+        stats.add('Pred/scale_dir', info.scale_dir)
+        stats.add('Pred/scale_time', info.scale_time)
+
+
+def _interval_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
+    """The official loss: N-1 Adam steps, one per student interval."""
+    rounds = len(rounds_data)
+    for k in range(loss_fn.num_steps - 1):
+        optimizer.zero_grad(set_to_none=True)
+        for g, data in enumerate(rounds_data):
+            sync = contextlib.nullcontext() if (g == rounds - 1 or ddp is predictor) else ddp.no_sync()
+            with sync:
+                state = loss_fn.start_state(data['targets'], k, data['state'])
+                loss, new_state, info = loss_fn(ddp, state, data['targets'][k + 1], data['cond'])
+                loss.sum().mul(1 / batch_gpu_total).backward()
+            data['state'] = new_state.detach()
+            _add_step_stats(stats, loss, [info])
+        sanitize_gradients(predictor)
+        optimizer.step()
+
+
+def _trajectory_batch(loss_fn, predictor, optimizer, rounds_data, batch_gpu_total, stats, inter_weight,
+                      checkpointing):
+    """The trajectory loss: one backward pass per round through the whole student run, gradients
+    averaged over the global batch (summed over ranks here, not by DDP: the predictor is called
+    N-1 times before one backward pass), one Adam step."""
+    optimizer.zero_grad(set_to_none=True)
+    for data in rounds_data:
+        loss, infos = loss_fn.trajectory(predictor, data['targets'], data['cond'], inter_weight,
+                                         checkpointing=checkpointing)
+        loss.sum().mul(1 / (batch_gpu_total * dist.get_world_size())).backward()
+        _add_step_stats(stats, loss.detach(), infos)
+    if dist.get_world_size() > 1:
+        for p in predictor.parameters():
+            if p.grad is not None:
+                dist.all_reduce_sum(p.grad)
+    sanitize_gradients(predictor)
+    optimizer.step()
+
+
+def train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss='interval',
+                inter_weight=0.0, checkpointing=False):
+    """One global batch of training with the chosen ``loss`` (see the module docstring)."""
+    if loss == 'trajectory':
+        _trajectory_batch(loss_fn, predictor, optimizer, rounds_data, batch_gpu_total, stats, inter_weight,
+                          checkpointing)
+    else:
+        _interval_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats)
+
+
+def tick_line(report, tick, cur_nimg, elapsed):
+    """The console/log line of one tick."""
+    return (f"tick {tick:<4d} kimg {cur_nimg / 1000:<8.3f} time {elapsed:<7.1f} "
+            f"loss {report['Loss/loss']['mean']:<10.4g} l2 {report['Loss/l2']['mean']:<9.4g} "
+            f"r {report['Pred/r']['mean']:.3f}+-{report['Pred/r']['std']:.3f} "
+            f"scale_dir {report['Pred/scale_dir']['mean']:.4f}+-{report['Pred/scale_dir']['std']:.4f} "
+            f"scale_time {report['Pred/scale_time']['mean']:.4f}+-{report['Pred/scale_time']['std']:.4f}")
+
+
+def build_predictor(predictor_kwargs, seed, init_state, device):
+    """The initial predictor: the same weights on every rank for a given seed (drawn from a forked
+    random state, so the caller's global RNG is left as it was), or ``init_state``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        predictor = AMEDPredictor(**predictor_kwargs)
+    if init_state is not None:
+        predictor.load_state_dict(init_state)
+    return predictor.to(device).train()
+
+
+def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0,
-                  progress=True, log=_console, init_state=None):
-    """Train an AMED predictor for the frozen ``model`` and write snapshots and stats to ``run_dir``
-    (rank 0). ``log(msg, console=True)`` receives every tick line (for log.txt); ``init_state``
-    is an optional predictor state dict to start from.
+                  progress=True, log=_console, init_state=None, loss='interval', inter_weight=0.0,
+                  checkpointing=False):
+    """Train an AMED predictor with ``loss_fn`` (a :class:`training.loss.AMEDLoss` for the frozen
+    ``model``) and write snapshots and stats to ``run_dir`` (rank 0). ``loss`` is 'interval' (the
+    official per-interval loss) or 'trajectory' (see training/loss.py; ``inter_weight`` and
+    ``checkpointing`` are its options). ``log(msg, console=True)`` receives every tick line (for
+    log.txt); ``init_state`` is an optional predictor state dict to start from.
     Returns the trained predictor (unwrapped, eval mode) and the snapshot path (rank 0; None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_gpu_total, batch_gpu, rounds = split_batch(batch, batch_gpu, world)
 
-    loss_fn = AMEDLoss(model, **loss_kwargs)
-    torch.manual_seed(seed)   # identical initial weights on every rank
-    predictor = AMEDPredictor(**predictor_kwargs)
-    if init_state is not None:
-        predictor.load_state_dict(init_state)
-    predictor = predictor.to(device).train()
+    predictor = build_predictor(predictor_kwargs, seed, init_state, device)
     ddp = predictor
-    if world > 1:
+    if world > 1 and loss == 'interval':
         ddp = torch.nn.parallel.DistributedDataParallel(
             predictor, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -121,33 +205,13 @@ def training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch
     bar = tqdm(total=num_batches * batch, unit='traj', disable=not (progress and rank == 0), dynamic_ncols=True)
     try:
         for batch_idx in range(num_batches):
-            seeds = sample_seeds(seed, batch_idx, batch)
-            rounds_data = []
-            for g in range(rounds):
-                lo = rank * batch_gpu_total + g * batch_gpu
-                latents, cond = draw_inputs(model, seeds[lo:lo + batch_gpu], device)
-                targets = loss_fn.teacher_targets(latents, cond)
-                rounds_data.append(dict(cond=cond, targets=targets, state=None))
-            for k in range(loss_fn.num_steps - 1):
-                optimizer.zero_grad(set_to_none=True)
-                for g, data in enumerate(rounds_data):
-                    sync = contextlib.nullcontext() if (g == rounds - 1 or world == 1) else ddp.no_sync()
-                    with sync:
-                        state = loss_fn.start_state(data['targets'], k, data['state'])
-                        loss, new_state, info = loss_fn(ddp, state, data['targets'][k + 1], data['cond'])
-                        loss.sum().mul(1 / batch_gpu_total).backward()
-                    data['state'] = new_state.detach()
-                    stats.add('Loss/loss', loss)
-                    stats.add('Loss/l2', loss.sqrt())
-                    stats.add('Pred/r', info.r)
-                    stats.add('Pred/scale_dir', info.scale_dir)
-                    stats.add('Pred/scale_time', info.scale_time)
-                sanitize_gradients(predictor)
-                optimizer.step()
+            rounds_data = draw_batch(loss_fn, sample_seeds(seed, batch_idx, batch), rank, batch_gpu_total,
+                                     batch_gpu, rounds, device)
+            train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss, inter_weight,
+                        checkpointing)
             cur_nimg += batch
             bar.update(batch)
-            done = batch_idx == num_batches - 1
-            if cur_nimg >= next_tick or done:
+            if cur_nimg >= next_tick or batch_idx == num_batches - 1:
                 tick += 1
                 next_tick += tick_kimg * 1000
                 now = time.time()
@@ -158,11 +222,7 @@ def training_loop(model, run_dir, loss_kwargs, predictor_kwargs, settings, batch
                 report['Timing/sec_per_tick'] = dict(num=1, mean=now - tick_start, std=0.0)
                 tick_start = now
                 if rank == 0:
-                    line = (f"tick {tick:<4d} kimg {cur_nimg / 1000:<8.3f} time {now - start:<7.1f} "
-                            f"loss {report['Loss/loss']['mean']:<10.4g} l2 {report['Loss/l2']['mean']:<9.4g} "
-                            f"r {report['Pred/r']['mean']:.3f}+-{report['Pred/r']['std']:.3f} "
-                            f"scale_dir {report['Pred/scale_dir']['mean']:.4f}+-{report['Pred/scale_dir']['std']:.4f} "
-                            f"scale_time {report['Pred/scale_time']['mean']:.4f}+-{report['Pred/scale_time']['std']:.4f}")
+                    line = tick_line(report, tick, cur_nimg, now - start)
                     if progress:
                         bar.write(line)
                     log(line, console=not progress)

@@ -1,0 +1,263 @@
+"""The loss study of docs/loss_study.md: AMED trained with the official per-interval loss and with
+the trajectory loss, against plain solvers, on the built-in analytic model.
+
+    python benchmarks/loss_study.py table  --out=docs/loss_study/table.json      # the main table
+    python benchmarks/loss_study.py explore --recipe=ipndm --nfe=5 --set lr=1e-2  # one exploration cell
+    python benchmarks/loss_study.py fd --out=docs/loss_study/fd.json              # FD-pixel8 at NFE 5
+
+Seeds (the research protocol of DESIGN.md): training draws its own per-batch seeds from
+``--seed`` (training/training_loop.sample_seeds); ``explore`` reports on the VALIDATION seeds
+200000-200255, the only ones any choice was made on; ``table`` and ``fd`` report on the
+EVALUATION seeds 100000-100255 and 300000-309999, which never fed back into a choice.
+Error = mean per-sample RMS pixel difference to the exact ODE solution from the same noise.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import click
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import solvers  # noqa: E402
+from models.presets import load_model  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
+from torch_utils.misc import StackedRandomGenerator  # noqa: E402
+from training import evaluate, fid_lib, generate  # noqa: E402
+from training.launch import plan_training, run_training  # noqa: E402
+from training.snapshot import load_snapshot  # noqa: E402
+
+SEED_SETS = {'validation': range(200000, 200256), 'evaluation': range(100000, 100256)}
+FD_SEEDS = range(300000, 310000)
+FD_DATA_SEEDS = (7, 8)     # two independent sets of exact data for the FD noise floor
+
+
+def seed_set(model, name, cache_dir):
+    """Latents, conditioning and exact ODE solutions of a named seed set (cached on disk)."""
+    seeds = list(SEED_SETS[name])
+    rnd = StackedRandomGenerator(torch.device('cpu'), seeds)
+    latents = rnd.randn([len(seeds), *model.img_shape])
+    cond = model.sample_cond(rnd, len(seeds))
+    path = os.path.join(cache_dir, f'exact-{type(model).__name__}-{name}.pt')
+    if os.path.exists(path):
+        exact = torch.load(path, weights_only=True)
+    else:
+        exact = evaluate.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond, steps_per_unit=32)
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(exact, path)
+    return latents, cond, exact
+
+
+def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir):
+    """Train one predictor; returns (predictor, settings, seconds)."""
+    opts = dict(evaluate.AMED_RECIPES[recipe], dataset_name='toy', afs=True, batch=batch, total_kimg=kimg,
+                tick_kimg=kimg, outdir=outdir, seed=seed, loss=loss)
+    opts.update(overrides)
+    opts['num_steps'] = evaluate.steps_for_nfe(opts['sampler_stu'], nfe, afs=True, with_predictor=True)
+    t0 = time.time()
+    _, path = run_training(plan_training(opts, torch.device('cpu')), progress=False)
+    seconds = time.time() - t0
+    predictor, settings = load_snapshot(path)
+    return predictor, settings, seconds
+
+
+def parse_overrides(pairs):
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition('=')
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@click.group()
+def main():
+    """AMED loss study on the built-in analytic model."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    dist.init('cpu')
+
+
+@main.command()
+@click.option('--recipes', default='ipndm,dpmpp,amed', show_default=True)
+@click.option('--losses', default='interval,trajectory', show_default=True)
+@click.option('--nfe', 'nfes', default='3,5,7,9', show_default=True)
+@click.option('--kimg', type=float, default=10.0, show_default=True, help='the paper recipe: 10k trajectories')
+@click.option('--batch', type=int, default=64, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='evaluation', show_default=True)
+@click.option('--set', 'overrides', multiple=True, help='training option override key=value (JSON value)')
+@click.option('--out', type=str, help='write the results as JSON here')
+@click.option('--cache', type=str, default='samples/loss_study', show_default=True)
+def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, cache):
+    """AMED rows for every recipe and loss, plus the plain baselines, at each NFE."""
+    model = load_model('toy')
+    latents, cond, exact = seed_set(model, seed_name, cache)
+    nfes = [int(n) for n in nfes.split(',')]
+    overrides = parse_overrides(overrides)
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in recipes.split(','):
+            for loss in losses.split(','):
+                values = {}
+                for nfe in nfes:
+                    predictor, settings, seconds = train(recipe, nfe, loss, overrides, kimg, batch, seed, tmp)
+                    err = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+                                                **generate.solver_kwargs_from_settings(settings))
+                    values[nfe] = err
+                    results.append(dict(recipe=recipe, loss=loss, nfe=nfe, error=err, train_seconds=seconds))
+                    print(f'{recipe} {loss} NFE {nfe}: {err:.4f} (trained in {seconds:.1f} s)', flush=True)
+                rows.append((f'{evaluate.AMED_LABELS[recipe]}, {loss} loss', values))
+    for label, kwargs in evaluate.BASELINES:
+        values = {}
+        for nfe in nfes:
+            num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+            values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
+            results.append(dict(recipe=label, loss=None, nfe=nfe, error=values[nfe]))
+        rows.append((label, values))
+    print(evaluate.format_table(rows, nfes, title=f'RMS error ({seed_name} seeds, {len(latents)} samples)'))
+    if out:
+        with open(out, 'wt') as f:
+            json.dump(dict(command=' '.join(sys.argv), seeds=seed_name, results=results), f, indent=1)
+
+
+@main.command()
+@click.option('--recipe', default='ipndm', show_default=True)
+@click.option('--nfe', 'nfes', default='5', show_default=True)
+@click.option('--kimg', type=float, default=2.0, show_default=True)
+@click.option('--batch', type=int, default=32, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--set', 'overrides', multiple=True, help='training option override key=value (JSON value)')
+@click.option('--cache', type=str, default='samples/loss_study', show_default=True)
+def explore(recipe, nfes, kimg, batch, seed, overrides, cache):
+    """One exploration cell on the VALIDATION seeds: trajectory loss with overrides, one line per NFE."""
+    model = load_model('toy')
+    latents, cond, exact = seed_set(model, 'validation', cache)
+    ov = parse_overrides(overrides)
+    loss = ov.pop('loss', 'trajectory')
+    with tempfile.TemporaryDirectory() as tmp:
+        for nfe in [int(n) for n in nfes.split(',')]:
+            predictor, settings, seconds = train(recipe, nfe, loss, ov, kimg, batch, seed, tmp)
+            err = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+                                        **generate.solver_kwargs_from_settings(settings))
+            base = dict(evaluate.BASELINES)['iPNDM']
+            ref = evaluate.solver_error(model, latents, exact, cond, afs=True, **base,
+                                        num_steps=evaluate.steps_for_nfe('ipndm', nfe, True, False))
+            print(f'RESULT recipe={recipe} nfe={nfe} kimg={kimg} batch={batch} seed={seed} '
+                  f'loss={loss} {" ".join(overrides)} error={err:.4f} ipndm={ref:.4f} ratio={err / ref:.3f} '
+                  f'train_s={seconds:.1f}', flush=True)
+
+
+def pixel_stats(images):
+    """FD-pixel8 statistics (mu, sigma) of [-1, 1] images, quantised to uint8 as a PNG would be."""
+    u8 = torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)
+    f = fid_lib.PixelFeatures()(u8).numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+@main.command()
+@click.option('--recipes', default='ipndm,dpmpp,amed', show_default=True)
+@click.option('--losses', default='interval,trajectory', show_default=True)
+@click.option('--nfe', type=int, default=5, show_default=True)
+@click.option('--kimg', type=float, default=10.0, show_default=True)
+@click.option('--batch', type=int, default=64, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--out', type=str, help='write the results as JSON here')
+def fd(recipes, losses, nfe, kimg, batch, seed, out):
+    """FD-pixel8 of 10k samples (evaluation seeds 300000-309999) against 10k exact data samples."""
+    model = load_model('toy')
+    data = [model.sample(len(FD_SEEDS), generator=torch.Generator().manual_seed(s)) for s in FD_DATA_SEEDS]
+    ref_mu, ref_sigma = pixel_stats(data[0])
+    results = [dict(label='exact data (second set): noise floor',
+                    fd=fid_lib.frechet_distance(*pixel_stats(data[1]), ref_mu, ref_sigma))]
+    rnd = StackedRandomGenerator(torch.device('cpu'), list(FD_SEEDS))
+    latents = rnd.randn([len(FD_SEEDS), *model.img_shape])
+
+    def fd_of(predictor=None, **kwargs):
+        with torch.no_grad():
+            x = torch.cat([solvers.sample(model, latents[i:i + 500], predictor=predictor, **kwargs)
+                           for i in range(0, len(latents), 500)])
+        return fid_lib.frechet_distance(*pixel_stats(x), ref_mu, ref_sigma)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in recipes.split(','):
+            for loss in losses.split(','):
+                predictor, settings, _ = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp)
+                value = fd_of(predictor, **generate.solver_kwargs_from_settings(settings))
+                results.append(dict(label=f'{evaluate.AMED_LABELS[recipe]}, {loss} loss', fd=value))
+                print(results[-1], flush=True)
+    for label, kwargs in evaluate.BASELINES:
+        num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+        results.append(dict(label=label, fd=fd_of(num_steps=num_steps, afs=True, **kwargs)))
+        print(results[-1], flush=True)
+    print(f'| FD-pixel8, NFE {nfe}, 10k samples vs 10k exact data | FD |\n|---|---|')
+    for r in results:
+        print(f"| {r['label']} | {r['fd']:.5f} |")
+    if out:
+        with open(out, 'wt') as f:
+            json.dump(dict(command=' '.join(sys.argv), nfe=nfe, results=results), f, indent=1)
+
+
+#: EDM's CIFAR-10 network (DDPM++, VP; edm-cifar10-32x32-uncond-vp), random weights.
+CIFAR10_CONFIG = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', precond='VPPrecond',
+                      model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
+                      augment_dim=9)
+
+
+VARIANTS = {'interval': 'interval loss (step k=1 of a multistep student: one student step with gradients)',
+            'trajectory': 'trajectory loss', 'checkpointing': 'trajectory loss, --checkpointing=True'}
+
+
+@main.command()
+@click.option('--batch', type=int, default=8, show_default=True)
+@click.option('--num_steps', type=int, default=4, show_default=True)
+@click.option('--variant', type=click.Choice(list(VARIANTS)), help='measure one variant (in this process)')
+def memory(batch, num_steps, variant):
+    """Peak memory of one forward + backward pass, per trajectory, on EDM's CIFAR-10 network with
+    random weights (iPNDM plugin, AFS): the interval loss, the trajectory loss, and with
+    checkpointing. Each variant runs in a fresh process; peak RSS minus the RSS before the pass."""
+    import resource
+    import subprocess
+    if variant is None:
+        from models.networks_edm import build_from_config
+        params = sum(p.numel() for p in build_from_config(CIFAR10_CONFIG).parameters()) / 1e6
+        print(f'| EDM CIFAR-10 network ({params:.1f}M parameters), iPNDM plugin, N={num_steps} (NFE {2 * (num_steps - 1) - 1}), '
+              f'batch {batch} | peak MiB per trajectory |\n|---|---|')
+        for v, label in VARIANTS.items():
+            out = subprocess.run([sys.executable, __file__, 'memory', f'--batch={batch}', f'--num_steps={num_steps}',
+                                  f'--variant={v}'], capture_output=True, text=True, check=True).stdout
+            print(f'| {label} | {float(out.split()[-1]):.1f} |', flush=True)
+        return
+    from models.edm import EDMDenoiser
+    from models.networks_edm import build_from_config
+    from training.loss import AMEDLoss
+    from training.networks import AMEDPredictor
+    torch.manual_seed(0)
+    model = EDMDenoiser(build_from_config(CIFAR10_CONFIG, device='cpu'))
+    loss_fn = AMEDLoss(model, 'ipndm', 'ipndm', num_steps=num_steps, M=1, afs=True)
+    predictor = AMEDPredictor(scale_time=0.2)
+    latents = torch.randn([batch, *model.img_shape])
+    with torch.no_grad():   # the state at t_1 and (stand-in) targets; the warm-up also fills the allocator
+        state = solvers.step(model, loss_fn.student, solvers.SolverState(latents * loss_fn.t_student[0]),
+                             loss_fn.t_student, predictor=predictor, afs=True)[0]
+        solvers.step(model, loss_fn.student, state, loss_fn.t_student, predictor=predictor)
+    targets = [latents * loss_fn.t_student[0]] + [state.x] * (num_steps - 1)
+    before = psutil.Process().memory_info().rss
+    if variant == 'interval':
+        loss = loss_fn(predictor, state, targets[2])[0]
+    else:
+        loss = loss_fn.trajectory(predictor, targets, checkpointing=variant == 'checkpointing')[0]
+    loss.sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print((peak - before) / batch / 2 ** 20)
+
+
+if __name__ == '__main__':
+    main()
