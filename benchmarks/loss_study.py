@@ -155,6 +155,32 @@ def explore(recipe, nfes, kimg, batch, seed, overrides, cache):
                   f'train_s={seconds:.1f}', flush=True)
 
 
+@main.command()
+@click.argument('files', nargs=-1, required=True)
+def merge(files):
+    """One markdown table from the JSON files of several ``table`` runs (AMED rows in file order,
+    baselines once), with each AMED row's ratio to plain iPNDM at the same NFE."""
+    amed, base, commands = {}, {}, []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        commands.append(data['command'])
+        for r in data['results']:
+            if r['loss'] is None:
+                base.setdefault(r['recipe'], {})[r['nfe']] = r['error']
+            else:
+                amed.setdefault(f"{evaluate.AMED_LABELS[r['recipe']]}, {r['loss']} loss", {})[r['nfe']] = r['error']
+    nfes = sorted({n for v in list(amed.values()) + list(base.values()) for n in v})
+    order = sorted(amed, key=lambda k: (list(evaluate.AMED_LABELS.values()).index(k.split(',')[0]), k))
+    rows = [(k, amed[k]) for k in order] + list(base.items())
+    print(evaluate.format_table(rows, nfes, title='RMS error (evaluation seeds, 256 samples)'))
+    print()
+    ipndm = base['iPNDM']
+    ratios = [(k, {n: amed[k][n] / ipndm[n] for n in amed[k]}) for k in order]
+    print(evaluate.format_table(ratios, nfes, title='ratio to plain iPNDM'))
+    print('\nCommands: ' + '; '.join(f'`{c}`' for c in commands))
+
+
 def pixel_stats(images):
     """FD-pixel8 statistics (mu, sigma) of [-1, 1] images, quantised to uint8 as a PNG would be."""
     u8 = torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)
