@@ -199,3 +199,36 @@ def test_scheduler_errors_are_one_line(sd):
     scheduler = AMEDScheduler(card=sd['card'])
     with pytest.raises(ValueError, match='call set_timesteps'):
         scheduler.step(torch.zeros(1, 4, 16, 16), 0, torch.zeros(1, 4, 16, 16))
+
+
+def test_readme_snippet_runs(sd, tmp_path, monkeypatch):
+    """README's diffusers snippet, as written, with the tiny pipeline in place of the model id."""
+    import json
+    import shutil
+
+    from tests.readme import snippet
+    from training.generate import to_uint8
+    from transformers import CLIPTokenizer
+    folder = str(tmp_path / 'tiny-sd')
+    shutil.copytree(sd['folder'], folder)
+    index = {'_class_name': 'StableDiffusionPipeline', 'requires_safety_checker': False,
+             'safety_checker': [None, None], 'feature_extractor': [None, None],
+             'scheduler': ['diffusers', 'DDPMScheduler'], 'text_encoder': ['transformers', 'CLIPTextModel'],
+             'tokenizer': ['transformers', 'CLIPTokenizer'], 'unet': ['diffusers', 'UNet2DConditionModel'],
+             'vae': ['diffusers', 'AutoencoderKL']}
+    with open(os.path.join(folder, 'model_index.json'), 'w') as f:
+        json.dump(index, f)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder='tokenizer')
+    tokenizer.model_max_length = sd['model'].max_length
+    tokenizer.save_pretrained(os.path.join(folder, 'tokenizer'))
+    monkeypatch.chdir(tmp_path)
+    C.save_card(sd['card'], 'card.json')
+    code = snippet('AMED in diffusers')
+    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in code
+    exec(compile(code.replace("'stable-diffusion-v1-5/stable-diffusion-v1-5'", repr(folder)), 'README.md', 'exec'), {})
+    png = np.asarray(PIL.Image.open('astronaut.png')).astype(int)
+    model = sd['model']
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = model.encode_prompts(['a photograph of an astronaut riding a horse'], 'cpu')
+    x = solvers.sample(model, z, cond, predictor=C.CardPredictor(sd['card']), **card_kwargs(sd['card']))
+    assert np.abs(to_uint8(model.decode(x))[0].astype(int) - png).max() <= 1

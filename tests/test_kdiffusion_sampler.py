@@ -135,3 +135,27 @@ def test_a_k_diffusion_model_wrapper_runs_through_it():
     with pytest.raises(RuntimeError, match='boom'):
         sample_amed(wrapped, x, sigmas, predictor=predictor(), feature_module=net.mid, **kw)
     assert not net.mid._forward_hooks
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
+    """README's k-diffusion snippet, as written, on a card exported from a tiny trained predictor."""
+    from click.testing import CliRunner
+
+    from tests.readme import snippet
+    from training.launch import plan_training, run_training
+    monkeypatch.chdir(tmp_path)
+    run_training(plan_training(dict(dataset_name='toy', sampler_stu='ipndm', sampler_tea='ipndm', M=2, afs=True,
+                                    scale_time=0.2, num_steps=4, batch=8, total_kimg=0.016, tick_kimg=1), 'cpu'),
+                 progress=False)
+    result = CliRunner().invoke(C.main, ['export', '--predictor_path=0', '--out=card.json', '--seeds=0-7'])
+    assert result.exit_code == 0, result.output
+    capsys.readouterr()
+    ns = {}
+    exec(compile(snippet('AMED in k-diffusion / ComfyUI'), 'README.md', 'exec'), ns)
+    assert 'RMS difference of the card to its predictor: ' in capsys.readouterr().out
+    card = ns['card']
+    latents = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = solvers.sample(gmm, latents, predictor=C.CardPredictor(card), solver='ipndm', t_steps=card['t_steps'],
+                         afs=True, max_order=4, denoise_to_zero=True)
+    torch.testing.assert_close(ns['static'], ref, rtol=1e-6, atol=1e-6)
+    assert 0 < (ns['static'] - ns['dynamic']).abs().max() < 0.5
