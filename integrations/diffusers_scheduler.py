@@ -168,7 +168,7 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError('sigmas= must be the solver card\'s sigmas or t_steps (optionally with a trailing 0)')
         self.num_inference_steps = n
         self.timesteps = self._timesteps.to(device)
-        self._index, self._state, self._outputs = 0, None, []
+        self._index, self._state, self._outputs, self._returned = 0, None, [], None
 
     def _query_point(self, sample):
         """The point the solver queries next, from the interval's start ``sample``."""
@@ -180,9 +180,15 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
         raise RuntimeError('AMEDScheduler: the interval needs no further model evaluation')
 
     def _state_at(self, sample):
-        if self._state is None:
-            return solvers.SolverState(sample)
-        return solvers.SolverState(sample, self._state.i, self._state.history) if not self._outputs else self._state
+        """The solver state at the start of the current interval. The solver works in float32 (as
+        sample.py does with fp16 networks): the pipeline's latent replaces the kept float32 state only
+        when it is not the point this scheduler returned (a callback changed it)."""
+        if self._state is not None and self._outputs:
+            return self._state
+        keep = self._state is not None and self._returned is not None and torch.equal(sample, self._returned)
+        x = self._state.x if keep else sample.float()
+        return solvers.SolverState(x) if self._state is None else solvers.SolverState(x, self._state.i,
+                                                                                       self._state.history)
 
     def _check_running(self):
         if self.timesteps is None:
@@ -195,8 +201,8 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
         self._check_running()
         sigma = self.query_sigmas[self._index].to(sample.device)
         if self._index == 0 and self._card['afs']:
-            sample = self._query_point(sample)
-        return sample / (sigma ** 2 + 1).sqrt()
+            sample = self._query_point(sample).to(sample.dtype)
+        return sample / (sigma ** 2 + 1).sqrt().to(sample.dtype)
 
     def step(self, model_output, timestep, sample, return_dict=True):
         """Record the (guided) noise prediction ``model_output`` at this step's query point and advance.
@@ -215,7 +221,7 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
             self._state, prev = state, q.x
         else:
             self._state, self._outputs, prev = new_state, [], new_state.x
-        prev = prev.to(sample.dtype)
+        prev = self._returned = prev.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def __len__(self):
