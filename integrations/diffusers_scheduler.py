@@ -62,7 +62,10 @@ class _Query(Exception):
 
 class _Replay:
     """A denoiser answering the solver's calls from recorded (sigma, eps) pairs, in order:
-    D = x - sigma eps (the VE form of an epsilon network, as models/latent.py)."""
+    D = x - sigma eps (the VE form of an epsilon network, as models/latent.py). ``latent``: the
+    networks are latent models (dynamic thresholding off unless the card asks for it)."""
+
+    latent = True
 
     def __init__(self, outputs):
         self.outputs, self.calls = outputs, 0
@@ -124,17 +127,11 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
                                  f"noise schedule has {ours:g}")
         self._card = card
         self._predictor = CardPredictor(card)
-        self._spec, t_steps = solvers.prepare(self._replay_probe(), solver=card['solver'], predictor=self._predictor,
+        self._spec, t_steps = solvers.prepare(_Replay([]), solver=card['solver'], predictor=self._predictor,
                                               t_steps=card['t_steps'], **card['solver_options'])
         self._t_steps = t_steps.tolist()
         self.query_sigmas = torch.tensor(card['query_sigmas'], dtype=torch.float32)
         self._timesteps = self.maps.timestep(self.query_sigmas.double()).float()
-
-    @staticmethod
-    def _replay_probe():
-        probe = _Replay([])
-        probe.latent = True
-        return probe
 
     def _require_card(self):
         if self._card is None:
