@@ -194,16 +194,9 @@ def test_bad_cards_are_one_line(runs, tmp_path):
 def test_export_from_a_published_pickle(tmp_path, monkeypatch):
     """A published-format predictor pickle (experiment number in ./exp) exports the same card as the
     same weights in our snapshot, with the pickle's hash as provenance."""
-    from tests.test_edm_published import TINY_SONG, make_edm_pickle, make_published_predictor
-    from training.legacy import settings_of
-    from training.networks import AMEDPredictor
+    from tests.test_edm_published import published_and_snapshot
     monkeypatch.chdir(tmp_path)
-    make_edm_pickle(tmp_path / 'edm.pkl', TINY_SONG)
-    pkl, net = make_published_predictor(tmp_path / 'exp' / '00000-cifar10-4-5-ipndm-ipndm-2-poly7.0-afs',
-                                        scale_dir=0.01, scale_time=0.2)
-    ours = AMEDPredictor(scale_dir=0.01, scale_time=0.2)
-    ours.load_state_dict(net.state_dict(), strict=True)
-    save_snapshot(str(tmp_path / 'ours.pt'), ours, dict(settings_of(net), img_shape=[3, 16, 16], label_dim=0))
+    pkl = published_and_snapshot(tmp_path)
     cards = [C.export_card(spec, seeds='0-2', model_path='edm.pkl') for spec in ('0', 'ours.pt')]
     for key in ('r', 'scale_dir', 'scale_time', 'sigmas', 'query_sigmas', 't_steps', 'solver_options'):
         assert cards[0][key] == pytest.approx(cards[1][key], rel=1e-6), key
