@@ -5,6 +5,7 @@ Examples:
 
     python sample.py --predictor_path=0 --seeds=0-63 --grid             # experiment 0 in ./exps
     python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
+    python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (integrations/card.py)
 """
 
 import os
@@ -22,6 +23,7 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--predictor_path', help='Predictor snapshot, run folder, or experiment number (./exps, ./exp)', type=str)
+@click.option('--card', help='Solver card (JSON from python -m integrations.card export) in place of a predictor', type=str)
 @click.option('--dataset_name', help=f"Model preset ({', '.join(dataset_names())}); default: the predictor's", type=str)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
 @click.option('--batch', 'batch', help='Images per batch and process', type=click.IntRange(min=1), default=64)
@@ -36,7 +38,7 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--use_fp16', help='fp16 network weights (CUDA; models that support it)', is_flag=True)
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
-# Plain-solver options (only without --predictor_path: a predictor carries its own).
+# Plain-solver options (only without --predictor_path/--card: they carry their own).
 @click.option('--solver', help='Plain solver (no predictor)', type=click.Choice(['euler', 'ipndm', 'dpm', 'dpmpp', 'heun']))
 @click.option('--num_steps', help='Time points N', type=click.IntRange(min=2))
 @click.option('--schedule_type', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']))
@@ -50,26 +52,35 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--thresholding', help='Dynamic thresholding (dpmpp; default: predict_x0)', type=bool)
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=float)
-def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters,
+def main(predictor_path, card, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters,
          classifier_path, prompt, prompt_path, use_fp16, device, progress, **plain):
-    """Generate one PNG per seed (or a grid) with an AMED predictor or a plain solver."""
+    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
     guidance = dict(guidance_type=plain.pop('guidance_type'), guidance_rate=plain.pop('guidance_rate'))
     given = {k: v for k, v in plain.items() if v is not None}
-    if predictor_path is not None:
+    source = 'card' if card is not None else 'predictor'
+    if predictor_path is not None or card is not None:
         given.update({k: v for k, v in guidance.items() if v is not None})
     try:
         seed_list = parse_int_list(seeds)
-        if predictor_path is not None and given:
-            raise ValueError(f"--{next(iter(given))} comes from the predictor; drop it or sample without "
-                             f"--predictor_path")
-        if predictor_path is None and dataset_name is None:
-            raise ValueError('give --predictor_path, or --dataset_name and plain solver options')
+        if predictor_path is not None and card is not None:
+            raise ValueError('give either --predictor_path or --card, not both')
+        if (predictor_path is not None or card is not None) and given:
+            raise ValueError(f"--{next(iter(given))} comes from the {source}; drop it or sample without "
+                             f"--{'card' if card is not None else 'predictor_path'}")
+        if predictor_path is None and card is None and dataset_name is None:
+            raise ValueError('give --predictor_path, --card, or --dataset_name and plain solver options')
         dev = dist.init(device)
         predictor, settings = None, {}
-        if predictor_path is not None:
+        if card is not None:
+            from integrations.card import load_card_predictor
+            predictor, settings = load_card_predictor(card)
+        elif predictor_path is not None:
             predictor, settings = generate.load_predictor(predictor_path, device=dev)
+        if predictor is not None:
             if dataset_name is None:
-                dataset_name = settings['dataset_name']
+                dataset_name = settings.get('dataset_name')
+            if dataset_name is None:
+                raise ValueError(f'the {source} names no model: give --dataset_name')
             solver_kwargs = generate.solver_kwargs_from_settings(settings)
             guidance = dict(guidance_type=settings.get('guidance_type'), guidance_rate=settings.get('guidance_rate'))
         else:
@@ -83,6 +94,7 @@ def main(predictor_path, dataset_name, model_path, batch, seeds, grid, subdirs, 
         nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
         name = solver_kwargs['solver'] if predictor is None or solver_kwargs['solver'] == 'amed' \
             else 'amed-' + solver_kwargs['solver']
+        name += '-card' if card is not None else ''
         if outdir is None:
             outdir = os.path.join('samples', *(['grids'] if grid else []), dataset_name, f'{name}_nfe{nfe}')
         solvers.prepare(model, predictor=predictor,   # validate every option before anything is written

@@ -216,11 +216,13 @@ class SolverState:
 
 @dataclasses.dataclass
 class StepInfo:
-    """What one step did: the predictor outputs (None without predictor) and the model calls."""
+    """What one step did: the predictor outputs (None without predictor), the model calls, and
+    the data prediction D(x; t_cur) at the start of the interval (from AFS at an AFS step)."""
     r: Optional[torch.Tensor] = None
     scale_dir: Optional[torch.Tensor] = None
     scale_time: Optional[torch.Tensor] = None
     nfe: int = 0
+    denoised: Optional[torch.Tensor] = None
 
 
 def _col(v, x):
@@ -268,6 +270,7 @@ def step(model, solver, state, t_steps, cond=None, predictor=None, afs=False):
         denoised, feature = _denoise(model, x, tc, cond, capture=want_feature)
         d_cur = (x - denoised) / tc
         info.nfe += 1
+    info.denoised = denoised
     if predictor is not None and feature is None:   # AFS step or a feature-free predictor
         feature = torch.zeros(x.shape[0], 8, 8, device=x.device)
     m_cur = solver.output(x, denoised, d_cur)
@@ -352,6 +355,23 @@ def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None, 
     return spec, t_steps
 
 
+def iterate(model, solver, x, t_steps, cond=None, predictor=None, afs=False):
+    """Run ``solver`` (from :func:`prepare`) over the whole schedule ``t_steps`` from ``x`` at
+    ``t_steps[0]`` (already scaled to that noise level), yielding ``(state, info)`` after every
+    interval: the one loop over time that sampling and the integrations share."""
+    t_list = [float(t) for t in t_steps]
+    state = SolverState(x)
+    for _ in range(len(t_list) - 1):
+        state, info = step(model, solver, state, t_list, cond, predictor, afs)
+        yield state, info
+
+
+def denoise(model, x, sigma, cond=None):
+    """The final denoising call x <- D(x; sigma) (``denoise_to_zero``; k-diffusion's Euler step
+    from sigma to 0, which lands exactly on D)."""
+    return _denoise(model, x, _col(sigma, x), cond)[0]
+
+
 def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=None, sigma_max=None,
            schedule_type='polynomial', schedule_rho=7.0, afs=False, max_order=None, predict_x0=None,
            lower_order_final=None, thresholding=None, corrected_3m=None, denoise_to_zero=False,
@@ -383,15 +403,14 @@ def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=
     spec, t_steps = prepare(model, solver, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, max_order,
                             predict_x0, lower_order_final, thresholding, corrected_3m, predictor, t_steps)
     t_list = t_steps.tolist()
-    state = SolverState(latents * t_list[0])
-    inters = [state.x]
-    for _ in range(len(t_list) - 1):
-        state, _ = step(model, spec, state, t_list, cond, predictor, afs)
+    x = latents * t_list[0]
+    inters = [x]
+    for state, _ in iterate(model, spec, x, t_list, cond, predictor, afs):
+        x = state.x
         if return_inters:
-            inters.append(state.x)
-    x = state.x
+            inters.append(x)
     if denoise_to_zero:
-        x = _denoise(model, x, _col(t_list[-1], x), cond)[0]
+        x = denoise(model, x, t_list[-1], cond)
         if return_inters:
             inters.append(x)
     return torch.stack(inters) if return_inters else x

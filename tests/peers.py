@@ -33,3 +33,9 @@ def k_diffusion_sampling():
     sys.modules['k_diffusion'] = pkg
     sys.modules['k_diffusion.utils'] = utils
     return importlib.import_module('k_diffusion.sampling')
+
+
+def k_diffusion_external():
+    """``k_diffusion.external`` (the model wrappers such as ``CompVisDenoiser``), entered as above."""
+    k_diffusion_sampling()
+    return importlib.import_module('k_diffusion.external')

@@ -159,20 +159,26 @@ print(json.dumps(dict(outs=outs, settings=settings)))
     assert s['dataset_name'] == 'cifar10' and s['guidance_type'] is None
 
 
+def published_and_snapshot(folder):
+    """In ``folder``: edm.pkl (tiny EDM network), a published-format predictor as experiment 0 in
+    ./exp, and the same weights as our snapshot ours.pt. Returns the pickle's path."""
+    from training.legacy import settings_of
+    from training.networks import AMEDPredictor
+    from training.snapshot import save_snapshot
+    make_edm_pickle(folder / 'edm.pkl', TINY_SONG)
+    pkl, net = make_published_predictor(folder / 'exp' / '00000-cifar10-4-5-ipndm-ipndm-2-poly7.0-afs',
+                                        scale_dir=0.01, scale_time=0.2)
+    ours = AMEDPredictor(scale_dir=0.01, scale_time=0.2)
+    ours.load_state_dict(net.state_dict(), strict=True)
+    save_snapshot(str(folder / 'ours.pt'), ours, dict(settings_of(net), img_shape=[3, 16, 16], label_dim=0))
+    return pkl
+
+
 def test_published_predictor_samples_like_our_snapshot(tmp_path, monkeypatch):
     """sample.py with a published-format predictor (by experiment number in ./exp) and an EDM
     pickle as --model_path gives the same images as the same weights in our code-free snapshot."""
     monkeypatch.chdir(tmp_path)
-    make_edm_pickle(tmp_path / 'edm.pkl', TINY_SONG)
-    pkl, net = make_published_predictor(tmp_path / 'exp' / '00000-cifar10-4-5-ipndm-ipndm-2-poly7.0-afs',
-                                        scale_dir=0.01, scale_time=0.2)
-    from training.legacy import settings_of
-    from training.networks import AMEDPredictor
-    from training.snapshot import save_snapshot
-    ours = AMEDPredictor(scale_dir=0.01, scale_time=0.2)
-    ours.load_state_dict(net.state_dict(), strict=True)
-    settings = dict(settings_of(net), img_shape=[3, 16, 16], label_dim=0)
-    save_snapshot(str(tmp_path / 'ours.pt'), ours, settings)
+    published_and_snapshot(tmp_path)
     common = ['--model_path=edm.pkl', '--seeds=0-3', '--batch=3', '--no-progress']
     r1 = CliRunner().invoke(sample.main, ['--predictor_path=0', '--outdir=a'] + common, catch_exceptions=False)
     assert r1.exit_code == 0, r1.output

@@ -18,7 +18,7 @@ from torch_utils.misc import StackedRandomGenerator, atomic_write
 from training import experiments
 
 SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs',
-               'max_order', 'predict_x0', 'lower_order_final', 'thresholding')
+               'max_order', 'predict_x0', 'lower_order_final', 'thresholding', 't_steps')
 
 
 def load_predictor(spec, device='cpu'):
