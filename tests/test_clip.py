@@ -24,9 +24,9 @@ from metrics import clip_score, provenance  # noqa: E402
 from models import clip  # noqa: E402
 from models.stable_diffusion import load_captions  # noqa: E402
 from tests.latent_fixtures import write_tokenizer  # noqa: E402
+from tests.peers import peer_python  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_PYTHON = os.path.join(ROOT, '.peer-venv', 'bin', 'python')
 
 
 def tiny_config(vocab_size=74, context_length=16):
@@ -305,15 +305,14 @@ PEER_SCRIPT = textwrap.dedent('''
 
 def test_matches_open_clip(in_tmp):
     """Our towers, preprocessing, tokenizer and score against open_clip's on the same random weights."""
-    if not os.path.exists(PEER_PYTHON):
-        pytest.skip('peer venv missing: run .ci/run or see requirements-test.txt')
+    peer = peer_python('open_clip')
     cfg = tiny_config(vocab_size=49408, context_length=20)
     net = write_model('m', cfg, seed=3, tokenizer=False)
     captions = ['A Man riding   a HORSE &amp; a dog.', '“Curly” quotes, café, naïve, ﬁsh, ＦＵＬＬ width',
                 'word ' * 40, '', "don't stop: 12345 tokens!? :-)", '日本語のテキスト 🐱 and a cat']
     write_captions('captions.csv', captions)
     images = write_seed_images('samples', range(len(captions)), size=(45, 30), seed=1)
-    result = subprocess.run([PEER_PYTHON, '-c', PEER_SCRIPT, 'm', 'samples', 'captions.csv', 'peer.npz'],
+    result = subprocess.run([peer, '-c', PEER_SCRIPT, 'm', 'samples', 'captions.csv', 'peer.npz'],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr[-3000:]
     peer = np.load('peer.npz')
