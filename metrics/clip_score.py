@@ -96,6 +96,7 @@ def _load(model, weights, device):
         from models.files import find_file  # pylint: disable=import-outside-toplevel
         path = find_file(f'the CLIP weights of {name} {tag}', [candidate], url, option='--weights')
         spec = candidate if path == candidate else url
+        tokenizer_dir = os.path.join(os.path.dirname(candidate), 'tokenizer')   # also for a download
     else:
         try:
             path, spec = dnnlib.util.open_url(weights, return_filename=True, verbose=dist.is_main()), weights
@@ -103,10 +104,11 @@ def _load(model, weights, device):
             raise FIDError(f'--weights {weights}: no such file') from None
         except dnnlib.util.DownloadError as e:
             raise FIDError(str(e)) from None
+        tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer')
     from models.files import load_checkpoint  # pylint: disable=import-outside-toplevel
     net = clip.CLIP(cfg, where=f'--model {model}')
     clip.load_state(net, load_checkpoint(path, 'CLIP'), path)
-    tokenizer = clip.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer'))
+    tokenizer = clip.load_tokenizer(tokenizer_dir)
     if len(tokenizer) != net.vocab_size:
         raise FIDError(f'the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the CLIP text '
                        f'tower {net.vocab_size}')
@@ -151,7 +153,10 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
 
     ``model``: a name of :data:`models.clip.PRETRAINED` (weights from ``weights``, else
     ``./src/clip/<name>-<tag>/open_clip_pytorch_model.bin``, else the released file, downloaded once
-    into the dnnlib cache) or an open_clip model-config JSON (``weights`` required). Rank 0 appends
+    into the dnnlib cache) or an open_clip model-config JSON (``weights`` required). The tokenizer
+    files (``vocab.json``, ``merges.txt``) are read from ``tokenizer/`` beside the weights (beside the
+    ``./src/clip/...`` path for a download), else from openai/clip-vit-large-patch14 in the Hugging
+    Face cache (fetched once when online; the same BPE as open_clip's). Rank 0 appends
     the provenance line, prints ``CLIP score (<model>): <value %g>`` and returns the value."""
     options = dict(images=images, prompt_path=prompt_path, model=model, weights=weights, num=num, seed=seed,
                    batch=batch, device=device, workers=workers, metrics_file=metrics_file)
@@ -183,12 +188,14 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
     if not dist.is_main():
         return None
     value = float(total.item() / n)
-    line = dict(metric=LABEL, value=value, images=prov.images_record(image_set, num, seed),
-                model=dict(record, sha256=prov.sha256_file(record['file'])),
-                captions=dict(path=os.path.abspath(caption_path), sha256=prov.sha256_file(caption_path),
-                              column='text', rule='caption i for seed i'),
-                **prov.run_record(options))
-    _, err = attempt(prov.append, log, line)
+
+    def write_line():
+        prov.append(log, dict(metric=LABEL, value=value, images=prov.images_record(image_set, num, seed),
+                              model=dict(record, sha256=prov.sha256_file(record['file'])),
+                              captions=dict(path=os.path.abspath(caption_path), sha256=prov.sha256_file(caption_path),
+                                            column='text', rule='caption i for seed i'),
+                              **prov.run_record(options)))
+    _, err = attempt(write_line)
     if err:
         raise FIDError(f'{LABEL} ({title}): {value:g}, but the metrics file could not be written: {err}')
     print(f'{LABEL} ({title}): {value:g}')

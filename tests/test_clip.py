@@ -228,6 +228,18 @@ def test_bad_input_gives_one_line(tiny):
     assert not any(os.path.exists(f'{d}/metrics.jsonl') for d in ('ok', 'few', 'beyond', 'named', 'twice', 'broken'))
 
 
+def test_tokenizer_offline_names_where_to_put_it(tiny, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HOME', os.path.abspath('hf'))     # an empty Hugging Face cache
+    write_seed_images('ok', range(10))
+    write_model('bare', tiny_config(), tokenizer=False)
+    code, out, last = run(['--images=ok', '--prompt_path=captions.csv', '--model=bare/config.json',
+                           '--weights=bare/weights.pt', '--workers=0', '--no-progress'])
+    assert code != 0 and 'Traceback' not in out
+    assert last == (f'Error: the CLIP tokenizer not found: put its files (vocab.json, merges.txt) in '
+                    f'{os.path.abspath("bare/tokenizer")}/ or let transformers fetch openai/clip-vit-large-patch14')
+
+
 def test_default_model_offline_names_where_to_put_the_weights(tiny, monkeypatch):
     import dnnlib  # pylint: disable=import-outside-toplevel
     write_seed_images('ok', range(10))

@@ -481,7 +481,8 @@ def test_fid_matches_torchmetrics(in_tmp, one_thread):
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = load_npz('peer.npz')
-    code, out = run_fid(['ref', '--data=real', '--dest=real.npz', '--detector=ours.pth', '--workers=0', '--no-progress'])
+    code, out = run_fid(['ref', '--data=real', '--dest=real.npz', '--detector=ours.pth', '--workers=0',
+                         '--no-progress'])
     assert code == 0, out
     ours = load_npz('real.npz')
     # torchmetrics scales the input as the TF graph does, (x - 128) / 128, where pytorch-fid and our .pth

@@ -489,10 +489,12 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         raise FIDError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
                        f'{mu.shape[0]}-d features: the reference was made with another detector')
     value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
-    record = _provenance(image_set, num, seed, metric, detector, options)
-    record = dict(metric=label, value=value, **{k: v for k, v in record.items() if k != 'metric'})
-    record['ref'] = prov.file_record(ref, provenance=stats['provenance'])
-    _, err = attempt(prov.append, log, record)
+
+    def write_line():
+        record = _provenance(image_set, num, seed, metric, detector, options)
+        record = dict(metric=label, value=value, **{k: v for k, v in record.items() if k != 'metric'})
+        prov.append(log, dict(record, ref=prov.file_record(ref, provenance=stats['provenance'])))
+    _, err = attempt(write_line)
     if err:
         raise FIDError(f'{label}: {value:g}, but the metrics file could not be written: {err}')
     print(f'{label}: {value:g}')
