@@ -125,10 +125,11 @@ def model_title(record):
 
 @torch.no_grad()
 def score_sums(net, tokenizer, images, seeds, captions, batch=64, device=torch.device('cpu'), workers=2,
-               progress=True, mean=clip.OPENAI_MEAN, std=clip.OPENAI_STD):
-    """(sum of 100 cos over all ranks' images, number of images), both float64 tensors summed over ranks."""
+               progress=True):
+    """(sum of 100 cos over all ranks' images, number of images), both float64 tensors summed over ranks;
+    image i of the :class:`ImageSet` goes with ``captions[seeds[i]]``."""
     batches = dist.rank_seeds(range(len(images)), batch)
-    prepare = functools.partial(_pixels, size=net.image_size, mean=mean, std=std)
+    prepare = functools.partial(_pixels, size=net.image_size, mean=net.mean, std=net.std)
     loader = image_loader(images, batches, prepare, workers)
     total = torch.zeros([1], dtype=torch.float64, device=device)
     count = torch.zeros([1], dtype=torch.float64, device=device)
@@ -163,8 +164,7 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
     _need_extra()
     dev = start(device)
     from models.stable_diffusion import captions_file, load_captions  # pylint: disable=import-outside-toplevel
-    caption_path, err = attempt(_user, captions_file, prompt_path)   # rank 0 downloads the default first
-    agree(err)
+    caption_path = rank0_then_others(_user, captions_file, prompt_path)   # rank 0 downloads the default first
     captions, err = attempt(_user, load_captions, caption_path)
     agree(err)
     image_set, err = attempt(ImageSet, images, num=num, seed=seed, min_images=1, purpose='the CLIP score')
@@ -179,7 +179,7 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
     dist.print0(f'Computing the {LABEL} of {len(image_set)} images in {images} with CLIP {title}...')
     start_time = time.time()
     total, count = score_sums(net, tokenizer, image_set, seeds, captions, batch=batch, device=dev, workers=workers,
-                              progress=progress, mean=net.mean, std=net.std)
+                              progress=progress)
     n = len(image_set)
     assert int(count.item()) == n, (count.item(), n)
     elapsed = time.time() - start_time
