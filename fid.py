@@ -1,11 +1,17 @@
-"""Frechet Inception Distance and friends. Runs under plain python or torchrun (images are split
-across processes). The library is training/fid_lib.py.
+"""Frechet Inception Distance, CLIP score and friends. Runs under plain python or torchrun (images
+are split across processes). The libraries are training/fid_lib.py and metrics/clip_score.py; every
+calc and clip run appends its value and provenance to metrics.jsonl beside the images
+(metrics/provenance.py).
 
 Examples:
 
     # FID of 50k samples against EDM's CIFAR-10 reference statistics
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples/cifar10/amed_nfe5 \\
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    # CLIP score of Stable Diffusion samples (seeds 0-29999) against the MS-COCO captions, caption i for seed i
+    torchrun --standalone --nproc_per_node=8 fid.py clip --images=samples/ms_coco/amed \\
+        --prompt_path=MS-COCO_val2014_30k_captions.csv
 
     # reference statistics of a dataset (folder or zip of PNG/JPEG)
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
@@ -20,6 +26,8 @@ import functools
 
 import click
 
+from metrics import clip_score
+from models import clip as clip_models
 from torch_utils import distributed as dist
 from training import fid_lib
 
@@ -37,15 +45,17 @@ def _one_line_errors(fn):
     return wrapper
 
 
-def _stats_options(fn):
-    """Options shared by calc and ref."""
-    options = [
-        click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
-                     'no download)', type=click.Choice(list(fid_lib.METRICS)), default='fid'),
-        click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
-                     'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
+def _apply(fn, options):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run_options(min_num):
+    """Options of every command that reads an image set: --num, --seed, --batch, --workers, --device, --progress."""
+    return [
         click.option('--num', '--num_images', 'num', help='Use a seeded random subset of this many images '
-                     '(default: all; under torchrun write --num_images)', type=click.IntRange(min=2)),
+                     '(default: all; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
         click.option('--seed', help='Seed of the --num subset', type=click.IntRange(0, 2**32 - 1), default=0),
         click.option('--batch', help='Images per batch and process', type=click.IntRange(min=1), default=64),
         click.option('--workers', help='Image-loading worker processes per process (0: load in-process)',
@@ -54,26 +64,61 @@ def _stats_options(fn):
                      type=click.Choice(['cpu', 'cuda'])),
         click.option('--progress/--no-progress', help='Show a progress bar', default=True),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+
+def _stats_options(fn):
+    """Options shared by calc and ref."""
+    return _apply(fn, [
+        click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
+                     'no download)', type=click.Choice(list(fid_lib.METRICS)), default='fid'),
+        click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
+                     'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
+        *_run_options(min_num=2),
+    ])
+
+
+_METRICS_FILE = click.option('--metrics_file', help='Append the value and its provenance (one JSON line) here  '
+                             '[default: metrics.jsonl in the image folder, or beside the zip]', type=str)
 
 
 @click.group()
 def main():
-    """FID tools: calc (distance of an image set to reference statistics), ref (statistics of an
-    image set) and toydata (exact samples of the built-in analytic model)."""
+    """Metrics of image sets: calc (Frechet distance to reference statistics), clip (CLIP score
+    against captions), ref (statistics of an image set) and toydata (exact samples of the built-in
+    analytic model). calc and clip append each value with its provenance to metrics.jsonl."""
 
 
 @main.command(context_settings=dict(show_default=True))
 @click.option('--images', help='Images: folder (recursive) or zip of PNG/JPEG', type=str, required=True)
 @click.option('--ref', help='Reference statistics (.npz), path or URL', type=str, required=True)
 @_stats_options
+@_METRICS_FILE
 @_one_line_errors
-def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress):
-    """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g')."""
+def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress, metrics_file):
+    """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g'),
+    also appended with its provenance to the metrics file."""
     fid_lib.compute_fd(images, ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
-                       device=device, workers=workers, progress=progress)
+                       device=device, workers=workers, progress=progress, metrics_file=metrics_file)
+
+
+@main.command(context_settings=dict(show_default=True))
+@click.option('--images', help='Images named <seed>.png (as sample.py writes them): folder (recursive) or zip',
+              type=str, required=True)
+@click.option('--prompt_path', help='Captions CSV (column text), caption i for seed i  [default: the MS-COCO '
+              'val2014 30k captions, ./src/prompts/MS-COCO_val2014_30k_captions.csv or downloaded]', type=str)
+@click.option('--model', help=f'CLIP model: {", ".join(clip_models.PRETRAINED)} (released laion2b weights), or an '
+              'open_clip model-config .json (needs --weights)', type=str, default=clip_models.DEFAULT_MODEL)
+@click.option('--weights', help='open_clip checkpoint (.bin/.pt/.safetensors), path or URL  [default: '
+              './src/clip/<model>-<tag>/open_clip_pytorch_model.bin, else the released file, downloaded once]',
+              type=str)
+@functools.partial(_apply, options=_run_options(min_num=1))
+@_METRICS_FILE
+@_one_line_errors
+def clip(images, prompt_path, model, weights, num, seed, batch, workers, device, progress, metrics_file):
+    """CLIP score: mean of 100 cos(image embedding, caption embedding) over --images, caption i for
+    seed i (printed as 'CLIP score (<model>): %g'), also appended with its provenance to the metrics file."""
+    clip_score.compute_clip_score(images, prompt_path, model=model, weights=weights, num=num, seed=seed, batch=batch,
+                                  device=device, workers=workers, progress=progress, metrics_file=metrics_file)
 
 
 @main.command(context_settings=dict(show_default=True))

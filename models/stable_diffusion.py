@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from .clip import load_tokenizer
 from .files import find_file, load_checkpoint, resolve_model_file
 from .latent import DiscreteEpsDenoiser, strip_prefix, use_ema_weights
 
@@ -40,8 +41,13 @@ URLS = {
 }
 MODEL_CANDIDATES = ['./src/ms_coco/v1-5-pruned-emaonly.ckpt', './src/ms_coco/v1-5-pruned-emaonly.safetensors']
 PROMPT_CANDIDATES = ['./src/prompts/MS-COCO_val2014_30k_captions.csv']
-TOKENIZER_REPO = 'openai/clip-vit-large-patch14'
 TEXT_ENCODER_PREFIX = 'cond_stage_model.transformer.'
+
+
+def captions_file(prompt_path=None):
+    """``prompt_path``, else the MS-COCO val2014 30k captions file (local copy, else the cached download)."""
+    return prompt_path or find_file('the MS-COCO captions file', PROMPT_CANDIDATES, URLS['prompts'],
+                                    option='--prompt_path')
 
 
 def load_captions(path):
@@ -173,28 +179,6 @@ def _load_folder(folder):
     return unet, vae, text_encoder, tokenizer, abar, 'diffusers folder'
 
 
-def _load_tokenizer(config_dir):
-    """The tokenizer beside a single file, else openai/clip-vit-large-patch14 from the Hugging Face
-    cache, else downloaded (not when HF_HUB_OFFLINE is set)."""
-    from transformers import CLIPTokenizer
-    local = os.path.join(config_dir, 'tokenizer')
-    if os.path.isdir(local):
-        try:
-            return CLIPTokenizer.from_pretrained(local, local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f'{local}: not a CLIP tokenizer ({_one_line(e)})') from None
-    offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
-    for local_only in (True, False) if not offline else (True,):
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_REPO, local_files_only=local_only)
-            if len(tokenizer) > 1000:   # transformers builds an empty tokenizer when the files are missing
-                return tokenizer
-        except (OSError, ValueError, TypeError):
-            pass
-    raise FileNotFoundError(f'the CLIP tokenizer is not part of a single-file checkpoint: put its files '
-                            f'(vocab.json, merges.txt) in {local}/ or let transformers fetch {TOKENIZER_REPO}')
-
-
 def _load_single_file(path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -217,7 +201,8 @@ def _load_single_file(path):
     else:
         abar = DDPMScheduler.from_pretrained(config_dir, subfolder='scheduler', local_files_only=True).alphas_cumprod
     source = f"single file, {'EMA' if used_ema else 'stored'} U-Net weights, configs from {config_dir}"
-    return unet, vae, text_encoder.eval(), _load_tokenizer(config_dir), abar, source
+    return unet, vae, text_encoder.eval(), load_tokenizer(os.path.join(config_dir, 'tokenizer'),
+                                                             'the CLIP tokenizer of a single-file checkpoint'), abar, source
 
 
 def load_sd(model_path=None, guidance_type='cfg', guidance_rate=None, prompt_path=None, prompt=None, use_fp16=False,
@@ -233,8 +218,7 @@ def load_sd(model_path=None, guidance_type='cfg', guidance_rate=None, prompt_pat
         raise ValueError('use_fp16 needs a CUDA device')
     captions = None
     if prompt is None:
-        captions = load_captions(prompt_path or find_file('the MS-COCO captions file', PROMPT_CANDIDATES, URLS['prompts'],
-                                                          option='--prompt_path'))
+        captions = load_captions(captions_file(prompt_path))
     if model_path is not None and os.path.isdir(model_path):
         path = model_path
     elif model_path is not None:

@@ -39,3 +39,20 @@ def k_diffusion_external():
     """``k_diffusion.external`` (the model wrappers such as ``CompVisDenoiser``), entered as above."""
     k_diffusion_sampling()
     return importlib.import_module('k_diffusion.external')
+
+
+PEER_VENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.peer-venv')
+
+
+def peer_python(*packages):
+    """The python of the peer venv ``.peer-venv`` (pytorch-fid, torchmetrics, open_clip beside their own
+    torch/torchvision), or a skip naming what is missing. Packages are looked up as folders, without
+    starting the interpreter."""
+    python = os.path.join(PEER_VENV, 'bin', 'python')
+    if not os.path.exists(python):
+        pytest.skip('peer venv .peer-venv missing: run .ci/run or see requirements-test.txt')
+    import glob  # pylint: disable=import-outside-toplevel
+    for package in packages:
+        if not glob.glob(os.path.join(PEER_VENV, 'lib', 'python*', 'site-packages', package)):
+            pytest.skip(f'the peer venv lacks {package}: run .ci/run or see requirements-test.txt')
+    return python

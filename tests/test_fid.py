@@ -1,7 +1,10 @@
 """fid.py and training/fid_lib.py: the Frechet distance against closed forms, calc/ref round trips
-with a tiny pickled stand-in detector, bad input, torchrun with two processes, the pixel metric on
-the built-in model, and our Inception-v3 against pytorch-fid's (peer venv, injected weights)."""
+with a tiny pickled stand-in detector, the provenance of every value (metrics.jsonl, the npz's
+provenance), bad input, torchrun with two processes, the pixel metric on the built-in model, and
+two peers in the peer venv with injected weights: our Inception-v3 against pytorch-fid's, and our
+statistics and distance against torchmetrics' FrechetInceptionDistance."""
 
+import json
 import math
 import os
 import pickle
@@ -20,11 +23,12 @@ import fid
 from models import toy
 from models.inception import FIDInception
 from tests.fid_standin import StandInDetector
+from tests.peers import peer_python
 from training import fid_lib
+from torch_utils.misc import parse_int_list
 from training.generate import to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_PYTHON = os.path.join(ROOT, '.peer-venv', 'bin', 'python')
 
 
 def run_fid(args):
@@ -155,6 +159,70 @@ def test_ref_calc_round_trip_folder_and_zip(standin):
     assert out.strip().splitlines()[-1] == f'FID: {expected:g}'
 
 
+def last_metrics_line(path):
+    with open(path, encoding='utf-8') as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def test_calc_and_ref_record_provenance(standin):
+    import hashlib  # pylint: disable=import-outside-toplevel
+    from metrics.provenance import sha256_file  # pylint: disable=import-outside-toplevel
+    write_images('a', 9)
+    os.makedirs('b/000000')
+    for s in range(7):   # sample.py's layout: <seed - seed % 1000>/<seed>.png
+        write_images('tmp', 1, seed=s)
+        os.replace('tmp/img000.png', f'b/000000/{s:06d}.png')
+    common = [f'--detector={standin}', '--workers=0', '--no-progress']
+    code, out = run_fid(['ref', '--data=a', '--dest=a.npz', '--batch=4', *common])
+    assert code == 0, out
+    record = json.loads(str(load_npz('a.npz')['provenance']))
+    assert record['metric'] == 'FID' and 'value' not in record
+    assert record['images']['path'] == os.path.abspath('a') and record['images']['num_images'] == 9
+    assert record['images']['seeds'] is None          # img000.png ... are not seeds
+    names = '\n'.join(f'img{i:03d}.png' for i in range(9)).encode()
+    assert record['images']['names_sha256'] == hashlib.sha256(names).hexdigest()
+    assert record['detector']['sha256'] == sha256_file(standin) and record['detector']['path'] == standin
+    assert record['options']['batch'] == 4 and record['processes'] == 1 and record['time'].endswith('+00:00')
+
+    code, out = run_fid(['calc', '--images=b', '--ref=a.npz', *common])
+    assert code == 0, out
+    line = last_metrics_line('b/metrics.jsonl')
+    assert out.strip().splitlines()[-1] == f'FID: {line["value"]:g}' and line['metric'] == 'FID'
+    assert line['images']['seeds'] == '0-6' and line['images']['num_images'] == 7
+    assert line['images']['subset'] is None and line['images']['manifest'] is None
+    assert line['ref']['path'] == 'a.npz' and line['ref']['sha256'] == sha256_file('a.npz')
+    assert line['ref']['provenance']['images']['path'] == os.path.abspath('a')
+    assert line['detector']['sha256'] == sha256_file(standin)
+    assert line['command'] and line['options']['images'] == 'b' and line['options']['metrics_file'] is None
+
+    # A sample-folder manifest is hashed; a second run appends a line; EDM's files have no provenance.
+    open('b/manifest.json', 'w').write('{"seeds": "0-6"}')
+    np.savez('edm.npz', mu=load_npz('a.npz')['mu'], sigma=load_npz('a.npz')['sigma'])
+    code, out = run_fid(['calc', '--images=b', '--ref=edm.npz', *common])
+    assert code == 0, out
+    with open('b/metrics.jsonl') as f:
+        assert len(f.read().splitlines()) == 2
+    line = last_metrics_line('b/metrics.jsonl')
+    assert line['images']['manifest'] == dict(path=os.path.abspath('b/manifest.json'),
+                                              sha256=sha256_file('b/manifest.json'))
+    assert line['ref']['provenance'] is None
+    # A zip with a subset: the line goes beside the zip, and says which subset; --metrics_file moves it.
+    with zipfile.ZipFile('b.zip', 'w') as z:
+        for s in range(7):
+            z.write(f'b/000000/{s:06d}.png', arcname=f'000000/{s:06d}.png')
+        z.write('b/manifest.json', arcname='manifest.json')
+    code, out = run_fid(['calc', '--images=b.zip', '--ref=a.npz', '--num=5', '--seed=1', *common])
+    assert code == 0, out
+    line = last_metrics_line('metrics.jsonl')
+    keep = np.sort(np.random.RandomState(1).choice(7, 5, replace=False))
+    assert line['images']['subset'] == dict(num=5, seed=1) and line['images']['num_images'] == 5
+    assert parse_int_list(line['images']['seeds']) == keep.tolist()
+    assert line['images']['manifest'] == dict(path=os.path.abspath('b.zip') + ':manifest.json',
+                                              sha256=sha256_file('b/manifest.json'))
+    code, out = run_fid(['calc', '--images=b', '--ref=a.npz', '--metrics_file=logs/fid.jsonl', *common])
+    assert code == 0 and last_metrics_line('logs/fid.jsonl')['images']['path'] == os.path.abspath('b')
+
+
 def test_grayscale_rgba_jpeg_become_rgb(in_tmp):
     os.makedirs('m/deeper')
     rng = np.random.RandomState(2)
@@ -213,7 +281,7 @@ def test_bad_input_gives_one_line(standin):
         code, last, out = run_fid_error(args)
         assert code != 0 and 'Traceback' not in out, (args, out)
         assert last.startswith('Error:') and all(w in last for w in words), (args, out)
-    assert not os.path.exists('x.npz')
+    assert not os.path.exists('x.npz') and not os.path.exists('ok/metrics.jsonl')
     # a .pth that is not an FID Inception state dict
     torch.save({'weight': torch.zeros(3)}, 'wrong.pth')
     code, last, out = run_fid_error(['ref', '--data=ok', '--dest=x.npz', '--detector=wrong.pth', '--workers=0',
@@ -240,6 +308,9 @@ def test_torchrun_two_processes_match_one(standin):
     result = torchrun(['ref', '--dest=two.npz', '--num_images=11', *args], os.getcwd())
     assert '2 process(es)' in result.stdout
     one, two = load_npz('one.npz'), load_npz('two.npz')
+    assert json.loads(str(two['provenance']))['processes'] == 2
+    images_one, images_two = (json.loads(str(x['provenance']))['images'] for x in (one, two))
+    assert images_two['names_sha256'] == images_one['names_sha256'] and images_two['subset'] == dict(num=11, seed=0)
     assert np.abs(one['mu'] - two['mu']).max() <= 1e-10
     assert np.abs(one['sigma'] - two['sigma']).max() <= 1e-10
     # An error on one rank's share stops both ranks with the message (no hang at a collective).
@@ -278,6 +349,8 @@ def test_pixel_metric_end_to_end(in_tmp):
     code, out = run_fid(['calc', '--metric=pixel', '--images=more', '--ref=toy.npz', '--workers=0', '--no-progress'])
     assert code == 0, out
     assert 'FID' not in out
+    line = last_metrics_line('more/metrics.jsonl')
+    assert line['metric'] == 'FD-pixel8' and line['detector']['sha256'] is None and line['images']['seeds'] == '0-119'
     label, value = out.strip().splitlines()[-1].split(': ')
     assert label == 'FD-pixel8' and float(value) > 0
 
@@ -334,15 +407,14 @@ PEER_SCRIPT = textwrap.dedent('''
 
 
 def test_inception_matches_pytorch_fid(tmp_path, one_thread):
-    if not os.path.exists(PEER_PYTHON):
-        pytest.skip('pytorch-fid peer venv missing: run .ci/run or see requirements-test.txt')
+    peer = peer_python('pytorch_fid')
     net = random_inception(seed=1)
     torch.save(net.state_dict(), tmp_path / 'sd.pth')
     images = np.random.RandomState(0).randint(0, 256, (2, 3, 40, 24)).astype(np.uint8)
     np.save(tmp_path / 'images.npy', images)
     (tmp_path / 'peer.py').write_text(PEER_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([PEER_PYTHON, str(tmp_path / 'peer.py'), str(tmp_path / 'sd.pth'),
+    result = subprocess.run([peer, str(tmp_path / 'peer.py'), str(tmp_path / 'sd.pth'),
                              str(tmp_path / 'images.npy'), str(tmp_path / 'peer.npy')],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -352,3 +424,72 @@ def test_inception_matches_pytorch_fid(tmp_path, one_thread):
     assert ours.shape == theirs.shape == (2, 2048)
     assert np.abs(ours).max() > 1 and ours.std() > 0.1     # the comparison is not between near-zeros
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+TORCHMETRICS_SCRIPT = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+    torch.set_num_threads(1)
+    weights, images, small, out = sys.argv[1:5]
+    # torch-fidelity's Inception under torchmetrics, weights from a local file: nothing is downloaded.
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    metric.update(torch.from_numpy(np.load(images)), real=True)
+    n = metric.real_features_num_samples
+    mu = metric.real_features_sum / n
+    sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)    # as its compute()
+    s = {k: torch.from_numpy(v) for k, v in np.load(small).items()}
+    fid = _compute_fid(s['mu1'], s['sigma1'], s['mu2'], s['sigma2'])
+    np.savez(out, mu=mu.numpy(), sigma=sigma.numpy(), fid=fid.item())
+''')
+
+
+def tf_scaled(state):
+    """The same network for an input scaled as the TF graph, (x - 128) / 128, instead of x / 127.5 - 1.
+
+    Conv2d_1a (no bias, no padding) is linear: W' = W * 128 / 127.5 gives W' x / 128 = W x / 127.5, and
+    the offset changes by sum(W) / 255 per output channel, which the batch norm's running mean absorbs."""
+    state = dict(state)
+    w = state['Conv2d_1a_3x3.conv.weight'].double()
+    state['Conv2d_1a_3x3.conv.weight'] = (w * 128 / 127.5).float()
+    state['Conv2d_1a_3x3.bn.running_mean'] = (state['Conv2d_1a_3x3.bn.running_mean'].double()
+                                              - w.sum(dim=(1, 2, 3)) / 255).float()
+    return state
+
+
+def test_fid_matches_torchmetrics(in_tmp, one_thread):
+    """A second FID peer: torchmetrics' FrechetInceptionDistance (torch-fidelity's Inception) with our
+    random weights injected through feature_extractor_weights_path.
+
+    FID = distance(statistics(features)); both halves are checked: the statistics of ``fid.py ref``
+    against torchmetrics' accumulated ones (2048-d), and our distance against torchmetrics' on 256-d
+    statistics (a 2048-d matrix square root costs 10-20 s on this machine; the full 2048-d comparison
+    is in the README, measured once)."""
+    peer = peer_python('torchmetrics', 'torch_fidelity')
+    net = random_inception(seed=2)
+    torch.save(net.state_dict(), 'ours.pth')
+    torch.save(tf_scaled(net.state_dict()), 'tf_scaled.pth')
+    np.save('images.npy', write_images('real', 3, size=(32, 32), seed=3))
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(256, 300), rng.randn(256, 280)
+    small = dict(mu1=rng.randn(256), sigma1=a @ a.T / 300, mu2=rng.randn(256), sigma2=b @ b.T / 280)
+    np.savez('small.npz', **small)
+    result = subprocess.run([peer, '-c', TORCHMETRICS_SCRIPT, 'tf_scaled.pth', 'images.npy', 'small.npz',
+                             'peer.npz'], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = load_npz('peer.npz')
+    code, out = run_fid(['ref', '--data=real', '--dest=real.npz', '--detector=ours.pth', '--workers=0',
+                         '--no-progress'])
+    assert code == 0, out
+    ours = load_npz('real.npz')
+    # torchmetrics scales the input as the TF graph does, (x - 128) / 128, where pytorch-fid and our .pth
+    # Inception take x / 127.5 - 1: with that compensated in its weights the network function is the same.
+    assert np.abs(ours['mu']).max() > 0.1
+    assert np.abs(ours['mu'] - theirs['mu']).max() <= 1e-4 * np.abs(ours['mu']).max()
+    assert np.abs(ours['sigma'] - theirs['sigma']).max() <= 1e-4 * np.abs(ours['sigma']).max()
+    # scipy's sqrtm (ours, EDM's) and torchmetrics' eigenvalues of sigma1 sigma2: the same distance.
+    value = fid_lib.frechet_distance(small['mu1'], small['sigma1'], small['mu2'], small['sigma2'])
+    assert value > 100 and abs(float(theirs['fid']) - value) <= 1e-6 * value, (float(theirs['fid']), value)

@@ -52,6 +52,23 @@ def parse_int_list(text):
     return values
 
 
+def format_int_list(values):
+    """The inverse of :func:`parse_int_list`: sorted ints as ``'0-63'`` or ``'1,2,5-10'`` (runs of
+    three or more consecutive values become ranges)."""
+    values = sorted(int(v) for v in values)
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f'{values[i]}-{values[j]}')
+        else:
+            parts.extend(str(v) for v in values[i:j + 1])
+        i = j + 1
+    return ','.join(parts)
+
+
 def atomic_write(path, write):
     """Write a file all at once: ``write(tmp_path)`` fills a temporary file in the same folder
     (created if needed), which then replaces ``path``; on any error the temporary file is removed

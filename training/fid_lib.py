@@ -23,7 +23,9 @@ a size mismatch, a missing file) reach every rank, so no rank waits forever at a
 Errors meant for the user are :class:`FIDError` (a ValueError) with a one-line message.
 """
 
+import functools
 import io
+import json
 import os
 import time
 import warnings
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dnnlib
+from metrics import provenance as prov
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import atomic_write
@@ -56,7 +59,7 @@ class FIDError(ValueError):
 # ----------------------------------------------------------------------------
 # Keeping ranks in step on errors.
 
-def _agree(err):
+def agree(err):
     """Raise FIDError on every rank if ``err`` (a message or None) is set on any rank.
 
     One small all-reduce per call; the messages are exchanged only when something failed."""
@@ -72,7 +75,7 @@ def _agree(err):
     raise FIDError(next(m for m in messages if m))
 
 
-def _attempt(fn, *args, **kwargs):
+def attempt(fn, *args, **kwargs):
     """(result, None) or (None, one-line message) for the user-level errors of ``fn``."""
     try:
         return fn(*args, **kwargs), None
@@ -82,13 +85,13 @@ def _attempt(fn, *args, **kwargs):
         return None, ' '.join(f'{type(e).__name__}: {e}'.split())
 
 
-def _rank0_then_others(fn, *args, **kwargs):
+def rank0_then_others(fn, *args, **kwargs):
     """Run ``fn`` on rank 0 first (e.g. a download into the cache), then on the other ranks."""
-    result, err = (_attempt(fn, *args, **kwargs) if dist.is_main() else (None, None))
-    _agree(err)
+    result, err = (attempt(fn, *args, **kwargs) if dist.is_main() else (None, None))
+    agree(err)
     if not dist.is_main():
-        result, err = _attempt(fn, *args, **kwargs)
-    _agree(err)
+        result, err = attempt(fn, *args, **kwargs)
+    agree(err)
     return result
 
 
@@ -116,7 +119,7 @@ class ImageSet:
     ``num`` (optional) selects a seeded subset: ``np.random.RandomState(seed).choice(total, num,
     replace=False)``, sorted. Picklable (a zip is reopened in each process)."""
 
-    def __init__(self, path, num=None, seed=0):
+    def __init__(self, path, num=None, seed=0, min_images=2, purpose='the statistics'):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             self.kind = 'dir'
@@ -138,14 +141,14 @@ class ImageSet:
         names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         total = len(names)
         if num is not None:
-            if num < 2:
-                raise FIDError(f'--num must be at least 2, got {num}')
+            if num < min_images:
+                raise FIDError(f'--num must be at least {min_images}, got {num}')
             if num > total:
                 raise FIDError(f'--num={num} but {self.path} holds only {total} images')
             keep = np.sort(np.random.RandomState(seed).choice(total, num, replace=False))
             names = [names[i] for i in keep]
-        if len(names) < 2:
-            raise FIDError(f'{self.path} holds {len(names)} PNG/JPEG image(s); the statistics need at least 2')
+        if len(names) < min_images:
+            raise FIDError(f'{self.path} holds {len(names)} PNG/JPEG image(s); {purpose} need(s) at least {min_images}')
         self.names = names
         self._zip = None
         self._zip_pid = None
@@ -178,13 +181,14 @@ class ImageSet:
         return _decode(data, name)
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Item k = batch k of this rank: (uint8 (B, 3, H, W) or None, error message or None).
+class ImageBatches(torch.utils.data.Dataset):
+    """Item k = batch k of this rank: (image indices, ``torch.stack`` of ``prepare(images, i, image)``
+    over them or None, error message or None).
 
     Errors travel as messages, so that a DataLoader worker never raises and every rank sees them."""
 
-    def __init__(self, images, batches, size):
-        self.images, self.batches, self.size = images, batches, size
+    def __init__(self, images, batches, prepare):
+        self.images, self.batches, self.prepare = images, batches, prepare
 
     def __len__(self):
         return len(self.batches)
@@ -192,19 +196,26 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, k):
         idx = self.batches[k].tolist()
         if not idx:
-            return None, None
-        out = []
+            return idx, None, None
         try:
-            for i in idx:
-                img = self.images.load(i)
-                if img.shape[:2] != self.size:
-                    raise FIDError(f'image {self.images.display_name(i)} is {img.shape[1]}x{img.shape[0]} pixels '
-                                   f'but {self.images.display_name(0)} is {self.size[1]}x{self.size[0]}: '
-                                   f'all images must have the same size')
-                out.append(img)
+            x = torch.stack([self.prepare(self.images, i, self.images.load(i)) for i in idx])
         except FIDError as e:
-            return None, str(e)
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(), None
+            return idx, None, str(e)
+        return idx, x, None
+
+
+def image_loader(images, batches, prepare, workers):
+    """A DataLoader over :class:`ImageBatches` (``workers`` processes; 0: in this process)."""
+    return torch.utils.data.DataLoader(ImageBatches(images, batches, prepare), batch_size=None, shuffle=False,
+                                       num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+
+
+def _uint8_chw(images, i, img, size):
+    """FID input: image i as uint8 (3, H, W), after checking that it has the first image's size."""
+    if img.shape[:2] != size:
+        raise FIDError(f'image {images.display_name(i)} is {img.shape[1]}x{img.shape[0]} pixels '
+                       f'but {images.display_name(0)} is {size[1]}x{size[0]}: all images must have the same size')
+    return torch.from_numpy(img).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -287,7 +298,7 @@ def load_detector(spec, device=torch.device('cpu')):
     else:
         dist.print0(f'Loading detector {spec} (FID Inception-v3 state dict)')
     # Used as loaded, as EDM does (FIDInception is in eval mode; a pickle keeps its own mode).
-    return _rank0_then_others(_load_detector_file, spec, device)
+    return rank0_then_others(_load_detector_file, spec, device)
 
 
 def make_detector(metric, detector=None, device=torch.device('cpu')):
@@ -319,15 +330,14 @@ def feature_stats(images, detector, batch=64, device=torch.device('cpu'), worker
     dim = probe.shape[1]
 
     batches = dist.rank_seeds(range(n), batch)
-    loader = torch.utils.data.DataLoader(_Batches(images, batches, size), batch_size=None, shuffle=False,
-                                         num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+    loader = image_loader(images, batches, functools.partial(_uint8_chw, size=size), workers)
     mu_sum = torch.zeros([dim], dtype=torch.float64, device=device)
     sigma_sum = torch.zeros([dim, dim], dtype=torch.float64, device=device)
     count = torch.zeros([1], dtype=torch.float64, device=device)
     start = time.time()
-    for x, err in tqdm(loader, total=len(batches), unit='batch', disable=not (progress and dist.is_main()),
-                       dynamic_ncols=True):
-        _agree(err)
+    for _, x, err in tqdm(loader, total=len(batches), unit='batch', disable=not (progress and dist.is_main()),
+                          dynamic_ncols=True):
+        agree(err)
         if x is None:
             continue
         f = detector(x.to(device), return_features=True).to(torch.float64)
@@ -362,17 +372,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
 
 
-def save_stats(dest, mu, sigma, metric):
-    """Write ``mu``, ``sigma`` and the metric's label to ``dest`` (.npz) atomically, creating folders."""
+def save_stats(dest, mu, sigma, metric, provenance=None):
+    """Write ``mu``, ``sigma``, the metric's label and (optionally) the ``provenance`` record (as a JSON
+    string) to ``dest`` (.npz) atomically, creating folders."""
+    extra = {} if provenance is None else dict(provenance=np.array(json.dumps(provenance)))
     def write(tmp):
         with open(tmp, 'wb') as f:  # np.savez on a file object keeps the name exactly as given
-            np.savez(f, mu=mu, sigma=sigma, metric=np.array(METRICS[metric]))
+            np.savez(f, mu=mu, sigma=sigma, metric=np.array(METRICS[metric]), **extra)
     atomic_write(dest, write)
 
 
 def load_stats(ref):
     """Read statistics from a path or URL (downloads are cached): dict with mu, sigma, metric
-    (the label; ``FID`` for files without one, such as EDM's references)."""
+    (the label; ``FID`` for files without one, such as EDM's references) and provenance (the
+    record ``fid.py ref`` stored, or None)."""
     try:
         with dnnlib.util.open_url(ref, verbose=dist.is_main()) as f:
             data = dict(np.load(f, allow_pickle=False))
@@ -385,7 +398,11 @@ def load_stats(ref):
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
     metric = str(data['metric']) if 'metric' in data else METRICS['fid']
-    return dict(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), metric=metric)
+    try:
+        provenance = json.loads(str(data['provenance'])) if 'provenance' in data else None
+    except ValueError:
+        provenance = None
+    return dict(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), metric=metric, provenance=provenance)
 
 
 # ----------------------------------------------------------------------------
@@ -404,42 +421,65 @@ def start(device=None):
         raise FIDError(str(e)) from None
 
 
+def detector_record(metric, detector=None):
+    """The ``detector`` entry of a provenance record: the file and its sha256 ('fid'); no file ('pixel')."""
+    if metric == 'pixel':
+        return dict(name=f'{METRICS["pixel"]}: {PIXEL_RES}x{PIXEL_RES} average-pooled pixels in [0, 1]', sha256=None)
+    return prov.file_record(detector or DEFAULT_DETECTOR)
+
+
+def _provenance(images, num, seed, metric, detector, options):
+    """Rank 0: the provenance record of a run on ``images`` (an :class:`ImageSet`)."""
+    return dict(metric=METRICS[metric], images=prov.images_record(images, num, seed),
+                detector=detector_record(metric, detector), **prov.run_record(options))
+
+
 def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
                 progress=True):
-    """Statistics of the images in ``data`` (folder or zip), written to ``dest`` by rank 0.
-    Returns (mu, sigma)."""
+    """Statistics of the images in ``data`` (folder or zip), written to ``dest`` by rank 0 with their
+    provenance (:mod:`metrics.provenance`; the JSON string ``provenance`` in the npz). Returns (mu, sigma)."""
+    options = dict(data=data, dest=dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
+                   device=device, workers=workers)
     _check_metric(metric)
     dev = start(device)
-    images, err = _attempt(ImageSet, data, num=num, seed=seed)
-    _agree(err)
+    images, err = attempt(ImageSet, data, num=num, seed=seed)
+    agree(err)
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {METRICS[metric]} statistics of {len(images)} images in {data}...')
     mu, sigma = feature_stats(images, net, batch=batch, device=dev, workers=workers, progress=progress)
     if dist.is_main():
-        _, err = _attempt(save_stats, dest, mu, sigma, metric)
-    _agree(err if dist.is_main() else None)
+        record, err = attempt(_provenance, images, num, seed, metric, detector, options)
+        if err is None:
+            _, err = attempt(save_stats, dest, mu, sigma, metric, record)
+    agree(err if dist.is_main() else None)
     dist.print0(f'Saved {dest}')
     return mu, sigma
 
 
 def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
-               progress=True):
+               progress=True, metrics_file=None):
     """Frechet distance of ``images`` (folder or zip) to the statistics ``ref`` (path or URL).
 
-    Rank 0 prints ``<label>: <value %g>`` and returns the value; other ranks return None."""
+    Rank 0 appends the value and its provenance to ``metrics_file`` (default ``metrics.jsonl`` beside
+    the images, :mod:`metrics.provenance`), prints ``<label>: <value %g>`` and returns the value;
+    other ranks return None."""
+    options = dict(images=images, ref=ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
+                   device=device, workers=workers, metrics_file=metrics_file)
     _check_metric(metric)
     dev = start(device)
     label = METRICS.get(metric)
+    log = prov.metrics_file(images, metrics_file)
     stats, err = None, None
     if dist.is_main():
-        stats, err = _attempt(load_stats, ref)
+        stats, err = attempt(load_stats, ref)
         if stats is not None and stats['metric'] != label:
             other = next((k for k, v in METRICS.items() if v == stats['metric']), None)
             hint = f' (use --metric={other})' if other else ''
             err = f'{ref} holds {stats["metric"]} statistics, not {label}{hint}'
-    _agree(err)
-    image_set, err = _attempt(ImageSet, images, num=num, seed=seed)
-    _agree(err)
+        err = err or prov.check_writable(log)
+    agree(err)
+    image_set, err = attempt(ImageSet, images, num=num, seed=seed)
+    agree(err)
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {label} of {len(image_set)} images in {images} against {ref}...')
     mu, sigma = feature_stats(image_set, net, batch=batch, device=dev, workers=workers, progress=progress)
@@ -449,6 +489,14 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         raise FIDError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
                        f'{mu.shape[0]}-d features: the reference was made with another detector')
     value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
+
+    def write_line():
+        record = _provenance(image_set, num, seed, metric, detector, options)
+        record = dict(metric=label, value=value, **{k: v for k, v in record.items() if k != 'metric'})
+        prov.append(log, dict(record, ref=prov.file_record(ref, provenance=stats['provenance'])))
+    _, err = attempt(write_line)
+    if err:
+        raise FIDError(f'{label}: {value:g}, but the metrics file could not be written: {err}')
     print(f'{label}: {value:g}')
     return value
 
