@@ -103,8 +103,14 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
     nfes = [int(n) for n in nfes.split(',')]
     overrides = parse_overrides(overrides)
     rows, results = [], []
+
+    def save(results):   # after every cell, so an interrupted run keeps what it measured
+        if out:
+            with open(out, 'wt') as f:
+                json.dump(dict(command=' '.join(sys.argv), seeds=seed_name, results=results), f, indent=1)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in recipes.split(','):
+        for recipe in [r for r in recipes.split(',') if r]:
             for loss in losses.split(','):
                 values = {}
                 for nfe in nfes:
@@ -114,6 +120,7 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
                     values[nfe] = err
                     results.append(dict(recipe=recipe, loss=loss, nfe=nfe, error=err, train_seconds=seconds))
                     print(f'{recipe} {loss} NFE {nfe}: {err:.4f} (trained in {seconds:.1f} s)', flush=True)
+                    save(results)
                 rows.append((f'{evaluate.AMED_LABELS[recipe]}, {loss} loss', values))
     for label, kwargs in evaluate.BASELINES:
         values = {}
@@ -122,10 +129,8 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
             values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
             results.append(dict(recipe=label, loss=None, nfe=nfe, error=values[nfe]))
         rows.append((label, values))
+    save(results)
     print(evaluate.format_table(rows, nfes, title=f'RMS error ({seed_name} seeds, {len(latents)} samples)'))
-    if out:
-        with open(out, 'wt') as f:
-            json.dump(dict(command=' '.join(sys.argv), seeds=seed_name, results=results), f, indent=1)
 
 
 @main.command()
@@ -213,7 +218,7 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
         return fid_lib.frechet_distance(*pixel_stats(x), ref_mu, ref_sigma)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in recipes.split(','):
+        for recipe in [r for r in recipes.split(',') if r]:
             for loss in losses.split(','):
                 predictor, settings, _ = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp)
                 value = fd_of(predictor, **generate.solver_kwargs_from_settings(settings))
