@@ -34,6 +34,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 import solver_utils
 
@@ -355,15 +356,27 @@ def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None, 
     return spec, t_steps
 
 
-def iterate(model, solver, x, t_steps, cond=None, predictor=None, afs=False):
+def iterate(model, solver, x, t_steps, cond=None, predictor=None, afs=False, checkpointing=False,
+            detach_state=False):
     """Run ``solver`` (from :func:`prepare`) over the whole schedule ``t_steps`` from ``x`` at
     ``t_steps[0]`` (already scaled to that noise level), yielding ``(state, info)`` after every
-    interval: the one loop over time that sampling and the integrations share."""
+    interval: the one loop over time that sampling, training and the integrations share.
+
+    For training through the whole run: ``checkpointing`` recomputes each step in the backward
+    pass instead of keeping its activations (torch.utils.checkpoint, non-reentrant; only while
+    gradients are enabled); ``detach_state`` cuts the graph between steps."""
     t_list = [float(t) for t in t_steps]
     state = SolverState(x)
+    checkpointing = checkpointing and torch.is_grad_enabled()
     for _ in range(len(t_list) - 1):
-        state, info = step(model, solver, state, t_list, cond, predictor, afs)
+        if checkpointing:
+            state, info = torch.utils.checkpoint.checkpoint(step, model, solver, state, t_list, cond, predictor, afs,
+                                                            use_reentrant=False)
+        else:
+            state, info = step(model, solver, state, t_list, cond, predictor, afs)
         yield state, info
+        if detach_state:
+            state = state.detach()
 
 
 def denoise(model, x, sigma, cond=None):

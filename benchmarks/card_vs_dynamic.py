@@ -1,7 +1,7 @@
 """Static solver cards against the dynamic predictor on the built-in analytic model.
 
 Trains the quickstart's two AMED recipes (training/quickstart.py: AMED-Solver and AMED-Plugin on
-iPNDM, AFS) at each NFE, exports a card from each predictor in every feature mode
+iPNDM, AFS) with the losses of ``--losses`` (the README's table: the official interval loss) at each NFE, exports a card from each predictor in every feature mode
 (integrations/card.py: ``mean``, ``mean_feature``, ``zero``) from the calibration seeds, and prints
 the RMS error to the exact ODE solution of the dynamic predictor and of each card, on validation
 seeds (used to pick the default mode) and on evaluation seeds (reported), plus the RMS distance of
@@ -22,17 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from integrations import card as C  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from torch_utils.misc import StackedRandomGenerator, parse_int_list  # noqa: E402
+from torch_utils.misc import parse_int_list  # noqa: E402
 from training import evaluate, generate  # noqa: E402
-from training.launch import plan_training, run_training  # noqa: E402
 from training.quickstart import RECIPES  # noqa: E402
-from training.snapshot import load_snapshot  # noqa: E402
-
-
-def seeded_inputs(model, seeds):
-    rnd = StackedRandomGenerator('cpu', seeds)
-    latents = rnd.randn([len(seeds), *model.img_shape])
-    return latents, model.sample_cond(rnd, len(seeds))
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -43,27 +35,24 @@ def seeded_inputs(model, seeds):
 @click.option('--val_seeds', type=str, default='2000-2063', help='Seeds that choose the default mode')
 @click.option('--eval_seeds', type=str, default='0-63', help='Seeds of the reported table')
 @click.option('--outdir', type=str, default='exps/card-bench')
-def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir):
+@click.option('--losses', type=str, default='interval', help='Training losses of the predictors (interval, trajectory)')
+def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir, losses):
     start = time.time()
     nfes = [int(v) for v in nfes.split(',')]
     device = dist.init('cpu')
     model = load_model('toy', device=device)
     sets = {}
     for name, seeds in (('validation', val_seeds), ('evaluation', eval_seeds)):
-        latents, cond = seeded_inputs(model, parse_int_list(seeds))
-        sets[name] = (latents, cond, evaluate.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond,
-                                                             steps_per_unit=32))
+        sets[name] = evaluate.reference_set(model, parse_int_list(seeds))
     rows = {name: [] for name in sets}
     gaps = []
-    for label, recipe in RECIPES:
+    for label, recipe in [(label, recipe) for label, recipe in RECIPES if recipe['loss'] in losses.split(',')]:
         values = {name: {} for name in sets}
         gap = {}
         for nfe in nfes:
-            num_steps = evaluate.steps_for_nfe(recipe['sampler_stu'], nfe, afs=True, with_predictor=True)
-            opts = dict(recipe, dataset_name='toy', num_steps=num_steps, afs=True, batch=batch, total_kimg=kimg,
-                        tick_kimg=kimg, outdir=outdir, desc='cardbench')
-            run_dir, path = run_training(plan_training(opts, device), progress=False)
-            predictor, settings = load_snapshot(path)
+            path, predictor, settings = evaluate.train_recipe(recipe, nfe, device, dataset_name='toy', batch=batch,
+                                                              total_kimg=kimg, tick_kimg=kimg, outdir=outdir,
+                                                              desc='cardbench')
             kw = generate.solver_kwargs_from_settings(settings)
             runs = {'dynamic': (predictor, kw)}
             for mode in C.FEATURE_MODES:

@@ -28,10 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from torch_utils.misc import StackedRandomGenerator  # noqa: E402
 from training import evaluate, fid_lib, generate  # noqa: E402
-from training.launch import plan_training, run_training  # noqa: E402
-from training.snapshot import load_snapshot  # noqa: E402
 
 SEED_SETS = {'validation': range(200000, 200256), 'evaluation': range(100000, 100256)}
 FD_SEEDS = range(300000, 310000)
@@ -39,16 +36,13 @@ FD_DATA_SEEDS = (7, 8)     # two independent sets of exact data for the FD noise
 
 
 def seed_set(model, name, cache_dir):
-    """Latents, conditioning and exact ODE solutions of a named seed set (cached on disk)."""
-    seeds = list(SEED_SETS[name])
-    rnd = StackedRandomGenerator(torch.device('cpu'), seeds)
-    latents = rnd.randn([len(seeds), *model.img_shape])
-    cond = model.sample_cond(rnd, len(seeds))
+    """Latents, conditioning and exact ODE solutions of a named seed set (exact solutions cached)."""
     path = os.path.join(cache_dir, f'exact-{type(model).__name__}-{name}.pt')
     if os.path.exists(path):
+        latents, cond = evaluate.seeded_inputs(model, SEED_SETS[name])
         exact = torch.load(path, weights_only=True)
     else:
-        exact = evaluate.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond, steps_per_unit=32)
+        latents, cond, exact = evaluate.reference_set(model, SEED_SETS[name])
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(exact, path)
     return latents, cond, exact
@@ -56,15 +50,11 @@ def seed_set(model, name, cache_dir):
 
 def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir):
     """Train one predictor; returns (predictor, settings, seconds)."""
-    opts = dict(evaluate.AMED_RECIPES[recipe], dataset_name='toy', afs=True, batch=batch, total_kimg=kimg,
-                tick_kimg=kimg, outdir=outdir, seed=seed, loss=loss)
-    opts.update(overrides)
-    opts['num_steps'] = evaluate.steps_for_nfe(opts['sampler_stu'], nfe, afs=True, with_predictor=True)
     t0 = time.time()
-    _, path = run_training(plan_training(opts, torch.device('cpu')), progress=False)
-    seconds = time.time() - t0
-    predictor, settings = load_snapshot(path)
-    return predictor, settings, seconds
+    _, predictor, settings = evaluate.train_recipe(dict(evaluate.AMED_RECIPES[recipe], **overrides), nfe,
+                                                   dataset_name='toy', batch=batch, total_kimg=kimg, tick_kimg=kimg,
+                                                   outdir=outdir, seed=seed, loss=loss)
+    return predictor, settings, time.time() - t0
 
 
 def parse_overrides(pairs):
@@ -208,8 +198,7 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
     ref_mu, ref_sigma = pixel_stats(data[0])
     results = [dict(label='exact data (second set): noise floor',
                     fd=fid_lib.frechet_distance(*pixel_stats(data[1]), ref_mu, ref_sigma))]
-    rnd = StackedRandomGenerator(torch.device('cpu'), list(FD_SEEDS))
-    latents = rnd.randn([len(FD_SEEDS), *model.img_shape])
+    latents, _ = evaluate.seeded_inputs(model, FD_SEEDS)
 
     def fd_of(predictor=None, **kwargs):
         with torch.no_grad():

@@ -7,6 +7,9 @@ import torch
 
 import solver_utils
 import solvers
+from torch_utils.misc import StackedRandomGenerator
+from training.launch import plan_training, run_training
+from training.snapshot import load_snapshot
 
 #: The comparison of the quickstart: (label, solver options) of the baselines, as in DESIGN.md and
 #: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
@@ -58,6 +61,32 @@ def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **s
         c = None if cond is None else cond[i:i + batch]
         outs.append(solvers.sample(model, latents[i:i + batch], c, predictor=predictor, **solver_kwargs))
     return rms_error(torch.cat(outs), exact)
+
+
+def seeded_inputs(model, seeds, device=torch.device('cpu')):
+    """(latents, cond) of the given sampling seeds, from one generator per seed as sample.py draws them."""
+    seeds = list(seeds)
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *model.img_shape])
+    return latents, model.sample_cond(rnd, len(seeds))
+
+
+def reference_set(model, seeds, device=torch.device('cpu'), steps_per_unit=32):
+    """(latents, cond, exact ODE solutions) of the given sampling seeds (:func:`seeded_inputs`)."""
+    latents, cond = seeded_inputs(model, seeds, device)
+    exact = exact_solution(model, latents, model.sigma_max, model.sigma_min, cond, steps_per_unit=steps_per_unit)
+    return latents, cond, exact
+
+
+def train_recipe(recipe, nfe, device=torch.device('cpu'), progress=False, **options):
+    """Train one AMED predictor with the training options ``recipe`` (e.g. an entry of
+    :data:`AMED_RECIPES`) plus ``options``, with AFS, at ``nfe``. Returns (snapshot path,
+    predictor, settings)."""
+    opts = dict(recipe, afs=True, **options)
+    opts['num_steps'] = steps_for_nfe(opts['sampler_stu'], nfe, afs=True, with_predictor=True)
+    _, path = run_training(plan_training(opts, device), progress=progress)
+    predictor, settings = load_snapshot(path)
+    return path, predictor, settings
 
 
 def format_table(rows, nfes, title='RMS error to the exact ODE solution'):

@@ -19,7 +19,6 @@ Two losses share the targets (``train.py --loss``):
 """
 
 import torch
-import torch.utils.checkpoint
 
 import solvers
 
@@ -108,20 +107,12 @@ class AMEDLoss:
         pieces); ``checkpointing`` recomputes each step in the backward pass instead of storing
         its activations (gradient checkpointing: memory of one step instead of N-1).
         """
-        state = solvers.SolverState(targets[0], 0)
         total, infos = 0.0, []
-        for k in range(self.num_steps - 1):
-            if checkpointing and torch.is_grad_enabled():
-                state, info = torch.utils.checkpoint.checkpoint(
-                    solvers.step, self.model, self.student, state, self.t_student, cond, predictor, self.afs,
-                    use_reentrant=False)
-            else:
-                state, info = solvers.step(self.model, self.student, state, self.t_student, cond, predictor,
-                                           self.afs)
+        run = solvers.iterate(self.model, self.student, targets[0], self.t_student, cond, predictor, self.afs,
+                              checkpointing=checkpointing, detach_state=detach_state)
+        for k, (state, info) in enumerate(run):
             weight = 1.0 if k == self.num_steps - 2 else float(inter_weight)
             if weight != 0:
                 total = total + weight * (state.x - targets[k + 1]).square().flatten(1).sum(1)
-            if detach_state:
-                state = state.detach()
             infos.append(info)
         return total, infos

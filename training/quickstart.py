@@ -14,10 +14,7 @@ import torch
 
 from models.presets import load_model
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator
 from training import evaluate, generate
-from training.launch import plan_training, run_training
-from training.snapshot import load_snapshot
 
 #: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
 #: with the official per-interval loss and with the trajectory loss.
@@ -32,8 +29,8 @@ RECIPES = [(f'{evaluate.AMED_LABELS[name]}, {loss} loss', dict(evaluate.AMED_REC
 @click.option('--batch', help='Training batch', type=int, default=32)
 @click.option('--num', help='Evaluation samples', type=int, default=64)
 @click.option('--outdir', help='Where the runs go', type=str, default='./exps')
-@click.option('--grid', 'grid_path', help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe)', type=str,
-              default='./samples/quickstart/grid.png')
+@click.option('--grid', 'grid_path', type=str, default='./samples/quickstart/grid.png',
+              help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe)')
 @click.option('--progress/--no-progress', default=False)
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     """Train, sample a grid, print the error table."""
@@ -44,30 +41,24 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
     device = dist.init('cpu')
     model = load_model(dataset_name, device=device)
-    seeds = list(range(num))
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([num, *model.img_shape])
-    cond = model.sample_cond(rnd, num)
-    exact = evaluate.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond, steps_per_unit=32)
+    latents, cond, exact = evaluate.reference_set(model, range(num), device)
     print(f'Exact ODE solutions of {num} samples: {time.time() - start:.1f} s')
 
     rows = []
-    grid_snapshot = None
+    grid_run = None   # (predictor, settings) of the grid's run
     grid_nfe = 5 if 5 in nfes else nfes[0]
     for label, recipe in RECIPES:
         values = {}
         for nfe in nfes:
-            num_steps = evaluate.steps_for_nfe(recipe['sampler_stu'], nfe, afs=True, with_predictor=True)
-            opts = dict(recipe, dataset_name=dataset_name, num_steps=num_steps, afs=True, batch=batch,
-                        total_kimg=kimg, tick_kimg=kimg, outdir=outdir, desc='quickstart')
             t0 = time.time()
-            run_dir, path = run_training(plan_training(opts, device), progress=progress)
-            predictor, settings = load_snapshot(path)
+            _, predictor, settings = evaluate.train_recipe(recipe, nfe, device, progress=progress,
+                                                           dataset_name=dataset_name, batch=batch, total_kimg=kimg,
+                                                           tick_kimg=kimg, outdir=outdir, desc='quickstart')
             values[nfe] = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **generate.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
-                grid_snapshot = path
+                grid_run = predictor, settings
         rows.append((label, values))
     for label, kwargs in evaluate.BASELINES:
         values = {}
@@ -76,8 +67,8 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
         rows.append((label, values))
 
-    if grid_snapshot is not None:
-        predictor, settings = load_snapshot(grid_snapshot)
+    if grid_run is not None:
+        predictor, settings = grid_run
         folder = os.path.dirname(grid_path) or '.'
         generate.generate_images(model, list(range(64)), folder, generate.solver_kwargs_from_settings(settings),
                                  predictor, grid=True, progress=False)

@@ -137,7 +137,7 @@ def _trajectory_batch(loss_fn, predictor, optimizer, rounds_data, batch_gpu_tota
         loss, infos = loss_fn.trajectory(predictor, data['targets'], data['cond'], inter_weight,
                                          checkpointing=checkpointing)
         loss.sum().mul(1 / (batch_gpu_total * dist.get_world_size())).backward()
-        _add_step_stats(stats, loss.detach(), infos)
+        _add_step_stats(stats, loss, infos)
     if dist.get_world_size() > 1:
         for p in predictor.parameters():
             if p.grad is not None:
