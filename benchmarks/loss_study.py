@@ -160,11 +160,16 @@ def merge(files):
         with open(path) as f:
             data = json.load(f)
         commands.append(data['command'])
+        words = data['command'].split()
+        sets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == '--set'] + \
+            [w[len('--set='):] for w in words if w.startswith('--set=')]
+        suffix = f" ({', '.join(sets)})" if sets else ''
         for r in data['results']:
             if r['loss'] is None:
                 base.setdefault(r['recipe'], {})[r['nfe']] = r['error']
             else:
-                amed.setdefault(f"{evaluate.AMED_LABELS[r['recipe']]}, {r['loss']} loss", {})[r['nfe']] = r['error']
+                label = f"{evaluate.AMED_LABELS[r['recipe']]}, {r['loss']} loss{suffix}"
+                amed.setdefault(label, {})[r['nfe']] = r['error']
     nfes = sorted({n for v in list(amed.values()) + list(base.values()) for n in v})
     order = sorted(amed, key=lambda k: (list(evaluate.AMED_LABELS.values()).index(k.split(',')[0]), k))
     rows = [(k, amed[k]) for k in order] + list(base.items())
