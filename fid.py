@@ -1,5 +1,5 @@
 """Frechet Inception Distance, CLIP score and friends. Runs under plain python or torchrun (images
-are split across processes). The libraries are training/fid_lib.py and metrics/clip_score.py; every
+are split across processes). The libraries are metrics/frechet.py and metrics/clip_score.py; every
 calc and clip run appends its value and provenance to metrics.jsonl beside the images
 (metrics/provenance.py).
 
@@ -29,7 +29,9 @@ import click
 from metrics import clip_score
 from models import clip as clip_models
 from torch_utils import distributed as dist
-from training import fid_lib
+from generation import generate
+from metrics import frechet
+from metrics.image_sets import MetricError, start
 
 
 def _one_line_errors(fn):
@@ -38,7 +40,7 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (fid_lib.FIDError, FileNotFoundError) as e:
+        except (MetricError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from None
         finally:
             dist.shutdown()
@@ -70,7 +72,7 @@ def _stats_options(fn):
     """Options shared by calc and ref."""
     return _apply(fn, [
         click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
-                     'no download)', type=click.Choice(list(fid_lib.METRICS)), default='fid'),
+                     'no download)', type=click.Choice(list(frechet.METRICS)), default='fid'),
         click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
                      'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
         *_run_options(min_num=2),
@@ -97,7 +99,7 @@ def main():
 def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress, metrics_file):
     """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g'),
     also appended with its provenance to the metrics file."""
-    fid_lib.compute_fd(images, ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
+    frechet.compute_fd(images, ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
                        device=device, workers=workers, progress=progress, metrics_file=metrics_file)
 
 
@@ -128,7 +130,7 @@ def clip(images, prompt_path, model, weights, num, seed, batch, workers, device,
 @_one_line_errors
 def ref(data, dest, metric, detector, num, seed, batch, workers, device, progress):
     """Statistics (mean and covariance of the features) of --data, written to --dest."""
-    fid_lib.compute_ref(data, dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
+    frechet.compute_ref(data, dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
                         device=device, workers=workers, progress=progress)
 
 
@@ -142,8 +144,8 @@ def ref(data, dest, metric, detector, num, seed, batch, workers, device, progres
 @_one_line_errors
 def toydata(dest, num, seed, dataset_name, progress):
     """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`)."""
-    fid_lib.start('cpu')
-    fid_lib.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress)
+    start('cpu')
+    generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress)
 
 
 if __name__ == '__main__':

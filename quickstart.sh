@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q torch==2.13.0          # pinned: the CPU build here; a bare `torch` pulls CUDA
 python -m pip install -q -r requirements.txt
-python -m training.quickstart "$@"
+python -m evaluation.quickstart "$@"

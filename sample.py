@@ -16,7 +16,8 @@ import solvers
 from models.presets import dataset_names, load_model
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
-from training import generate
+from generation import generate
+from training import snapshot
 
 PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False)
 
@@ -75,7 +76,7 @@ def main(predictor_path, card, dataset_name, model_path, batch, seeds, grid, sub
             from integrations.card import load_card_predictor
             predictor, settings = load_card_predictor(card)
         elif predictor_path is not None:
-            predictor, settings = generate.load_predictor(predictor_path, device=dev)
+            predictor, settings = snapshot.load_predictor(predictor_path, device=dev)
         if predictor is not None:
             if dataset_name is None:
                 dataset_name = settings.get('dataset_name')
@@ -89,7 +90,7 @@ def main(predictor_path, card, dataset_name, model_path, batch, seeds, grid, sub
                            classifier_path=classifier_path, prompt_path=prompt_path, use_fp16=use_fp16, device=dev,
                            prompt=prompt)
         if predictor is not None:
-            generate.check_compatible(settings, model)
+            snapshot.check_compatible(settings, model)
         model.check_seeds(seed_list)
         nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
         name = solver_kwargs['solver'] if predictor is None or solver_kwargs['solver'] == 'amed' \

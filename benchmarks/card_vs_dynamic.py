@@ -1,6 +1,6 @@
 """Static solver cards against the dynamic predictor on the built-in analytic model.
 
-Trains the quickstart's two AMED recipes (training/quickstart.py: AMED-Solver and AMED-Plugin on
+Trains the quickstart's two AMED recipes (evaluation/quickstart.py: AMED-Solver and AMED-Plugin on
 iPNDM, AFS) with the losses of ``--losses`` (the README's table: the official interval loss) at each NFE, exports a card from each predictor in every feature mode
 (integrations/card.py: ``mean``, ``mean_feature``, ``zero``) from the calibration seeds, and prints
 the RMS error to the exact ODE solution of the dynamic predictor and of each card, on validation
@@ -23,8 +23,9 @@ from integrations import card as C  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from torch_utils.misc import parse_int_list  # noqa: E402
-from training import evaluate, generate  # noqa: E402
-from training.quickstart import RECIPES  # noqa: E402
+from evaluation import accuracy  # noqa: E402
+from evaluation.quickstart import RECIPES  # noqa: E402
+from generation import generate  # noqa: E402
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -43,14 +44,14 @@ def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir, losses):
     model = load_model('toy', device=device)
     sets = {}
     for name, seeds in (('validation', val_seeds), ('evaluation', eval_seeds)):
-        sets[name] = evaluate.reference_set(model, parse_int_list(seeds))
+        sets[name] = accuracy.reference_set(model, parse_int_list(seeds))
     rows = {name: [] for name in sets}
     gaps = []
     for label, recipe in [(label, recipe) for label, recipe in RECIPES if recipe['loss'] in losses.split(',')]:
         values = {name: {} for name in sets}
         gap = {}
         for nfe in nfes:
-            path, predictor, settings = evaluate.train_recipe(recipe, nfe, device, dataset_name='toy', batch=batch,
+            path, predictor, settings = accuracy.train_recipe(recipe, nfe, device, dataset_name='toy', batch=batch,
                                                               total_kimg=kimg, tick_kimg=kimg, outdir=outdir,
                                                               desc='cardbench')
             kw = generate.solver_kwargs_from_settings(settings)
@@ -59,13 +60,13 @@ def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir, losses):
                 card = C.export_card(path, feature=mode, seeds=calib_seeds, model=model)
                 runs[f'card ({mode})'] = (C.CardPredictor(card), generate.solver_kwargs_from_settings(C.card_settings(card)))
             for name, (latents, cond, exact) in sets.items():
-                outs = {key: torch.cat([evaluate.solvers.sample(model, latents[i:i + 64], None if cond is None else
+                outs = {key: torch.cat([accuracy.solvers.sample(model, latents[i:i + 64], None if cond is None else
                                                                 cond[i:i + 64], predictor=p, **k)
                                         for i in range(0, len(latents), 64)]) for key, (p, k) in runs.items()}
                 for key, x in outs.items():
-                    values[name].setdefault(key, {})[nfe] = evaluate.rms_error(x, exact)
+                    values[name].setdefault(key, {})[nfe] = accuracy.rms_error(x, exact)
                     if name == 'evaluation' and key != 'dynamic':
-                        gap.setdefault(key, {})[nfe] = evaluate.rms_error(x, outs['dynamic'])
+                        gap.setdefault(key, {})[nfe] = accuracy.rms_error(x, outs['dynamic'])
             print(f'{label} NFE {nfe}: ' + ', '.join(f'{k} {v[nfe]:.4f}' for k, v in values['evaluation'].items()),
                   flush=True)
         for name in sets:
@@ -73,10 +74,10 @@ def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir, losses):
         gaps += [(f'{label}: {key}', v) for key, v in gap.items()]
     for name, seeds in (('validation', val_seeds), ('evaluation', eval_seeds)):
         print()
-        print(evaluate.format_table(rows[name], nfes, title=f'RMS error to the exact ODE solution (toy, {name} '
+        print(accuracy.format_table(rows[name], nfes, title=f'RMS error to the exact ODE solution (toy, {name} '
                                                             f'seeds {seeds})'))
     print()
-    print(evaluate.format_table(gaps, nfes, title=f'RMS distance of card samples to dynamic samples ({eval_seeds})'))
+    print(accuracy.format_table(gaps, nfes, title=f'RMS distance of card samples to dynamic samples ({eval_seeds})'))
     print(f'\nCalibration seeds {calib_seeds}; {kimg} kimg per predictor, batch {batch}; '
           f'total time {time.time() - start:.0f} s')
     dist.shutdown()

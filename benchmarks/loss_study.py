@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import evaluate, fid_lib, generate  # noqa: E402
+from evaluation import accuracy  # noqa: E402
+from generation import generate  # noqa: E402
+from metrics import frechet  # noqa: E402
 
 SEED_SETS = {'validation': range(200000, 200256), 'evaluation': range(100000, 100256)}
 FD_SEEDS = range(300000, 310000)
@@ -39,10 +41,10 @@ def seed_set(model, name, cache_dir):
     """Latents, conditioning and exact ODE solutions of a named seed set (exact solutions cached)."""
     path = os.path.join(cache_dir, f'exact-{type(model).__name__}-{name}.pt')
     if os.path.exists(path):
-        latents, cond = evaluate.seeded_inputs(model, SEED_SETS[name])
+        latents, cond = accuracy.seeded_inputs(model, SEED_SETS[name])
         exact = torch.load(path, weights_only=True)
     else:
-        latents, cond, exact = evaluate.reference_set(model, SEED_SETS[name])
+        latents, cond, exact = accuracy.reference_set(model, SEED_SETS[name])
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(exact, path)
     return latents, cond, exact
@@ -51,7 +53,7 @@ def seed_set(model, name, cache_dir):
 def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir):
     """Train one predictor; returns (predictor, settings, seconds)."""
     t0 = time.time()
-    _, predictor, settings = evaluate.train_recipe(dict(evaluate.AMED_RECIPES[recipe], **overrides), nfe,
+    _, predictor, settings = accuracy.train_recipe(dict(accuracy.AMED_RECIPES[recipe], **overrides), nfe,
                                                    dataset_name='toy', batch=batch, total_kimg=kimg, tick_kimg=kimg,
                                                    outdir=outdir, seed=seed, loss=loss)
     return predictor, settings, time.time() - t0
@@ -105,22 +107,22 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
                 values = {}
                 for nfe in nfes:
                     predictor, settings, seconds = train(recipe, nfe, loss, overrides, kimg, batch, seed, tmp)
-                    err = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+                    err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **generate.solver_kwargs_from_settings(settings))
                     values[nfe] = err
                     results.append(dict(recipe=recipe, loss=loss, nfe=nfe, error=err, train_seconds=seconds))
                     print(f'{recipe} {loss} NFE {nfe}: {err:.4f} (trained in {seconds:.1f} s)', flush=True)
                     save(results)
-                rows.append((f'{evaluate.AMED_LABELS[recipe]}, {loss} loss', values))
-    for label, kwargs in evaluate.BASELINES:
+                rows.append((f'{accuracy.AMED_LABELS[recipe]}, {loss} loss', values))
+    for label, kwargs in accuracy.BASELINES:
         values = {}
         for nfe in nfes:
-            num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
-            values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
+            num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+            values[nfe] = accuracy.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
             results.append(dict(recipe=label, loss=None, nfe=nfe, error=values[nfe]))
         rows.append((label, values))
     save(results)
-    print(evaluate.format_table(rows, nfes, title=f'RMS error ({seed_name} seeds, {len(latents)} samples)'))
+    print(accuracy.format_table(rows, nfes, title=f'RMS error ({seed_name} seeds, {len(latents)} samples)'))
 
 
 @main.command()
@@ -140,11 +142,11 @@ def explore(recipe, nfes, kimg, batch, seed, overrides, cache):
     with tempfile.TemporaryDirectory() as tmp:
         for nfe in [int(n) for n in nfes.split(',')]:
             predictor, settings, seconds = train(recipe, nfe, loss, ov, kimg, batch, seed, tmp)
-            err = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+            err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
                                         **generate.solver_kwargs_from_settings(settings))
-            base = dict(evaluate.BASELINES)['iPNDM']
-            ref = evaluate.solver_error(model, latents, exact, cond, afs=True, **base,
-                                        num_steps=evaluate.steps_for_nfe('ipndm', nfe, True, False))
+            base = dict(accuracy.BASELINES)['iPNDM']
+            ref = accuracy.solver_error(model, latents, exact, cond, afs=True, **base,
+                                        num_steps=accuracy.steps_for_nfe('ipndm', nfe, True, False))
             print(f'RESULT recipe={recipe} nfe={nfe} kimg={kimg} batch={batch} seed={seed} '
                   f'loss={loss} {" ".join(overrides)} error={err:.4f} ipndm={ref:.4f} ratio={err / ref:.3f} '
                   f'train_s={seconds:.1f}', flush=True)
@@ -168,23 +170,23 @@ def merge(files):
             if r['loss'] is None:
                 base.setdefault(r['recipe'], {})[r['nfe']] = r['error']
             else:
-                label = f"{evaluate.AMED_LABELS[r['recipe']]}, {r['loss']} loss{suffix}"
+                label = f"{accuracy.AMED_LABELS[r['recipe']]}, {r['loss']} loss{suffix}"
                 amed.setdefault(label, {})[r['nfe']] = r['error']
     nfes = sorted({n for v in list(amed.values()) + list(base.values()) for n in v})
-    order = sorted(amed, key=lambda k: (list(evaluate.AMED_LABELS.values()).index(k.split(',')[0]), k))
+    order = sorted(amed, key=lambda k: (list(accuracy.AMED_LABELS.values()).index(k.split(',')[0]), k))
     rows = [(k, amed[k]) for k in order] + list(base.items())
-    print(evaluate.format_table(rows, nfes, title='RMS error (evaluation seeds, 256 samples)'))
+    print(accuracy.format_table(rows, nfes, title='RMS error (evaluation seeds, 256 samples)'))
     print()
     ipndm = base['iPNDM']
     ratios = [(k, {n: amed[k][n] / ipndm[n] for n in amed[k]}) for k in order]
-    print(evaluate.format_table(ratios, nfes, title='ratio to plain iPNDM'))
+    print(accuracy.format_table(ratios, nfes, title='ratio to plain iPNDM'))
     print('\nCommands: ' + '; '.join(f'`{c}`' for c in commands))
 
 
 def pixel_stats(images):
     """FD-pixel8 statistics (mu, sigma) of [-1, 1] images, quantised to uint8 as a PNG would be."""
     u8 = torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)
-    f = fid_lib.PixelFeatures()(u8).numpy()
+    f = frechet.PixelFeatures()(u8).numpy()
     return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -202,24 +204,24 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
     data = [model.sample(len(FD_SEEDS), generator=torch.Generator().manual_seed(s)) for s in FD_DATA_SEEDS]
     ref_mu, ref_sigma = pixel_stats(data[0])
     results = [dict(label='exact data (second set): noise floor',
-                    fd=fid_lib.frechet_distance(*pixel_stats(data[1]), ref_mu, ref_sigma))]
-    latents, _ = evaluate.seeded_inputs(model, FD_SEEDS)
+                    fd=frechet.frechet_distance(*pixel_stats(data[1]), ref_mu, ref_sigma))]
+    latents, _ = accuracy.seeded_inputs(model, FD_SEEDS)
 
     def fd_of(predictor=None, **kwargs):
         with torch.no_grad():
             x = torch.cat([solvers.sample(model, latents[i:i + 500], predictor=predictor, **kwargs)
                            for i in range(0, len(latents), 500)])
-        return fid_lib.frechet_distance(*pixel_stats(x), ref_mu, ref_sigma)
+        return frechet.frechet_distance(*pixel_stats(x), ref_mu, ref_sigma)
 
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in [r for r in recipes.split(',') if r]:
             for loss in losses.split(','):
                 predictor, settings, _ = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp)
                 value = fd_of(predictor, **generate.solver_kwargs_from_settings(settings))
-                results.append(dict(label=f'{evaluate.AMED_LABELS[recipe]}, {loss} loss', fd=value))
+                results.append(dict(label=f'{accuracy.AMED_LABELS[recipe]}, {loss} loss', fd=value))
                 print(results[-1], flush=True)
-    for label, kwargs in evaluate.BASELINES:
-        num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+    for label, kwargs in accuracy.BASELINES:
+        num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
         results.append(dict(label=label, fd=fd_of(num_steps=num_steps, afs=True, **kwargs)))
         print(results[-1], flush=True)
     print(f'| FD-pixel8, NFE {nfe}, 10k samples vs 10k exact data | FD |\n|---|---|')

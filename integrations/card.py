@@ -43,7 +43,10 @@ import torch
 import solver_utils
 import solvers
 from dnnlib.util import open_url
+from generation import generate
+from models.presets import load_model
 from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
+from training import snapshot
 
 FORMAT = 'amed-solver-card'
 VERSION = 1
@@ -171,15 +174,13 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
 
     The model (needed for the schedule and, for the ``mean`` modes, the calibration trajectories)
     is ``model`` or loaded from the predictor's settings (``model_path`` overrides theirs)."""
-    from models.presets import load_model
-    from training import experiments, generate
-    path = experiments.resolve_predictor_path(predictor_path)
-    predictor, settings = generate.load_predictor(path, device=device)
+    path = snapshot.resolve_predictor_path(predictor_path)
+    predictor, settings = snapshot.load_predictor(path, device=device)
     if model is None:
         model = load_model(settings['dataset_name'], model_path or settings.get('model_path'),
                            settings.get('guidance_type'), settings.get('guidance_rate'), classifier_path=classifier_path,
                            prompt_path=prompt_path, prompt=prompt, device=device)
-    generate.check_compatible(settings, model)
+    snapshot.check_compatible(settings, model)
     kw = generate.solver_kwargs_from_settings(settings)
     spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in kw.items() if k != 'afs'})
     afs = bool(kw.get('afs', False))
@@ -278,7 +279,7 @@ class CardPredictor:
 
 
 def card_settings(card):
-    """The card as the settings dict that :mod:`training.generate` takes from a predictor snapshot."""
+    """The card as the settings dict that :mod:`generation.generate` takes from a predictor snapshot."""
     card = load_card(card)
     model = card.get('model', {})
     settings = dict(solver=card['solver'], num_steps=len(card['t_steps']), t_steps=list(card['t_steps']),
@@ -290,7 +291,7 @@ def card_settings(card):
 
 
 def load_card_predictor(source):
-    """(CardPredictor, settings) of a card file, in the form :func:`training.generate.load_predictor` returns."""
+    """(CardPredictor, settings) of a card file, in the form :func:`training.snapshot.load_predictor` returns."""
     predictor = CardPredictor(source)
     return predictor, card_settings(predictor.card)
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import solvers
 from models.base import Denoiser
+from training import snapshot
 
 from .card import CardPredictor, load_card
 
@@ -81,8 +82,7 @@ def _predictor_and_options(card, predictor, options, device):
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
-        from training import generate
-        predictor, settings = generate.load_predictor(predictor, device=device)
+        predictor, settings = snapshot.load_predictor(predictor, device=device)
         return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None
     if given.get('solver') is None:
         raise ValueError('a predictor object needs solver= (and the solver options it was trained with)')

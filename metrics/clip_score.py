@@ -27,21 +27,23 @@ from tqdm import tqdm
 import dnnlib
 from metrics import provenance as prov
 from models import clip
+from models.files import find_file, load_checkpoint
+from models.stable_diffusion import captions_file, load_captions
 from torch_utils import distributed as dist
-from training.fid_lib import FIDError, ImageSet, agree, attempt, image_loader, rank0_then_others, start
+from metrics.image_sets import ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others, start
 
 LABEL = 'CLIP score'
 WEIGHTS_DIR = './src/clip'
 
 
 def _user(fn, *args, **kwargs):
-    """Call ``fn``; the model code's FileNotFoundError / ValueError become FIDError (one line)."""
+    """Call ``fn``; the model code's FileNotFoundError / ValueError become MetricError (one line)."""
     try:
         return fn(*args, **kwargs)
-    except FIDError:
+    except MetricError:
         raise
     except (FileNotFoundError, ValueError) as e:
-        raise FIDError(' '.join(str(e).split())) from None
+        raise MetricError(' '.join(str(e).split())) from None
 
 
 def _need_extra():
@@ -49,7 +51,7 @@ def _need_extra():
         import ftfy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
         import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
-        raise FIDError(f'the CLIP score needs the optional extra ({e.name} is missing): '
+        raise MetricError(f'the CLIP score needs the optional extra ({e.name} is missing): '
                        f'pip install -r requirements-latent.txt') from None
 
 
@@ -61,18 +63,18 @@ def caption_indices(images, captions, path, subset):
     seeds = prov.seeds_of_names(images.names)
     if seeds is None:
         bad = next(n for n in images.names if not os.path.splitext(os.path.basename(n))[0].isdigit())
-        raise FIDError(f'cannot tell the seed of {images.display_name(images.names.index(bad))}: the CLIP score '
+        raise MetricError(f'cannot tell the seed of {images.display_name(images.names.index(bad))}: the CLIP score '
                        f'takes caption i for seed i and needs images named <seed>.png (as sample.py writes them)')
     first = {}
     for i, s in enumerate(seeds):
         if s in first:
-            raise FIDError(f'seed {s} appears twice: {images.display_name(first[s])} and {images.display_name(i)}')
+            raise MetricError(f'seed {s} appears twice: {images.display_name(first[s])} and {images.display_name(i)}')
         first[s] = i
         if s >= len(captions):
-            raise FIDError(f'image {images.display_name(i)} is seed {s} but {path} has {len(captions)} captions '
+            raise MetricError(f'image {images.display_name(i)} is seed {s} but {path} has {len(captions)} captions '
                            f'(seeds 0-{len(captions) - 1})')
     if not subset and len(seeds) != len(captions):
-        raise FIDError(f'{images.path} holds {len(seeds)} images but {path} has {len(captions)} captions: the '
+        raise MetricError(f'{images.path} holds {len(seeds)} images but {path} has {len(captions)} captions: the '
                        f'CLIP score takes one image per caption (seeds 0-{len(captions) - 1}); pass --num to '
                        f'score a seeded subset of the images')
     return seeds
@@ -91,9 +93,8 @@ def _load(model, weights, device):
     cfg, name, tag, url = clip.read_config(model)
     if weights is None:
         if url is None:
-            raise FIDError(f'--model {model} is a config file: give its weights with --weights')
+            raise MetricError(f'--model {model} is a config file: give its weights with --weights')
         candidate = os.path.join(WEIGHTS_DIR, f'{name}-{tag}', 'open_clip_pytorch_model.bin')
-        from models.files import find_file  # pylint: disable=import-outside-toplevel
         path = find_file(f'the CLIP weights of {name} {tag}', [candidate], url, option='--weights')
         spec = candidate if path == candidate else url
         tokenizer_dir = os.path.join(os.path.dirname(candidate), 'tokenizer')   # also for a download
@@ -101,16 +102,15 @@ def _load(model, weights, device):
         try:
             path, spec = dnnlib.util.open_url(weights, return_filename=True, verbose=dist.is_main()), weights
         except FileNotFoundError:
-            raise FIDError(f'--weights {weights}: no such file') from None
+            raise MetricError(f'--weights {weights}: no such file') from None
         except dnnlib.util.DownloadError as e:
-            raise FIDError(str(e)) from None
+            raise MetricError(str(e)) from None
         tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer')
-    from models.files import load_checkpoint  # pylint: disable=import-outside-toplevel
     net = clip.CLIP(cfg, where=f'--model {model}')
     clip.load_state(net, load_checkpoint(path, 'CLIP'), path)
     tokenizer = clip.load_tokenizer(tokenizer_dir)
     if len(tokenizer) != net.vocab_size:
-        raise FIDError(f'the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the CLIP text '
+        raise MetricError(f'the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the CLIP text '
                        f'tower {net.vocab_size}')
     record = dict(name=name, pretrained=tag, weights=spec, file=os.path.abspath(path), tokenizer=tokenizer.name_or_path)
     return net.eval().requires_grad_(False).to(device), tokenizer, record
@@ -163,7 +163,6 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
                    batch=batch, device=device, workers=workers, metrics_file=metrics_file)
     _need_extra()
     dev = start(device)
-    from models.stable_diffusion import captions_file, load_captions  # pylint: disable=import-outside-toplevel
     caption_path = rank0_then_others(_user, captions_file, prompt_path)   # rank 0 downloads the default first
     captions, err = attempt(_user, load_captions, caption_path)
     agree(err)
@@ -197,6 +196,6 @@ def compute_clip_score(images, prompt_path=None, model=clip.DEFAULT_MODEL, weigh
                               **prov.run_record(options)))
     _, err = attempt(write_line)
     if err:
-        raise FIDError(f'{LABEL} ({title}): {value:g}, but the metrics file could not be written: {err}')
+        raise MetricError(f'{LABEL} ({title}): {value:g}, but the metrics file could not be written: {err}')
     print(f'{LABEL} ({title}): {value:g}')
     return value

@@ -76,7 +76,7 @@ def _manifest(images):
 
 
 def images_record(images, num=None, seed=0):
-    """The ``images`` entry of a metrics line for an :class:`training.fid_lib.ImageSet`."""
+    """The ``images`` entry of a metrics line for an :class:`metrics.image_sets.ImageSet`."""
     seeds = seeds_of_names(images.names)
     return dict(path=os.path.abspath(images.path), num_images=len(images),
                 seeds=format_int_list(seeds) if seeds is not None and len(set(seeds)) == len(seeds) else None,

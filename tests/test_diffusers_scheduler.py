@@ -207,7 +207,7 @@ def test_readme_snippet_runs(sd, tmp_path, monkeypatch):
     import shutil
 
     from tests.readme import snippet
-    from training.generate import to_uint8
+    from generation.generate import to_uint8
     from transformers import CLIPTokenizer
     folder = str(tmp_path / 'tiny-sd')
     shutil.copytree(sd['folder'], folder)

@@ -1,4 +1,4 @@
-"""fid.py and training/fid_lib.py: the Frechet distance against closed forms, calc/ref round trips
+"""fid.py and metrics/frechet.py: the Frechet distance against closed forms, calc/ref round trips
 with a tiny pickled stand-in detector, the provenance of every value (metrics.jsonl, the npz's
 provenance), bad input, torchrun with two processes, the pixel metric on the built-in model, and
 two peers in the peer venv with injected weights: our Inception-v3 against pytorch-fid's, and our
@@ -24,9 +24,9 @@ from models import toy
 from models.inception import FIDInception
 from tests.fid_standin import StandInDetector
 from tests.peers import peer_python
-from training import fid_lib
+from metrics import frechet, image_sets
 from torch_utils.misc import parse_int_list
-from training.generate import to_uint8
+from generation.generate import to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,10 +106,10 @@ def test_fd_closed_form_diagonal():
     m1, m2 = rng.randn(7), rng.randn(7)
     s1, s2 = rng.uniform(0.1, 2, 7), rng.uniform(0.1, 2, 7)    # standard deviations
     expected = np.sum((m1 - m2) ** 2) + np.sum((s1 - s2) ** 2)
-    assert fid_lib.frechet_distance(m1, np.diag(s1 ** 2), m2, np.diag(s2 ** 2)) == pytest.approx(expected, rel=1e-10)
+    assert frechet.frechet_distance(m1, np.diag(s1 ** 2), m2, np.diag(s2 ** 2)) == pytest.approx(expected, rel=1e-10)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert fid_lib.frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9 + 1.5 ** 2, rel=1e-12)
-    assert abs(fid_lib.frechet_distance(m1, np.diag(s1), m1, np.diag(s1))) < 1e-12
+    assert frechet.frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9 + 1.5 ** 2, rel=1e-12)
+    assert abs(frechet.frechet_distance(m1, np.diag(s1), m1, np.diag(s1))) < 1e-12
 
 
 def test_fd_full_covariance_against_eigendecomposition():
@@ -123,9 +123,9 @@ def test_fd_full_covariance_against_eigendecomposition():
     s1_half = (v * np.sqrt(w)) @ v.T
     tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(s1_half @ s2 @ s1_half), 0, None)))
     expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert fid_lib.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
-    with pytest.raises(fid_lib.FIDError, match='dimensions'):
-        fid_lib.frechet_distance(m1, s1, m2[:3], s2[:3, :3])
+    assert frechet.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(image_sets.MetricError, match='dimensions'):
+        frechet.frechet_distance(m1, s1, m2[:3], s2[:3, :3])
 
 
 # ----------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_ref_calc_round_trip_folder_and_zip(standin):
     code, out = run_fid(['calc', '--images=b', '--ref=refs/a.npz', f'--detector={standin}', '--workers=0',
                          '--no-progress'])
     assert code == 0, out
-    expected = fid_lib.frechet_distance(*direct_stats(standin_features(other)), mu, sigma)
+    expected = frechet.frechet_distance(*direct_stats(standin_features(other)), mu, sigma)
     assert out.strip().splitlines()[-1] == f'FID: {expected:g}'
 
 
@@ -232,7 +232,7 @@ def test_grayscale_rgba_jpeg_become_rgb(in_tmp):
     PIL.Image.fromarray(rgba, 'RGBA').save('m/deeper/1.png')
     PIL.Image.fromarray(rgba[:, :, :3]).save('m/2.JPEG', quality=95)
     open('m/notes.txt', 'w').write('ignored')
-    images = fid_lib.ImageSet('m')
+    images = image_sets.ImageSet('m')
     assert images.names == ['0.png', '2.JPEG', 'deeper/1.png']
     assert np.array_equal(images.load(0), np.repeat(gray[:, :, None], 3, axis=2))
     assert np.array_equal(images.load(2), rgba[:, :, :3])
@@ -241,7 +241,7 @@ def test_grayscale_rgba_jpeg_become_rgb(in_tmp):
 
 def test_num_subset_is_seeded_and_sorted(standin):
     images = write_images('a', 10)
-    picks = [fid_lib.ImageSet('a', num=4, seed=s).names for s in (1, 1, 2)]
+    picks = [image_sets.ImageSet('a', num=4, seed=s).names for s in (1, 1, 2)]
     assert picks[0] == picks[1] == sorted(picks[0]) and picks[0] != picks[2]
     keep = np.sort(np.random.RandomState(1).choice(10, 4, replace=False))
     assert picks[0] == [f'img{i:03d}.png' for i in keep]
@@ -491,5 +491,5 @@ def test_fid_matches_torchmetrics(in_tmp, one_thread):
     assert np.abs(ours['mu'] - theirs['mu']).max() <= 1e-4 * np.abs(ours['mu']).max()
     assert np.abs(ours['sigma'] - theirs['sigma']).max() <= 1e-4 * np.abs(ours['sigma']).max()
     # scipy's sqrtm (ours, EDM's) and torchmetrics' eigenvalues of sigma1 sigma2: the same distance.
-    value = fid_lib.frechet_distance(small['mu1'], small['sigma1'], small['mu2'], small['sigma2'])
+    value = frechet.frechet_distance(small['mu1'], small['sigma1'], small['mu2'], small['sigma2'])
     assert value > 100 and abs(float(theirs['fid']) - value) <= 1e-6 * value, (float(theirs['fid']), value)

@@ -8,7 +8,7 @@ import torch
 import solvers
 from models.toy import GaussianMixture
 from torch_utils.misc import StackedRandomGenerator
-from training import evaluate
+from evaluation import accuracy
 from training.loss import AMEDLoss
 from training.networks import AMEDPredictor
 
@@ -117,7 +117,7 @@ def test_checkpointing_same_gradient_recomputes(toy):
 def _train(toy, loss, kimg=2.0, batch=32):
     """A short training of the paper's AMED-Plugin recipe on iPNDM at NFE 5 (AFS)."""
     from training.training_loop import StatsCollector, build_predictor, draw_batch, sample_seeds, train_batch
-    r = evaluate.AMED_RECIPES['ipndm']
+    r = accuracy.AMED_RECIPES['ipndm']
     loss_fn = AMEDLoss(toy, r['sampler_stu'], r['sampler_tea'], num_steps=4, M=r['M'], afs=True,
                        schedule_type=r['schedule_type'], schedule_rho=r['schedule_rho'], max_order=r['max_order'])
     pred = build_predictor(dict(scale_dir=r['scale_dir'], scale_time=r['scale_time']), 0, None, torch.device('cpu'))
@@ -137,7 +137,7 @@ def test_short_trajectory_training_beats_ipndm_and_interval_loss(toy):
     seeds = list(range(500000, 500128))
     rnd = StackedRandomGenerator(torch.device('cpu'), seeds)
     latents = rnd.randn([len(seeds), *toy.img_shape])
-    exact = evaluate.exact_solution(toy, latents, toy.sigma_max, toy.sigma_min, steps_per_unit=16)
+    exact = accuracy.exact_solution(toy, latents, toy.sigma_max, toy.sigma_min, steps_per_unit=16)
     kw = dict(solver='ipndm', max_order=4, afs=True, schedule_type='polynomial', schedule_rho=7.0)
 
     def per_sample(predictor, num_steps):

@@ -1,4 +1,5 @@
-"""Experiment folders: naming new runs and finding a run's predictor by experiment number.
+"""Experiment folders: naming and creating new runs (finding a run's predictor is
+:func:`training.snapshot.resolve_predictor_path`).
 
 A run lives in ``<outdir>/NNNNN-<dataset>-<num_steps>-<nfe>-<student>-<teacher>-<M>-<schedule>[-afs][-<desc>]``
 (REFERENCE.md section 5; unlike the official code, ``--desc`` is joined with a '-').
@@ -9,8 +10,6 @@ import re
 
 import solver_utils
 
-SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
-SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
 
 
 def schedule_tag(schedule_type, schedule_rho):
@@ -65,43 +64,3 @@ def make_run_dir(outdir, name_fn):
         except FileExistsError:
             run_id = max(_run_ids(outdir) + [run_id]) + 1
     raise RuntimeError(f'could not create a new run folder in {outdir}')
-
-
-def latest_snapshot(run_dir):
-    """The snapshot with the largest kimg in a run folder (ours .pt or published .pkl)."""
-    found = []
-    for entry in os.listdir(run_dir):
-        m = SNAPSHOT_RE.match(entry)
-        if m:
-            found.append((int(m.group(1)), entry.endswith('.pt'), entry))
-    if not found:
-        raise FileNotFoundError(f'no network-snapshot-*.pt or *.pkl in {run_dir}')
-    return os.path.join(run_dir, max(found)[2])
-
-
-def resolve_predictor_path(spec, search_dirs=SEARCH_DIRS):
-    """``spec`` is a snapshot file (or URL), a run folder, or an experiment number such as '3' or
-    '00003', looked up in ./exps and ./exp. Returns the snapshot path; raises FileNotFoundError /
-    ValueError with one line when nothing or more than one run matches."""
-    spec = str(spec)
-    if re.fullmatch(r'\d+', spec):
-        run_id = int(spec)
-        matches = []
-        for d in search_dirs:
-            if os.path.isdir(d):
-                for entry in sorted(os.listdir(d)):
-                    m = re.match(r'^(\d+)-', entry)
-                    if m and int(m.group(1)) == run_id and os.path.isdir(os.path.join(d, entry)):
-                        matches.append(os.path.join(d, entry))
-        if not matches:
-            raise FileNotFoundError(f"experiment {run_id} not found in {' or '.join('./' + d for d in search_dirs)}")
-        if len(matches) > 1:
-            raise ValueError(f"experiment {run_id} is ambiguous: {', '.join(matches)}")
-        return latest_snapshot(matches[0])
-    if '://' in spec:
-        return spec
-    if os.path.isdir(spec):
-        return latest_snapshot(spec)
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f'predictor file not found: {spec}')
-    return spec

@@ -11,6 +11,8 @@ import os
 from models.presets import load_model
 from torch_utils import distributed as dist
 from training import experiments
+from training.networks import AMEDPredictor
+from training.snapshot import load_predictor
 from training.loss import LOSSES, MULTISTEP, AMEDLoss
 from training.training_loop import split_batch, training_loop
 
@@ -104,8 +106,6 @@ def plan_training(options, device):
 def initial_weights(spec, settings, predictor_kwargs):
     """Weights to start training from: a predictor (ours or published; path, run folder or
     experiment number) trained for the same student, number of steps and model."""
-    from training.generate import load_predictor
-    from training.networks import AMEDPredictor
     predictor, loaded = load_predictor(spec)
     for key in ('solver', 'num_steps', 'dataset_name'):
         if loaded.get(key) != settings[key]:

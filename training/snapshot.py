@@ -1,4 +1,6 @@
-"""A code-free snapshot format for AMED predictors.
+"""Predictor files: our code-free snapshot format, and the one entry point that reads any
+predictor (:func:`load_predictor`: a snapshot, a run folder, an experiment number, or a published
+NVIDIA-persistence pickle through :mod:`training.legacy`).
 
 A snapshot is a ``torch.save``'d dict of plain data and tensors only::
 
@@ -9,12 +11,14 @@ A snapshot is a ``torch.save``'d dict of plain data and tensors only::
 
 so :func:`load_snapshot` reads it with ``torch.load(weights_only=True)`` and executes no code.
 NVIDIA-persistence pickles (the official ``.pkl`` predictors) are a different format that embeds
-source code; they are not read here.
+source code; :func:`load_snapshot` refuses them and :func:`load_predictor` hands them to
+:func:`training.legacy.load_published_predictor`.
 """
 
 import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
 
@@ -22,12 +26,16 @@ import torch
 
 from torch_utils.misc import atomic_write
 
+from training.legacy import load_published_predictor
 from training.networks import AMEDPredictor
 
-__all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot']
+__all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'load_predictor', 'resolve_predictor_path',
+           'latest_snapshot', 'check_compatible']
 
 FORMAT = 'amed-predictor'
 VERSION = 1
+SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
+SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
 
 
 def _plain(name, value):
@@ -127,3 +135,70 @@ def load_snapshot(path, device='cpu'):
         raise ValueError(f'{path}: state_dict does not match predictor_config: {first}') from None
     predictor.eval().requires_grad_(False)
     return predictor.to(device), settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Any predictor file: ours, a run folder, an experiment number, a published pickle.
+
+def latest_snapshot(run_dir):
+    """The snapshot with the largest kimg in a run folder (ours .pt or published .pkl)."""
+    found = []
+    for entry in os.listdir(run_dir):
+        m = SNAPSHOT_RE.match(entry)
+        if m:
+            found.append((int(m.group(1)), entry.endswith('.pt'), entry))
+    if not found:
+        raise FileNotFoundError(f'no network-snapshot-*.pt or *.pkl in {run_dir}')
+    return os.path.join(run_dir, max(found)[2])
+
+
+def resolve_predictor_path(spec, search_dirs=SEARCH_DIRS):
+    """``spec`` is a snapshot file (or URL), a run folder, or an experiment number such as '3' or
+    '00003', looked up in ./exps and ./exp. Returns the snapshot path; raises FileNotFoundError /
+    ValueError with one line when nothing or more than one run matches."""
+    spec = str(spec)
+    if re.fullmatch(r'\d+', spec):
+        run_id = int(spec)
+        matches = []
+        for d in search_dirs:
+            if os.path.isdir(d):
+                for entry in sorted(os.listdir(d)):
+                    m = re.match(r'^(\d+)-', entry)
+                    if m and int(m.group(1)) == run_id and os.path.isdir(os.path.join(d, entry)):
+                        matches.append(os.path.join(d, entry))
+        if not matches:
+            raise FileNotFoundError(f"experiment {run_id} not found in {' or '.join('./' + d for d in search_dirs)}")
+        if len(matches) > 1:
+            raise ValueError(f"experiment {run_id} is ambiguous: {', '.join(matches)}")
+        return latest_snapshot(matches[0])
+    if '://' in spec:
+        return spec
+    if os.path.isdir(spec):
+        return latest_snapshot(spec)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f'predictor file not found: {spec}')
+    return spec
+
+
+def load_predictor(spec, device='cpu'):
+    """Load any predictor: our snapshot (.pt) or a published pickle (.pkl), given as a file, URL,
+    run folder or experiment number (:func:`resolve_predictor_path`).
+
+    Returns (predictor, settings) where settings hold everything the sampler needs."""
+    path = resolve_predictor_path(spec)
+    if path.endswith('.pkl'):
+        return load_published_predictor(path, device=device)
+    return load_snapshot(path, device=device)
+
+
+def check_compatible(settings, model):
+    """Raise ValueError (one line) when a predictor was trained for another model."""
+    if settings.get('dataset_name') not in (None, getattr(model, 'dataset_name', None)):
+        raise ValueError(f"the predictor was trained for dataset {settings['dataset_name']!r}, "
+                         f"not {getattr(model, 'dataset_name', None)!r}")
+    if tuple(settings.get('img_shape', model.img_shape)) != tuple(model.img_shape):
+        raise ValueError(f"the predictor was trained for images of shape {tuple(settings['img_shape'])}, "
+                         f"the model makes {tuple(model.img_shape)}")
+    if int(settings.get('label_dim', model.label_dim)) != int(model.label_dim):
+        raise ValueError(f"the predictor was trained for label_dim {settings['label_dim']}, "
+                         f"the model has {model.label_dim}")

@@ -1,4 +1,4 @@
-"""Frechet distances of image sets: the library behind ``fid.py`` (calc, ref, toydata).
+"""Frechet distances of image sets: the library behind ``fid.py calc`` and ``fid.py ref``.
 
 Two metrics, each with its own label, and statistics files that say which one made them:
 
@@ -20,19 +20,16 @@ Multi-process: under torchrun each rank extracts features of its share of the im
 accumulated in float64 and summed over ranks with ``all_reduce_sum``. Errors (an unreadable image,
 a size mismatch, a missing file) reach every rank, so no rank waits forever at a collective.
 
-Errors meant for the user are :class:`FIDError` (a ValueError) with a one-line message.
+Errors meant for the user are :class:`MetricError` (a ValueError) with a one-line message.
 """
 
 import functools
-import io
 import json
-import os
 import time
 import warnings
 import zipfile
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.distributed
 import torch.nn.functional as F
@@ -40,6 +37,8 @@ from tqdm import tqdm
 
 import dnnlib
 from metrics import provenance as prov
+from models.inception import FIDInception
+from metrics.image_sets import ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others, start
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import atomic_write
@@ -48,172 +47,12 @@ DEFAULT_DETECTOR = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/styleg
                     'inception-2015-12-05.pkl')
 PIXEL_RES = 8
 METRICS = {'fid': 'FID', 'pixel': f'FD-pixel{PIXEL_RES}'}   # CLI name -> label (stored in the npz)
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
-
-
-class FIDError(ValueError):
-    """A problem with the user's input: the message is one line that says what to fix."""
-
-
-# ----------------------------------------------------------------------------
-# Keeping ranks in step on errors.
-
-def agree(err):
-    """Raise FIDError on every rank if ``err`` (a message or None) is set on any rank.
-
-    One small all-reduce per call; the messages are exchanged only when something failed."""
-    if dist.get_world_size() == 1:
-        if err:
-            raise FIDError(err)
-        return
-    flag = torch.tensor([1.0 if err else 0.0], dtype=torch.float64)
-    if float(dist.all_reduce_sum(flag)[0]) == 0:
-        return
-    messages = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(messages, err)
-    raise FIDError(next(m for m in messages if m))
-
-
-def attempt(fn, *args, **kwargs):
-    """(result, None) or (None, one-line message) for the user-level errors of ``fn``."""
-    try:
-        return fn(*args, **kwargs), None
-    except FIDError as e:
-        return None, str(e)
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        return None, ' '.join(f'{type(e).__name__}: {e}'.split())
-
-
-def rank0_then_others(fn, *args, **kwargs):
-    """Run ``fn`` on rank 0 first (e.g. a download into the cache), then on the other ranks."""
-    result, err = (attempt(fn, *args, **kwargs) if dist.is_main() else (None, None))
-    agree(err)
-    if not dist.is_main():
-        result, err = attempt(fn, *args, **kwargs)
-    agree(err)
-    return result
-
-
-# ----------------------------------------------------------------------------
-# Image sets: a folder (recursive) or a zip of PNG/JPEG files.
-
-def _decode(data, name):
-    """Bytes of one image file -> uint8 (H, W, 3). Grayscale becomes RGB; alpha is dropped."""
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = img.convert('RGB')
-    except PIL.UnidentifiedImageError:
-        raise FIDError(f'cannot read image {name}: not an image file that PIL can decode') from None
-    except Exception as e:  # PIL raises many types for a damaged file
-        reason = ' '.join(str(e).split()) or type(e).__name__
-        raise FIDError(f'cannot read image {name}: {reason}') from None
-    return np.array(rgb, dtype=np.uint8)  # a writable copy
-
-
-class ImageSet:
-    """The images of a folder (searched recursively) or a ``.zip``, in sorted order of their
-    relative paths; files other than PNG/JPEG are ignored. Each image is decoded to RGB uint8.
-
-    ``num`` (optional) selects a seeded subset: ``np.random.RandomState(seed).choice(total, num,
-    replace=False)``, sorted. Picklable (a zip is reopened in each process)."""
-
-    def __init__(self, path, num=None, seed=0, min_images=2, purpose='the statistics'):
-        self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            self.kind = 'dir'
-            names = []
-            for root, _dirs, files in os.walk(self.path):
-                for f in files:
-                    names.append(os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/'))
-        elif os.path.isfile(self.path) and self.path.lower().endswith('.zip'):
-            self.kind = 'zip'
-            try:
-                with zipfile.ZipFile(self.path) as z:
-                    names = [n for n in z.namelist() if not n.endswith('/')]
-            except (zipfile.BadZipFile, OSError) as e:
-                raise FIDError(f'cannot open zip {self.path}: {e}') from None
-        elif os.path.exists(self.path):
-            raise FIDError(f'{self.path} is neither a folder nor a .zip file')
-        else:
-            raise FIDError(f'{self.path} does not exist')
-        names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
-        total = len(names)
-        if num is not None:
-            if num < min_images:
-                raise FIDError(f'--num must be at least {min_images}, got {num}')
-            if num > total:
-                raise FIDError(f'--num={num} but {self.path} holds only {total} images')
-            keep = np.sort(np.random.RandomState(seed).choice(total, num, replace=False))
-            names = [names[i] for i in keep]
-        if len(names) < min_images:
-            raise FIDError(f'{self.path} holds {len(names)} PNG/JPEG image(s); {purpose} need(s) at least {min_images}')
-        self.names = names
-        self._zip = None
-        self._zip_pid = None
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getstate__(self):
-        return dict(self.__dict__, _zip=None, _zip_pid=None)
-
-    def _read(self, name):
-        if self.kind == 'dir':
-            with open(os.path.join(self.path, name), 'rb') as f:
-                return f.read()
-        if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.path)
-            self._zip_pid = os.getpid()
-        return self._zip.read(name)
-
-    def display_name(self, i):
-        return f'{self.path}:{self.names[i]}' if self.kind == 'zip' else os.path.join(self.path, self.names[i])
-
-    def load(self, i):
-        """Image ``i`` as uint8 (H, W, 3)."""
-        name = self.display_name(i)
-        try:
-            data = self._read(self.names[i])
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
-            raise FIDError(f'cannot read image {name}: {e}') from None
-        return _decode(data, name)
-
-
-class ImageBatches(torch.utils.data.Dataset):
-    """Item k = batch k of this rank: (image indices, ``torch.stack`` of ``prepare(images, i, image)``
-    over them or None, error message or None).
-
-    Errors travel as messages, so that a DataLoader worker never raises and every rank sees them."""
-
-    def __init__(self, images, batches, prepare):
-        self.images, self.batches, self.prepare = images, batches, prepare
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, k):
-        idx = self.batches[k].tolist()
-        if not idx:
-            return idx, None, None
-        try:
-            x = torch.stack([self.prepare(self.images, i, self.images.load(i)) for i in idx])
-        except FIDError as e:
-            return idx, None, str(e)
-        return idx, x, None
-
-
-def image_loader(images, batches, prepare, workers):
-    """A DataLoader over :class:`ImageBatches` (``workers`` processes; 0: in this process)."""
-    return torch.utils.data.DataLoader(ImageBatches(images, batches, prepare), batch_size=None, shuffle=False,
-                                       num_workers=workers, prefetch_factor=2 if workers > 0 else None)
 
 
 def _uint8_chw(images, i, img, size):
     """FID input: image i as uint8 (3, H, W), after checking that it has the first image's size."""
     if img.shape[:2] != size:
-        raise FIDError(f'image {images.display_name(i)} is {img.shape[1]}x{img.shape[0]} pixels '
+        raise MetricError(f'image {images.display_name(i)} is {img.shape[1]}x{img.shape[0]} pixels '
                        f'but {images.display_name(0)} is {size[1]}x{size[0]}: all images must have the same size')
     return torch.from_numpy(img).permute(2, 0, 1)
 
@@ -238,10 +77,10 @@ def _local_file(spec):
 
 
 def _check_state_dict(state, net, spec):
-    """FIDError naming what does not fit when ``state`` is not a state dict of ``net``."""
+    """MetricError naming what does not fit when ``state`` is not a state dict of ``net``."""
     what = f'--detector {spec}: not a state dict of the FID Inception-v3 (pytorch-fid pt_inception-2015-12-05-*.pth)'
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FIDError(f'{what}: it holds a {type(state).__name__}')
+        raise MetricError(f'{what}: it holds a {type(state).__name__}')
     own = net.state_dict()
     optional = [k for k in own if k.endswith('num_batches_tracked')]   # batch norm restores these itself
     problems = []
@@ -252,7 +91,7 @@ def _check_state_dict(state, net, spec):
         if keys:
             problems.append(f'{len(keys)} {label} (e.g. {keys[0]})')
     if problems:
-        raise FIDError(f'{what}: {", ".join(problems)}')
+        raise MetricError(f'{what}: {", ".join(problems)}')
 
 
 def _load_detector_file(spec, device):
@@ -260,25 +99,24 @@ def _load_detector_file(spec, device):
     try:
         path = _local_file(spec)
     except FileNotFoundError:
-        raise FIDError(f'--detector {spec}: no such file') from None
+        raise MetricError(f'--detector {spec}: no such file') from None
     except dnnlib.util.DownloadError as e:
-        raise FIDError(str(e)) from None
+        raise MetricError(str(e)) from None
     if base.endswith('.pth'):
-        from models.inception import FIDInception  # pylint: disable=import-outside-toplevel
         net = FIDInception()
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # a damaged file or one that is not a plain state dict
-            raise FIDError(f'--detector {spec}: cannot load it as weights: {" ".join(str(e).split())[:200]}') from None
+            raise MetricError(f'--detector {spec}: cannot load it as weights: {" ".join(str(e).split())[:200]}') from None
         _check_state_dict(state, net, spec)
         net.load_state_dict(state, strict=True)
         return net.to(device)
     try:
         net = persistence.load_pickle(path, 'detector', verbose=False)   # the caller printed the note
     except ValueError as e:
-        raise FIDError(f'--detector {spec}: cannot unpickle: {e}') from None
+        raise MetricError(f'--detector {spec}: cannot unpickle: {e}') from None
     if not callable(net):
-        raise FIDError(f'--detector {spec}: the pickle holds a {type(net).__name__}, not a network')
+        raise MetricError(f'--detector {spec}: the pickle holds a {type(net).__name__}, not a network')
     return net.to(device) if hasattr(net, 'to') else net
 
 
@@ -291,7 +129,7 @@ def load_detector(spec, device=torch.device('cpu')):
     """
     base = spec.split('?')[0].lower()
     if not base.endswith(('.pth', '.pkl')):
-        raise FIDError(f'--detector must name a .pkl (a pickled network, e.g. NVIDIA\'s) or a .pth '
+        raise MetricError(f'--detector must name a .pkl (a pickled network, e.g. NVIDIA\'s) or a .pth '
                        f'(state dict of the FID Inception-v3), got {spec}')
     if base.endswith('.pkl'):
         dist.print0(f'Loading detector {spec} (unpickling executes code from the file: trusted files only)')
@@ -307,7 +145,7 @@ def make_detector(metric, detector=None, device=torch.device('cpu')):
     _check_metric(metric)
     if metric == 'pixel':
         if detector is not None:
-            raise FIDError('--detector does not apply to --metric=pixel (it uses no network)')
+            raise MetricError('--detector does not apply to --metric=pixel (it uses no network)')
         return PixelFeatures()
     return load_detector(detector or DEFAULT_DETECTOR, device)
 
@@ -326,7 +164,7 @@ def feature_stats(images, detector, batch=64, device=torch.device('cpu'), worker
     size = first.shape[:2]
     probe = detector(torch.from_numpy(first).permute(2, 0, 1)[None].to(device), return_features=True)
     if probe.ndim != 2 or probe.shape[0] != 1:
-        raise FIDError(f'the detector returned shape {tuple(probe.shape)} for one image; expected (1, D)')
+        raise MetricError(f'the detector returned shape {tuple(probe.shape)} for one image; expected (1, D)')
     dim = probe.shape[1]
 
     batches = dist.rank_seeds(range(n), batch)
@@ -342,7 +180,7 @@ def feature_stats(images, detector, batch=64, device=torch.device('cpu'), worker
             continue
         f = detector(x.to(device), return_features=True).to(torch.float64)
         if f.shape != (x.shape[0], dim):
-            raise FIDError(f'the detector returned shape {tuple(f.shape)} for {x.shape[0]} images; '
+            raise MetricError(f'the detector returned shape {tuple(f.shape)} for {x.shape[0]} images; '
                            f'expected ({x.shape[0]}, {dim})')
         mu_sum += f.sum(dim=0)
         sigma_sum += f.T @ f
@@ -364,7 +202,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise FIDError(f'the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}')
+        raise MetricError(f'the statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}')
     m = np.square(mu1 - mu2).sum()
     with warnings.catch_warnings():  # singular products are common (fewer images than dimensions): as EDM's disp=False
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
@@ -390,13 +228,13 @@ def load_stats(ref):
         with dnnlib.util.open_url(ref, verbose=dist.is_main()) as f:
             data = dict(np.load(f, allow_pickle=False))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise FIDError(f'cannot read reference statistics {ref}: {" ".join(str(e).split())}') from None
+        raise MetricError(f'cannot read reference statistics {ref}: {" ".join(str(e).split())}') from None
     missing = [k for k in ('mu', 'sigma') if k not in data]
     if missing:
-        raise FIDError(f'{ref} is not a statistics file: it lacks {", ".join(missing)}')
+        raise MetricError(f'{ref} is not a statistics file: it lacks {", ".join(missing)}')
     mu, sigma = data['mu'], data['sigma']
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+        raise MetricError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
     metric = str(data['metric']) if 'metric' in data else METRICS['fid']
     try:
         provenance = json.loads(str(data['provenance'])) if 'provenance' in data else None
@@ -410,15 +248,7 @@ def load_stats(ref):
 
 def _check_metric(metric):
     if metric not in METRICS:
-        raise FIDError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-
-
-def start(device=None):
-    """``dist.init(device)`` with its errors as FIDError; returns the device."""
-    try:
-        return dist.init(device)
-    except (RuntimeError, ValueError) as e:
-        raise FIDError(str(e)) from None
+        raise MetricError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 def detector_record(metric, detector=None):
@@ -486,7 +316,7 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
     if not dist.is_main():
         return None
     if mu.shape != stats['mu'].shape:
-        raise FIDError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
+        raise MetricError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
                        f'{mu.shape[0]}-d features: the reference was made with another detector')
     value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
 
@@ -496,36 +326,6 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         prov.append(log, dict(record, ref=prov.file_record(ref, provenance=stats['provenance'])))
     _, err = attempt(write_line)
     if err:
-        raise FIDError(f'{label}: {value:g}, but the metrics file could not be written: {err}')
+        raise MetricError(f'{label}: {value:g}, but the metrics file could not be written: {err}')
     print(f'{label}: {value:g}')
     return value
-
-
-def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True):
-    """Write ``num`` exact data samples of a built-in analytic model as PNGs (``dest/000000/000000.png``...).
-
-    Image i comes from chunk i // 100, drawn as ``model.sample(100, generator)`` with a generator
-    seeded from (seed, chunk) by numpy's SeedSequence, so it depends only on (seed, i), not on
-    ``num`` or the number of processes, and its noise is unrelated to sample.py's seed i.
-    Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks."""
-    from models import toy  # pylint: disable=import-outside-toplevel
-    from training.generate import save_png, seed_path, to_uint8  # pylint: disable=import-outside-toplevel
-    if num < 1:
-        raise FIDError(f'--num must be at least 1, got {num}')
-    try:
-        model = toy.build(dataset_name)
-    except ValueError as e:
-        raise FIDError(str(e)) from None
-    chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
-    for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
-        if len(chunk) == 0:
-            continue
-        c = int(chunk[0])
-        state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        images = to_uint8(model.sample(TOY_CHUNK, gen))
-        for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
-            i = c * TOY_CHUNK + j
-            save_png(seed_path(dest, i, 'png'), images[j])
-    dist.barrier()
-    dist.print0(f'Wrote {num} exact samples of {dataset_name} to {dest}')

@@ -1,7 +1,7 @@
 """Quickstart on the built-in analytic model: train AMED predictors, sample a grid, and compare
 AMED-Solver and AMED-Plugin (iPNDM) with plain solvers by their error to the exact ODE solution.
 
-    python -m training.quickstart            # what quickstart.sh runs after installing
+    python -m evaluation.quickstart           # what quickstart.sh runs after installing
 
 Everything runs on CPU in a few minutes; nothing is downloaded.
 """
@@ -14,11 +14,12 @@ import torch
 
 from models.presets import load_model
 from torch_utils import distributed as dist
-from training import evaluate, generate
+from evaluation import accuracy
+from generation import generate
 
 #: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
 #: with the official per-interval loss and with the trajectory loss.
-RECIPES = [(f'{evaluate.AMED_LABELS[name]}, {loss} loss', dict(evaluate.AMED_RECIPES[name], loss=loss))
+RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_RECIPES[name], loss=loss))
            for name in ('amed', 'ipndm') for loss in ('interval', 'trajectory')]
 
 
@@ -41,7 +42,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
     device = dist.init('cpu')
     model = load_model(dataset_name, device=device)
-    latents, cond, exact = evaluate.reference_set(model, range(num), device)
+    latents, cond, exact = accuracy.reference_set(model, range(num), device)
     print(f'Exact ODE solutions of {num} samples: {time.time() - start:.1f} s')
 
     rows = []
@@ -51,20 +52,20 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
         values = {}
         for nfe in nfes:
             t0 = time.time()
-            _, predictor, settings = evaluate.train_recipe(recipe, nfe, device, progress=progress,
+            _, predictor, settings = accuracy.train_recipe(recipe, nfe, device, progress=progress,
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
                                                            tick_kimg=kimg, outdir=outdir, desc='quickstart')
-            values[nfe] = evaluate.solver_error(model, latents, exact, cond, predictor=predictor,
+            values[nfe] = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **generate.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
                 grid_run = predictor, settings
         rows.append((label, values))
-    for label, kwargs in evaluate.BASELINES:
+    for label, kwargs in accuracy.BASELINES:
         values = {}
         for nfe in nfes:
-            num_steps = evaluate.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
-            values[nfe] = evaluate.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
+            num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+            values[nfe] = accuracy.solver_error(model, latents, exact, cond, num_steps=num_steps, afs=True, **kwargs)
         rows.append((label, values))
 
     if grid_run is not None:
@@ -76,7 +77,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
         print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
     print()
-    print(evaluate.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
+    print(accuracy.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
     print(f'\nTotal time: {time.time() - start:.0f} s')
     dist.shutdown()
 

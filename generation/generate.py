@@ -13,37 +13,14 @@ from tqdm import tqdm
 
 import solver_utils
 import solvers
+from models import toy
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator, atomic_write
-from training import experiments
+
+TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
 
 SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs',
                'max_order', 'predict_x0', 'lower_order_final', 'thresholding', 't_steps')
-
-
-def load_predictor(spec, device='cpu'):
-    """Load a predictor from a snapshot path, run folder or experiment number.
-
-    Returns (predictor, settings) where settings hold everything the sampler needs."""
-    path = experiments.resolve_predictor_path(spec)
-    if path.endswith('.pkl'):
-        from training.legacy import load_published_predictor
-        return load_published_predictor(path, device=device)
-    from training.snapshot import load_snapshot
-    return load_snapshot(path, device=device)
-
-
-def check_compatible(settings, model):
-    """Raise ValueError (one line) when a predictor was trained for another model."""
-    if settings.get('dataset_name') not in (None, getattr(model, 'dataset_name', None)):
-        raise ValueError(f"the predictor was trained for dataset {settings['dataset_name']!r}, "
-                         f"not {getattr(model, 'dataset_name', None)!r}")
-    if tuple(settings.get('img_shape', model.img_shape)) != tuple(model.img_shape):
-        raise ValueError(f"the predictor was trained for images of shape {tuple(settings['img_shape'])}, "
-                         f"the model makes {tuple(model.img_shape)}")
-    if int(settings.get('label_dim', model.label_dim)) != int(model.label_dim):
-        raise ValueError(f"the predictor was trained for label_dim {settings['label_dim']}, "
-                         f"the model has {model.label_dim}")
 
 
 def solver_kwargs_from_settings(settings):
@@ -126,3 +103,31 @@ def generate_images(model, seeds, outdir, solver_kwargs, predictor=None, batch=6
             save_png(os.path.join(outdir, 'grid.png'), make_grid(np.stack([img for _, img in allimgs])))
     dist.barrier()
     return written
+
+
+def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True):
+    """Write ``num`` exact data samples of a built-in analytic model as PNGs (``dest/000000/000000.png``...).
+
+    Image i comes from chunk i // 100, drawn as ``model.sample(100, generator)`` with a generator
+    seeded from (seed, chunk) by numpy's SeedSequence, so it depends only on (seed, i), not on
+    ``num`` or the number of processes, and its noise is unrelated to sample.py's seed i.
+    Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks."""
+    if num < 1:
+        raise ValueError(f'--num must be at least 1, got {num}')
+    try:
+        model = toy.build(dataset_name)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
+    for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
+        if len(chunk) == 0:
+            continue
+        c = int(chunk[0])
+        state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        images = to_uint8(model.sample(TOY_CHUNK, gen))
+        for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
+            i = c * TOY_CHUNK + j
+            save_png(seed_path(dest, i, 'png'), images[j])
+    dist.barrier()
+    dist.print0(f'Wrote {num} exact samples of {dataset_name} to {dest}')
