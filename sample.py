@@ -8,19 +8,13 @@ Examples:
     python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (integrations/card.py)
 """
 
-import os
-
 import click
 
+import solver_utils
 import solvers
-from models.presets import dataset_names, load_model
+from models.presets import dataset_names
 from torch_utils import distributed as dist
-from torch_utils.misc import parse_int_list
 from generation import generate
-from training import snapshot
-
-PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False)
-
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--predictor_path', help='Predictor snapshot, run folder, or experiment number (./exps, ./exp)', type=str)
@@ -40,75 +34,31 @@ PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, schedule_type='polynomial', s
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 # Plain-solver options (only without --predictor_path/--card: they carry their own).
-@click.option('--solver', help='Plain solver (no predictor)', type=click.Choice(['euler', 'ipndm', 'dpm', 'dpmpp', 'heun']))
-@click.option('--num_steps', help='Time points N', type=click.IntRange(min=2))
-@click.option('--schedule_type', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']))
-@click.option('--schedule_rho', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_min', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', type=click.FloatRange(min=0, min_open=True))
-@click.option('--afs', help='Analytical first step', type=bool)
-@click.option('--max_order', type=int)
-@click.option('--predict_x0', type=bool)
-@click.option('--lower_order_final', type=bool)
-@click.option('--thresholding', help='Dynamic thresholding (dpmpp; default: predict_x0)', type=bool)
+@click.option('--solver', help=f"Plain solver (no predictor)  [default: {generate.PLAIN_DEFAULTS['solver']}]", type=click.Choice(list(solvers.PLAIN)))
+@click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(min=2))
+@click.option('--schedule_type', help=f'Time schedule  [default: {solver_utils.SCHEDULE_TYPE}]', type=click.Choice(list(solver_utils.SCHEDULES)))
+@click.option('--schedule_rho', help=f'Schedule exponent  [default: {solver_utils.SCHEDULE_RHO:g}]', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help="Highest noise level  [default: the model's]", type=click.FloatRange(min=0, min_open=True))
+@click.option('--afs', help='Analytical first step  [default: False]', type=bool)
+@click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)}  [default: the highest]", type=int)
+@click.option('--predict_x0', help='dpmpp: data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)  [default: True]', type=bool)
+@click.option('--lower_order_final', help='dpmpp: lower orders on the last steps  [default: True]', type=bool)
+@click.option('--corrected_3m', help='dpmpp: third-order-accurate order-3 update  [default: False, the official update]', type=bool)
+@click.option('--thresholding', help='dpmpp: dynamic thresholding of the data prediction  [default: predict_x0 on pixel models, False on latent models]', type=bool)
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=float)
-def main(predictor_path, card, dataset_name, model_path, batch, seeds, grid, subdirs, outdir, return_inters,
-         classifier_path, prompt, prompt_path, use_fp16, device, progress, **plain):
+def main(device, progress, **options):
     """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
-    guidance = dict(guidance_type=plain.pop('guidance_type'), guidance_rate=plain.pop('guidance_rate'))
-    given = {k: v for k, v in plain.items() if v is not None}
-    source = 'card' if card is not None else 'predictor'
-    if predictor_path is not None or card is not None:
-        given.update({k: v for k, v in guidance.items() if v is not None})
     try:
-        seed_list = parse_int_list(seeds)
-        if predictor_path is not None and card is not None:
-            raise ValueError('give either --predictor_path or --card, not both')
-        if (predictor_path is not None or card is not None) and given:
-            raise ValueError(f"--{next(iter(given))} comes from the {source}; drop it or sample without "
-                             f"--{'card' if card is not None else 'predictor_path'}")
-        if predictor_path is None and card is None and dataset_name is None:
-            raise ValueError('give --predictor_path, --card, or --dataset_name and plain solver options')
         dev = dist.init(device)
-        predictor, settings = None, {}
-        if card is not None:
-            from integrations.card import load_card_predictor
-            predictor, settings = load_card_predictor(card)
-        elif predictor_path is not None:
-            predictor, settings = snapshot.load_predictor(predictor_path, device=dev)
-        if predictor is not None:
-            if dataset_name is None:
-                dataset_name = settings.get('dataset_name')
-            if dataset_name is None:
-                raise ValueError(f'the {source} names no model: give --dataset_name')
-            solver_kwargs = generate.solver_kwargs_from_settings(settings)
-            guidance = dict(guidance_type=settings.get('guidance_type'), guidance_rate=settings.get('guidance_rate'))
-        else:
-            solver_kwargs = dict(PLAIN_DEFAULTS, **given)
-        model = load_model(dataset_name, model_path, guidance['guidance_type'], guidance['guidance_rate'],
-                           classifier_path=classifier_path, prompt_path=prompt_path, use_fp16=use_fp16, device=dev,
-                           prompt=prompt)
-        if predictor is not None:
-            snapshot.check_compatible(settings, model)
-        model.check_seeds(seed_list)
-        nfe = generate.nfe_of(solver_kwargs, model, predictor is not None)
-        name = solver_kwargs['solver'] if predictor is None or solver_kwargs['solver'] == 'amed' \
-            else 'amed-' + solver_kwargs['solver']
-        name += '-card' if card is not None else ''
-        if outdir is None:
-            outdir = os.path.join('samples', *(['grids'] if grid else []), dataset_name, f'{name}_nfe{nfe}')
-        solvers.prepare(model, predictor=predictor,   # validate every option before anything is written
-                        **{k: v for k, v in solver_kwargs.items() if k != 'afs'})
+        plan = generate.plan_sampling(device=dev, **options)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        dist.shutdown()
         raise click.ClickException(str(e))
-
-    dist.print0(f"Sampling {len(seed_list)} images with {name} ({nfe} NFE, {solver_kwargs['num_steps']} time points, "
-                f"{solver_kwargs.get('schedule_type', 'polynomial')} schedule) on {dist.get_world_size()} process(es) "
-                f"-> {outdir}")
+    dist.print0(plan.describe())
     try:
-        generate.generate_images(model, seed_list, outdir, solver_kwargs, predictor, batch=batch, grid=grid,
-                                 subdirs=subdirs, return_inters=return_inters, device=dev, progress=progress)
+        generate.generate_images(plan, progress=progress)
     finally:
         dist.shutdown()
     dist.print0('Done.')

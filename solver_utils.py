@@ -12,6 +12,9 @@ import math
 import torch
 
 SCHEDULES = ('polynomial', 'logsnr', 'time_uniform', 'discrete')
+#: The default schedule of every run (the brief's): EDM's polynomial schedule with rho = 7.
+SCHEDULE_TYPE = 'polynomial'
+SCHEDULE_RHO = 7.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,7 +32,7 @@ def _time_uniform_sigmas(u, sigma_min, sigma_max, rho, eps_s=1e-3):
     return torch.sqrt(torch.expm1(beta_d * tau ** 2 / 2 + beta_min * tau))
 
 
-def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
+def get_schedule(num_steps, sigma_min, sigma_max, schedule_type=SCHEDULE_TYPE, schedule_rho=SCHEDULE_RHO,
                  sigma_to_t=None, t_to_sigma=None):
     """Return ``num_steps`` descending noise levels from ``sigma_max`` to ``sigma_min`` (float64, CPU).
 
@@ -196,19 +199,3 @@ def dynamic_threshold(x0, ratio=0.995, max_val=1.0):
     q = srt[:, lo] + (pos - lo) * (srt[:, hi] - srt[:, lo])   # linear interpolation, as torch.quantile
     s = torch.clamp(q, min=max_val).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
-# ----------------------------------------------------------------------------------------------
-# NFE accounting.
-
-def count_nfe(solver, num_steps, afs=False, with_predictor=False, denoise_to_zero=False, calls_per_eval=1):
-    """Number of model evaluations of one sampling run.
-
-    With an AMED predictor every interval costs two evaluations: 2(N-1), minus one with AFS
-    (REFERENCE.md 3.3). Without one, the single-stage solvers (euler, ipndm, dpmpp) cost N-1 and
-    the two-stage ones (dpm, heun) 2(N-1), again minus one with AFS. ``denoise_to_zero`` adds the
-    final denoising call; ``calls_per_eval`` is 2 under classifier-free guidance.
-    """
-    per_interval = 2 if (with_predictor or solver in ('dpm', 'heun', 'amed')) else 1
-    nfe = per_interval * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
-    return nfe * calls_per_eval

@@ -18,6 +18,10 @@ Solvers (``name``: what it is; students can be driven by an AMED predictor):
              ``corrected_3m`` makes the order-3 update third-order accurate (off = official).
 * ``heun``   EDM's Heun (2nd order), teacher only (= the ``dpm`` rule with r = 1).
 
+Each solver is a class whose facts (student or teacher, multistep or two-stage, its options, its
+NFE rule, its official name) are class data; :data:`REGISTRY` lists them, and everything else reads
+it. Adding a solver means adding a class here and naming it in :data:`REGISTRY`.
+
 The AMED plugin (paper Sec. 4, REFERENCE.md 3.1): per interval the predictor reads the 8x8
 feature of the model call at t_n and returns (r, c, a); the solver steps to the intermediate
 time s = t_{n+1}^r t_n^(1-r), queries the model at a*s (the direction is still divided by s),
@@ -38,22 +42,41 @@ import torch.utils.checkpoint
 
 import solver_utils
 
-STUDENTS = ('amed', 'euler', 'ipndm', 'dpm', 'dpmpp')
-TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm')
-SOLVERS = ('amed', 'euler', 'ipndm', 'dpm', 'dpmpp', 'heun')
-
-
 # ----------------------------------------------------------------------------------------------
-# Solver definitions: how each solver moves between two times.
+# Solver definitions: how each solver moves between two times, and its facts as class data.
 
 class Solver:
-    """Base class. ``two_stage`` solvers evaluate the model at an intermediate time in every
-    interval even without a predictor (r fixed at ``fixed_r``)."""
+    """Base class: a single-stage, one-step solver (Euler's rule). Each subclass declares its facts
+    once, as class data, and every other place (the CLIs' choice lists, the loss, NFE counting,
+    the legacy mapping, the validation messages) reads them from :data:`REGISTRY`:
+
+    * ``name``: the solver's name in every CLI and file.
+    * ``student``: it can be driven by an AMED predictor; ``teacher``: it can make training targets.
+    * ``needs_predictor``: it is defined only with a predictor (AMED-Solver).
+    * ``two_stage``: it evaluates the model at an intermediate time of every interval even without
+      a predictor (r fixed at ``fixed_r``); its NFE is 2 per interval (see :meth:`evals_per_interval`).
+    * ``multistep``: it carries previous model outputs across intervals (``history_size`` of them).
+    * ``options``: the keyword options its constructor takes; ``max_order_limit``: the highest
+      ``max_order``.
+    * ``legacy_name``: the sampler function of the official ``solvers_amed`` module.
+    """
 
     name = None
+    student = True
+    teacher = True
+    needs_predictor = False
     two_stage = False
-    fixed_r = None          # r used without a predictor (two-stage solvers)
-    history_size = 0        # previous model outputs kept in the state
+    multistep = False
+    fixed_r = None
+    options = ()
+    max_order_limit = None
+    legacy_name = None
+    history_size = 0
+
+    @classmethod
+    def evals_per_interval(cls, with_predictor=False):
+        """Model evaluations of one interval: 2 with a predictor or for a two-stage solver, else 1."""
+        return 2 if (with_predictor or cls.two_stage) else 1
 
     def output(self, x, denoised, d):
         """The model output this solver works with: the direction d by default."""
@@ -71,16 +94,31 @@ class Solver:
         raise NotImplementedError
 
 
+def _order(cls, max_order):
+    """``max_order`` of a multistep solver class, default its limit; ValueError when out of range."""
+    order = cls.max_order_limit if max_order is None else max_order
+    if int(order) != order or not 1 <= order <= cls.max_order_limit:
+        raise ValueError(f'max_order={max_order} is out of range for {cls.name} (1-{cls.max_order_limit})')
+    return int(order)
+
+
 class Euler(Solver):
     name = 'euler'
+    legacy_name = 'euler_sampler'
 
 
 class IPNDM(Solver):
-    name = 'ipndm'
+    """iPNDM: Adams-Bashforth with uniform-step coefficients."""
 
-    def __init__(self, max_order=4):
-        self.max_order = max_order
-        self.history_size = max_order - 1
+    name = 'ipndm'
+    multistep = True
+    options = ('max_order',)
+    max_order_limit = 4
+    legacy_name = 'ipndm_sampler'
+
+    def __init__(self, max_order=None):
+        self.max_order = _order(type(self), max_order)
+        self.history_size = self.max_order - 1
 
     def order(self, history, step_cur, total_points):
         return min(self.max_order, len(history) + 1)
@@ -91,15 +129,26 @@ class IPNDM(Solver):
 
 
 class DPMpp(Solver):
-    name = 'dpmpp'
+    """Multistep DPM-Solver++ (``predict_x0``) or DPM-Solver. ``thresholding`` defaults to
+    ``predict_x0``, and to off on latent models (``latent``: dynamic thresholding, made for pixels
+    in [-1, 1], would shrink latents)."""
 
-    def __init__(self, max_order=3, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False):
-        self.max_order = max_order
-        self.corrected_3m = corrected_3m
-        self.predict_x0 = predict_x0
-        self.lower_order_final = lower_order_final
-        self.thresholding = predict_x0 if thresholding is None else thresholding
-        self.history_size = max_order - 1
+    name = 'dpmpp'
+    multistep = True
+    options = ('max_order', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
+    max_order_limit = 3
+    legacy_name = 'dpm_pp_sampler'
+
+    def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False,
+                 latent=False):
+        self.max_order = _order(type(self), max_order)
+        self.corrected_3m = bool(corrected_3m)
+        self.predict_x0 = bool(predict_x0)
+        self.lower_order_final = bool(lower_order_final)
+        if thresholding is None:
+            thresholding = self.predict_x0 and not latent
+        self.thresholding = bool(thresholding)
+        self.history_size = self.max_order - 1
 
     def output(self, x, denoised, d):
         if not self.predict_x0:
@@ -118,55 +167,98 @@ class DPMpp(Solver):
 
 
 class TwoStage(Solver):
-    """Euler step to s = t_next^r t_cur^(1-r), then a combination of d_cur and d_mid over the
-    whole interval. ``mean_direction`` (AMED-Solver) uses d_mid alone; otherwise the DPM-Solver-2
-    weights 1/(2r) and 1 - 1/(2r) (with r = 1 this is Heun's trapezoidal rule)."""
+    """Euler step to s = t_next^r t_cur^(1-r), then the DPM-Solver-2 combination of d_cur and d_mid
+    over the whole interval, weights 1/(2r) and 1 - 1/(2r)."""
 
     two_stage = True
 
-    def __init__(self, name, fixed_r, mean_direction=False):
-        self.name, self.fixed_r, self.mean_direction = name, fixed_r, mean_direction
-
     def combine(self, x, t_cur, t_next, d_cur, d_mid, r, scale):
-        if self.mean_direction:
-            return x + scale * (t_next - t_cur) * d_mid
         w = 1 / (2 * r)
         return x + scale * (t_next - t_cur) * (w * d_mid + (1 - w) * d_cur)
 
 
-def make_solver(name, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None, corrected_3m=None,
-                latent=False):
-    """Build a solver by name, validating its options (ValueError naming the bad option).
+class AMED(TwoStage):
+    """AMED-Solver: the mean direction d_mid at the predicted intermediate time (student only)."""
 
-    ``latent``: the model works on latents, where dynamic thresholding (made for pixels in [-1, 1])
-    would shrink the data prediction; there ``thresholding`` defaults to off."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r} (choose one of {', '.join(SOLVERS)})")
-    if name != 'dpmpp':
-        for opt, val in (('predict_x0', predict_x0), ('lower_order_final', lower_order_final),
-                         ('thresholding', thresholding), ('corrected_3m', corrected_3m)):
-            if val is not None:
-                raise ValueError(f"{opt} is an option of dpmpp only, not of solver {name!r}")
-    if name in ('ipndm', 'dpmpp'):
-        limit = 4 if name == 'ipndm' else 3
-        order = limit if max_order is None else max_order
-        if int(order) != order or not 1 <= order <= limit:
-            raise ValueError(f'max_order={max_order} is out of range for {name} (1-{limit})')
-        if name == 'ipndm':
-            return IPNDM(int(order))
-        return DPMpp(int(order), predict_x0=True if predict_x0 is None else bool(predict_x0),
-                     lower_order_final=True if lower_order_final is None else bool(lower_order_final),
-                     thresholding=False if thresholding is None and latent else thresholding,
-                     corrected_3m=bool(corrected_3m))
-    if max_order is not None:
-        raise ValueError(f"max_order is an option of ipndm and dpmpp only, not of solver {name!r}")
-    if name == 'euler':
-        return Euler()
-    if name == 'amed':
-        return TwoStage('amed', fixed_r=None, mean_direction=True)
-    if name == 'dpm':
-        return TwoStage('dpm', fixed_r=0.5)
-    return TwoStage('heun', fixed_r=1.0)
+    name = 'amed'
+    teacher = False
+    needs_predictor = True
+    legacy_name = 'amed_sampler'
+
+    def combine(self, x, t_cur, t_next, d_cur, d_mid, r, scale):
+        return x + scale * (t_next - t_cur) * d_mid
+
+
+class DPM2(TwoStage):
+    """DPM-Solver-2 in sigma space, r = 1/2 without a predictor."""
+
+    name = 'dpm'
+    fixed_r = 0.5
+    legacy_name = 'dpm_2_sampler'
+
+
+class Heun(TwoStage):
+    """EDM's Heun (2nd order; the DPM-Solver-2 rule with r = 1), teacher only."""
+
+    name = 'heun'
+    student = False
+    fixed_r = 1.0
+    legacy_name = 'heun_sampler'
+
+
+#: Every solver, by name: the one list of solvers and of their kinds.
+REGISTRY = {cls.name: cls for cls in (AMED, Euler, IPNDM, DPM2, DPMpp, Heun)}
+SOLVERS = tuple(REGISTRY)
+STUDENTS = tuple(n for n, c in REGISTRY.items() if c.student)
+TEACHERS = tuple(n for n, c in REGISTRY.items() if c.teacher)
+PLAIN = tuple(n for n, c in REGISTRY.items() if not c.needs_predictor)     # usable without a predictor
+OPTIONS = tuple(dict.fromkeys(opt for c in REGISTRY.values() for opt in c.options))
+
+
+def solver_class(name, role='solver'):
+    """The registered class of ``name``; ValueError naming the choices otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown {role} {name!r} (choose one of {', '.join(SOLVERS)})")
+    return REGISTRY[name]
+
+
+def takers(option):
+    """The names of the solvers that take ``option``, as a phrase ('ipndm and dpmpp')."""
+    names = [n for n, c in REGISTRY.items() if option in c.options]
+    return ' and '.join(names)
+
+
+def make_solver(name, latent=False, **options):
+    """Build a solver by name with its ``options`` (None = the solver's default), validating them:
+    ValueError naming an unknown solver, an option the solver does not take, or a bad value.
+    ``latent``: the model works on latents (see :class:`DPMpp`)."""
+    cls = solver_class(name)
+    given = {k: v for k, v in options.items() if v is not None}
+    for opt in given:
+        if opt not in OPTIONS:
+            raise TypeError(f'make_solver() got an unknown option {opt!r}')
+        if opt not in cls.options:
+            raise ValueError(f"{opt} is an option of {takers(opt)} only, not of solver {name!r}")
+    if cls is DPMpp:
+        given['latent'] = latent
+    return cls(**given)
+
+
+def settings_of(solver):
+    """The options of a built ``solver`` as a dict (the inverse of :func:`make_solver`)."""
+    return {opt: getattr(solver, opt) for opt in type(solver).options}
+
+
+def count_nfe(solver, num_steps, afs=False, with_predictor=False, denoise_to_zero=False, calls_per_eval=1):
+    """Number of model evaluations of one sampling run of ``solver`` (a name) over ``num_steps`` points.
+
+    Each interval costs :meth:`Solver.evals_per_interval` (2 with an AMED predictor or for a
+    two-stage solver, else 1), minus one for the whole run with AFS (REFERENCE.md 3.3);
+    ``denoise_to_zero`` adds the final denoising call; ``calls_per_eval`` is 2 under classifier-free
+    guidance."""
+    per_interval = solver_class(solver).evals_per_interval(with_predictor)
+    nfe = per_interval * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
+    return nfe * calls_per_eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +365,7 @@ def step(model, solver, state, t_steps, cond=None, predictor=None, afs=False):
         info.nfe += 1
     info.denoised = denoised
     if predictor is not None and feature is None:   # AFS step or a feature-free predictor
-        feature = torch.zeros(x.shape[0], 8, 8, device=x.device)
+        feature = torch.zeros(x.shape[0], *model.feature_shape, device=x.device)
     m_cur = solver.output(x, denoised, d_cur)
 
     # Plain single-stage step.
@@ -318,19 +410,18 @@ def step(model, solver, state, t_steps, cond=None, predictor=None, afs=False):
 # ----------------------------------------------------------------------------------------------
 # Whole runs.
 
-def check_options(solver, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, predictor=None):
-    """Validate a run's options; raise ValueError naming the offending option."""
-    if solver.name not in STUDENTS and predictor is not None:
+def check_predictor(solver, predictor):
+    """ValueError when the built ``solver`` cannot run with (or without) ``predictor``."""
+    if predictor is not None and not solver.student:
         raise ValueError(f"solver {solver.name!r} is a teacher only and takes no AMED predictor")
-    if solver.name == 'amed' and predictor is None:
-        raise ValueError("solver 'amed' needs an AMED predictor (with r fixed at 0.5 it equals 'dpm')")
-    solver_utils.check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho)
+    if predictor is None and solver.needs_predictor:
+        raise ValueError(f"solver {solver.name!r} needs an AMED predictor (with r fixed at 0.5 it equals 'dpm')")
 
 
-def get_model_schedule(model, num_steps, sigma_min=None, sigma_max=None, schedule_type='polynomial',
-                       schedule_rho=7.0):
-    """The schedule for ``model``: sigma range defaults to the model's, and the ``discrete``
-    schedule uses the model's sigma<->t maps."""
+def get_model_schedule(model, num_steps, sigma_min=None, sigma_max=None, schedule_type=solver_utils.SCHEDULE_TYPE,
+                       schedule_rho=solver_utils.SCHEDULE_RHO):
+    """The schedule for ``model`` (validated by :func:`solver_utils.get_schedule`): the sigma range
+    defaults to the model's, and the ``discrete`` schedule uses the model's sigma<->t maps."""
     sigma_min = model.sigma_min if sigma_min is None else sigma_min
     sigma_max = model.sigma_max if sigma_max is None else sigma_max
     return solver_utils.get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho,
@@ -338,27 +429,33 @@ def get_model_schedule(model, num_steps, sigma_min=None, sigma_max=None, schedul
                                      t_to_sigma=getattr(model, 't_to_sigma', None))
 
 
-def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None, schedule_type='polynomial',
-            schedule_rho=7.0, max_order=None, predict_x0=None, lower_order_final=None, thresholding=None,
-            corrected_3m=None, predictor=None, t_steps=None):
-    """Validate a run's options (ValueError naming the bad one) and return (solver, schedule)."""
-    spec = make_solver(solver, max_order, predict_x0, lower_order_final, thresholding, corrected_3m,
-                       latent=getattr(model, 'latent', False))
+def check_t_steps(t_steps):
+    """An explicit schedule as a float64 tensor; ValueError unless it descends over >= 2 positive levels."""
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
+    if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()) or t_steps[-1] <= 0:
+        raise ValueError('t_steps must be a descending list of at least 2 positive noise levels')
+    return t_steps
+
+
+def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None,
+            schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, predictor=None,
+            t_steps=None, **options):
+    """Validate a run's options once (ValueError naming the bad one) and return (solver, schedule):
+    the built solver (:func:`make_solver` with ``options``, e.g. ``max_order``) and the float64
+    schedule (``t_steps`` if given, else :func:`get_model_schedule`). Pass both to :func:`sample`
+    or :func:`iterate`; they check nothing again."""
+    spec = make_solver(solver, latent=getattr(model, 'latent', False), **options)
+    check_predictor(spec, predictor)
     if t_steps is None:
-        check_options(spec, num_steps, model.sigma_min if sigma_min is None else sigma_min,
-                      model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho, predictor)
         t_steps = get_model_schedule(model, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho)
     else:
-        t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
-        if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()) or t_steps[-1] <= 0:
-            raise ValueError('t_steps must be a descending list of at least 2 positive noise levels')
-        check_options(spec, len(t_steps), float(t_steps[-1]), float(t_steps[0]), 'polynomial', 1.0, predictor)
+        t_steps = check_t_steps(t_steps)
     return spec, t_steps
 
 
 def iterate(model, solver, x, t_steps, cond=None, predictor=None, afs=False, checkpointing=False,
             detach_state=False):
-    """Run ``solver`` (from :func:`prepare`) over the whole schedule ``t_steps`` from ``x`` at
+    """Run the built ``solver`` (from :func:`prepare`) over the whole schedule ``t_steps`` from ``x`` at
     ``t_steps[0]`` (already scaled to that noise level), yielding ``(state, info)`` after every
     interval: the one loop over time that sampling, training and the integrations share.
 
@@ -385,10 +482,8 @@ def denoise(model, x, sigma, cond=None):
     return _denoise(model, x, _col(sigma, x), cond)[0]
 
 
-def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=None, sigma_max=None,
-           schedule_type='polynomial', schedule_rho=7.0, afs=False, max_order=None, predict_x0=None,
-           lower_order_final=None, thresholding=None, corrected_3m=None, denoise_to_zero=False,
-           return_inters=False, predictor=None, t_steps=None):
+def sample(model, latents, cond=None, *, solver='euler', t_steps=None, afs=False, predictor=None,
+           denoise_to_zero=False, return_inters=False, **options):
     """Solve the probability-flow ODE from unit-variance ``latents`` (x_0 = latents * sigma_max).
 
     Args:
@@ -396,26 +491,33 @@ def sample(model, latents, cond=None, *, solver='euler', num_steps=4, sigma_min=
             attributes (see models/base.py); ``capture_feature()`` is needed with a learned predictor.
         latents: (B, C, H, W) standard normal noise; any float dtype and device.
         cond: conditioning passed through to the model (class labels, text embeddings).
-        solver: one of amed, euler, ipndm, dpm, dpmpp (students) or heun (teacher only).
-        num_steps: number of time points N of the schedule (N-1 intervals).
-        sigma_min, sigma_max: noise range (default: the model's).
-        schedule_type, schedule_rho: polynomial | logsnr | time_uniform | discrete, and its exponent.
+        solver: a built :class:`Solver` with its schedule ``t_steps`` (from :func:`prepare`; nothing
+            is checked again), or a solver name (one of :data:`SOLVERS`), validated by :func:`prepare`
+            together with ``options``:
+
+            * ``num_steps``: time points N of the schedule (N-1 intervals; default 4);
+            * ``sigma_min``, ``sigma_max``: noise range (default: the model's);
+            * ``schedule_type``, ``schedule_rho``: polynomial | logsnr | time_uniform | discrete, and
+              its exponent (defaults :data:`solver_utils.SCHEDULE_TYPE`, :data:`solver_utils.SCHEDULE_RHO`);
+            * the solver's own options (``Solver.options``): ``max_order`` (iPNDM 1-4, DPM-Solver++
+              1-3), ``predict_x0``, ``lower_order_final``, ``thresholding`` (default predict_x0 on
+              pixel models, off on latent models) and ``corrected_3m`` (third-order-accurate 3M
+              update; off: the official, second-order update) for DPM-Solver++.
+        t_steps: an explicit descending schedule (overrides num_steps and the schedule options).
         afs: analytical first step (saves the first model call).
-        max_order: iPNDM (1-4) / DPM-Solver++ (1-3) order.
-        predict_x0, lower_order_final, thresholding: DPM-Solver++ options (thresholding defaults to
-            predict_x0 on pixel models and to off on latent models).
-        corrected_3m: DPM-Solver++ option; third-order-accurate 3M update (off: the official
-            update, which is second-order accurate; see solver_utils.dpm_multistep_update).
+        predictor: an AMED predictor ``(feature (B,8,8), t_cur, t_next) -> (r, scale_dir, scale_time)``
+            (each of shape (B,) or (B,1)), e.g. :class:`FixedPredictor` or the trained network.
         denoise_to_zero: finish with one extra call x <- D(x; sigma_min).
         return_inters: return the trajectory at the N grid points (N, B, C, H, W) (plus the
             denoised output last when ``denoise_to_zero``) instead of the final sample.
-        predictor: an AMED predictor ``(feature (B,8,8), t_cur, t_next) -> (r, scale_dir, scale_time)``
-            (each of shape (B,) or (B,1)), e.g. :class:`FixedPredictor` or the trained network.
-        t_steps: an explicit descending schedule (overrides num_steps and the schedule options).
     """
-    spec, t_steps = prepare(model, solver, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, max_order,
-                            predict_x0, lower_order_final, thresholding, corrected_3m, predictor, t_steps)
-    t_list = t_steps.tolist()
+    if isinstance(solver, Solver):
+        if t_steps is None or options:
+            raise ValueError('a built solver is sampled with its schedule t_steps and no further options')
+        spec = solver
+    else:
+        spec, t_steps = prepare(model, solver, predictor=predictor, t_steps=t_steps, **options)
+    t_list = [float(t) for t in t_steps]
     x = latents * t_list[0]
     inters = [x]
     for state, _ in iterate(model, spec, x, t_list, cond, predictor, afs):

@@ -11,11 +11,13 @@ import json
 
 import click
 
+import solver_utils
 import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
 from training.launch import DEFAULTS as D, plan_training, run_training
 from training.loss import LOSSES
+from training.networks import check_half_width
 
 
 class HalfWidth(click.ParamType):
@@ -39,9 +41,10 @@ class HalfWidth(click.ParamType):
                 v = float(value)
             except ValueError:
                 self.fail(f'{value!r} is neither a number >= 0 nor True/False', param, ctx)
-        if not v >= 0:
-            self.fail(f'{value!r} must be >= 0', param, ctx)
-        return v
+        try:
+            return check_half_width(param.name if param else 'value', v)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -80,13 +83,15 @@ class HalfWidth(click.ParamType):
 # Schedule options.
 @click.option('--sigma_min', help='Lowest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_max', help='Highest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
-@click.option('--schedule_type', help='Time schedule', type=click.Choice(['polynomial', 'logsnr', 'time_uniform', 'discrete']),
+@click.option('--schedule_type', help='Time schedule', type=click.Choice(list(solver_utils.SCHEDULES)),
               default=D['schedule_type'])
 @click.option('--schedule_rho', help='Schedule exponent', type=click.FloatRange(min=0, min_open=True), default=D['schedule_rho'])
 # Additional (multistep) options.
-@click.option('--max_order', help='iPNDM (1-4, default 4) / DPM-Solver++ (1-3, default 3) order', type=int)
+@click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)} (default: the highest)", type=int)
 @click.option('--predict_x0', help='DPM-Solver++ data prediction (default True)', type=bool)
 @click.option('--lower_order_final', help='DPM-Solver++ lower orders at the end (default True)', type=bool)
+@click.option('--corrected_3m', help='DPM-Solver++: third-order-accurate order-3 update (default False: the '
+              'official update)', type=bool)
 # Guidance options.
 @click.option('--guidance_type', help='cg, cfg or uncond (models that take guidance)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate', type=float)

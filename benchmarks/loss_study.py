@@ -27,10 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import solvers  # noqa: E402
 from models.presets import load_model  # noqa: E402
-from torch_utils import distributed as dist  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from generation import generate  # noqa: E402
 from metrics import frechet  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
+from training import snapshot  # noqa: E402
 
 SEED_SETS = {'validation': range(200000, 200256), 'evaluation': range(100000, 100256)}
 FD_SEEDS = range(300000, 310000)
@@ -108,7 +109,7 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
                 for nfe in nfes:
                     predictor, settings, seconds = train(recipe, nfe, loss, overrides, kimg, batch, seed, tmp)
                     err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                                **generate.solver_kwargs_from_settings(settings))
+                                                **snapshot.solver_kwargs_from_settings(settings))
                     values[nfe] = err
                     results.append(dict(recipe=recipe, loss=loss, nfe=nfe, error=err, train_seconds=seconds))
                     print(f'{recipe} {loss} NFE {nfe}: {err:.4f} (trained in {seconds:.1f} s)', flush=True)
@@ -143,7 +144,7 @@ def explore(recipe, nfes, kimg, batch, seed, overrides, cache):
         for nfe in [int(n) for n in nfes.split(',')]:
             predictor, settings, seconds = train(recipe, nfe, loss, ov, kimg, batch, seed, tmp)
             err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                        **generate.solver_kwargs_from_settings(settings))
+                                        **snapshot.solver_kwargs_from_settings(settings))
             base = dict(accuracy.BASELINES)['iPNDM']
             ref = accuracy.solver_error(model, latents, exact, cond, afs=True, **base,
                                         num_steps=accuracy.steps_for_nfe('ipndm', nfe, True, False))
@@ -217,7 +218,7 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
         for recipe in [r for r in recipes.split(',') if r]:
             for loss in losses.split(','):
                 predictor, settings, _ = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp)
-                value = fd_of(predictor, **generate.solver_kwargs_from_settings(settings))
+                value = fd_of(predictor, **snapshot.solver_kwargs_from_settings(settings))
                 results.append(dict(label=f'{accuracy.AMED_LABELS[recipe]}, {loss} loss', fd=value))
                 print(results[-1], flush=True)
     for label, kwargs in accuracy.BASELINES:

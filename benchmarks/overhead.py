@@ -14,7 +14,7 @@ all with the analytical first step (AFS; predictor runs use ``num_steps=4``, pla
 bare network call at the same batch, and reports per configuration
 
 * the wall time per batch (median of ``--repeats`` runs after ``--warmup`` untimed ones),
-* the NFE (counted during every run and checked against :func:`solver_utils.count_nfe`),
+* the NFE (counted during every run and checked against :func:`solvers.count_nfe`),
 * ``ratio = wall_time / (NFE x one network call)``; ``ratio - 1`` is the overhead of everything
   but the network calls (predictor, feature hook, schedule, solver arithmetic). Target: at most
   3 % (ratio <= 1.03) for the predictor runs;
@@ -122,7 +122,7 @@ class RunConfig:
 
     @property
     def nfe(self):
-        return solver_utils.count_nfe(self.solver, self.num_steps, afs=self.afs, with_predictor=self.predictor)
+        return solvers.count_nfe(self.solver, self.num_steps, afs=self.afs, with_predictor=self.predictor)
 
     def sample_kwargs(self):
         return dict(solver=self.solver, num_steps=self.num_steps, afs=self.afs, max_order=self.max_order)

@@ -37,7 +37,7 @@ AMED_LABELS = {'amed': 'AMED-Solver', 'ipndm': 'AMED-Plugin (iPNDM)', 'dpmpp': '
 def steps_for_nfe(solver, nfe, afs, with_predictor):
     """The number of time points N whose run costs exactly ``nfe`` evaluations (ValueError if none)."""
     for n in range(2, nfe + 3):
-        if solver_utils.count_nfe(solver, n, afs, with_predictor) == nfe:
+        if solvers.count_nfe(solver, n, afs, with_predictor) == nfe:
             return n
     raise ValueError(f'no num_steps gives NFE {nfe} for {solver} (afs={afs}, predictor={with_predictor})')
 

@@ -10,12 +10,12 @@ import os
 import time
 
 import click
-import torch
 
-from models.presets import load_model
-from torch_utils import distributed as dist
 from evaluation import accuracy
 from generation import generate
+from models.presets import load_model
+from torch_utils import distributed as dist
+from training import snapshot
 
 #: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
 #: with the official per-interval loss and with the trajectory loss.
@@ -36,7 +36,6 @@ RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_REC
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     """Train, sample a grid, print the error table."""
     start = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     nfes = [int(v) for v in nfes.split(',')]
     if any(n % 2 == 0 or n < 3 for n in nfes):
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
@@ -56,7 +55,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
                                                            tick_kimg=kimg, outdir=outdir, desc='quickstart')
             values[nfe] = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                                **generate.solver_kwargs_from_settings(settings))
+                                                **snapshot.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
                 grid_run = predictor, settings
@@ -71,8 +70,9 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     if grid_run is not None:
         predictor, settings = grid_run
         folder = os.path.dirname(grid_path) or '.'
-        generate.generate_images(model, list(range(64)), folder, generate.solver_kwargs_from_settings(settings),
-                                 predictor, grid=True, progress=False)
+        plan = generate.build_plan(model, range(64), folder, snapshot.solver_kwargs_from_settings(settings), predictor,
+                                   settings, grid=True)
+        generate.generate_images(plan, progress=False)
         if os.path.basename(grid_path) != 'grid.png':
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
         print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')

@@ -1,9 +1,12 @@
-"""Image generation with a trained predictor or a plain solver (the library behind sample.py).
+"""Image generation with a trained predictor, a solver card or a plain solver: the library behind
+sample.py (:func:`plan_sampling` validates and loads, :func:`generate_images` samples and writes),
+and the exact data samples of the built-in analytic model (:func:`write_toy_data`, ``fid.py toydata``).
 
 Latents and labels come from one generator per seed (:class:`torch_utils.misc.StackedRandomGenerator`),
 so an image depends only on its seed: not on the batch size, not on the number of processes.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -13,24 +16,17 @@ from tqdm import tqdm
 
 import solver_utils
 import solvers
+from integrations.card import load_card_predictor
 from models import toy
+from models.presets import load_model
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, atomic_write
+from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
+from training import snapshot
+
+#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
+SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
 
 TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
-
-SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs',
-               'max_order', 'predict_x0', 'lower_order_final', 'thresholding', 't_steps')
-
-
-def solver_kwargs_from_settings(settings):
-    return {k: settings[k] for k in SOLVER_KEYS if k in settings}
-
-
-def nfe_of(solver_kwargs, model, with_predictor):
-    return solver_utils.count_nfe(solver_kwargs['solver'], solver_kwargs['num_steps'], solver_kwargs.get('afs', False),
-                                  with_predictor, calls_per_eval=model.calls_per_eval)
-
 
 def to_uint8(images):
     """[-1, 1] float images (B, C, H, W) -> uint8 (B, H, W, C), as EDM: x * 127.5 + 128, clipped."""
@@ -59,10 +55,116 @@ def seed_path(outdir, seed, ext, subdirs=True):
     return os.path.join(folder, f'{seed:06d}.{ext}')
 
 
+#: Defaults of a plain-solver run of sample.py (no predictor); the schedule's are solver_utils'.
+PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False)
+
+
+@dataclasses.dataclass
+class SamplingPlan:
+    """Everything a sampling run needs, validated: what :func:`plan_sampling` returns and
+    :func:`generate_images` runs. ``solver`` and ``t_steps`` are the built solver and its schedule
+    (:func:`solvers.prepare`), ``settings`` the predictor's or card's settings (empty for a plain
+    solver) and ``solver_options`` the sampling options they came from."""
+    model: torch.nn.Module
+    seeds: list
+    outdir: str
+    solver: solvers.Solver
+    t_steps: torch.Tensor
+    afs: bool = False
+    predictor: object = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    solver_options: dict = dataclasses.field(default_factory=dict)
+    label: str = ''
+    nfe: int = 0
+    grid: bool = False
+    subdirs: bool = True
+    return_inters: bool = False
+    batch: int = 64
+    device: torch.device = torch.device('cpu')
+
+    def describe(self):
+        """One line: what is sampled, how and where."""
+        return (f"Sampling {len(self.seeds)} images with {self.label} ({self.nfe} NFE, {len(self.t_steps)} time points, "
+                f"{self.solver_options.get('schedule_type', solver_utils.SCHEDULE_TYPE)} schedule) on "
+                f"{dist.get_world_size()} process(es) -> {self.outdir}")
+
+
+def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=None, seeds='0-63', outdir=None,
+                  grid=False, subdirs=True, return_inters=False, batch=64, classifier_path=None, prompt=None,
+                  prompt_path=None, use_fp16=False, device=torch.device('cpu'), guidance_type=None,
+                  guidance_rate=None, **solver_options):
+    """Validate a sampling run and load what it needs; write nothing. ValueError (or
+    FileNotFoundError) with one line naming the problem.
+
+    The run samples with a predictor (``predictor_path``: snapshot, run folder, experiment number
+    or published pickle, :func:`training.snapshot.load_predictor`), a solver card (``card``,
+    :mod:`integrations.card`), or a plain solver on ``dataset_name`` with ``solver_options``
+    (solver, num_steps, the schedule options, afs and the solver's options; defaults
+    :data:`PLAIN_DEFAULTS`). A predictor or card carries its own solver settings, model and guidance:
+    giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
+    The default ``outdir`` is ``samples/[grids/]<dataset>/<label>_nfe<NFE>``."""
+    given = {k: v for k, v in solver_options.items() if v is not None}
+    unknown = set(given) - set(PLAIN_DEFAULTS) - set(SCHEDULE_OPTIONS) - set(solvers.OPTIONS)
+    if unknown:
+        raise TypeError(f"plan_sampling() got unknown option(s) {', '.join(sorted(unknown))}")
+    source = 'card' if card is not None else 'predictor' if predictor_path is not None else None
+    seed_list = parse_int_list(seeds)
+    if predictor_path is not None and card is not None:
+        raise ValueError('give either --predictor_path or --card, not both')
+    if source is not None:
+        given.update({k: v for k, v in dict(guidance_type=guidance_type, guidance_rate=guidance_rate).items()
+                      if v is not None})
+        if given:
+            raise ValueError(f"--{next(iter(given))} comes from the {source}; drop it or sample without "
+                             f"--{'card' if card is not None else 'predictor_path'}")
+    elif dataset_name is None:
+        raise ValueError('give --predictor_path, --card, or --dataset_name and plain solver options')
+
+    predictor, settings = None, {}
+    if card is not None:
+        predictor, settings = load_card_predictor(card)
+    elif predictor_path is not None:
+        predictor, settings = snapshot.load_predictor(predictor_path, device=device)
+    if source is not None:
+        dataset_name = dataset_name or settings.get('dataset_name')
+        if dataset_name is None:
+            raise ValueError(f'the {source} names no model: give --dataset_name')
+        run_options = snapshot.solver_kwargs_from_settings(settings)
+        guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
+    else:
+        run_options = dict(PLAIN_DEFAULTS, **given)
+    model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
+                       prompt_path=prompt_path, use_fp16=use_fp16, device=device, prompt=prompt)
+    return build_plan(model, seed_list, outdir, run_options, predictor, settings, card=card is not None, grid=grid,
+                      subdirs=subdirs, return_inters=return_inters, batch=batch, device=device)
+
+
+def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None, card=False, grid=False, subdirs=True,
+               return_inters=False, batch=64, device=torch.device('cpu')):
+    """The :class:`SamplingPlan` of a loaded ``model`` with ``run_options`` (solver, schedule, afs
+    and solver options: :func:`training.snapshot.solver_kwargs_from_settings` of a predictor's
+    ``settings``, or a plain solver's), validated once; ``outdir`` None means the default folder."""
+    settings = settings or {}
+    if predictor is not None:
+        snapshot.check_compatible(settings, model)
+    seeds = list(seeds)
+    model.check_seeds(seeds)
+    afs = bool(run_options.get('afs', False))
+    spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in run_options.items() if k != 'afs'})
+    nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
+    label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
+    label += '-card' if card else ''
+    if outdir is None:
+        dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
+        outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, f'{label}_nfe{nfe}')
+    return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
+                        predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
+                        grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device)
+
+
 @torch.no_grad()
-def generate_images(model, seeds, outdir, solver_kwargs, predictor=None, batch=64, grid=False, subdirs=True,
-                    return_inters=False, device=torch.device('cpu'), progress=True):
-    """Sample one image per seed and write PNGs (and trajectories) under ``outdir``.
+def generate_images(plan, progress=True):
+    """Sample one image per seed of ``plan`` (:func:`plan_sampling`) and write PNGs (and trajectories).
 
     This rank handles its share of the seeds (:func:`torch_utils.distributed.rank_seeds`).
     Writes ``outdir/<seed//1000*1000>/<seed>.png`` (``subdirs``) or ``outdir/<seed>.png``; with
@@ -70,10 +172,9 @@ def generate_images(model, seeds, outdir, solver_kwargs, predictor=None, batch=6
     ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid points
     (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Returns the number of images
     written by this rank."""
-    kw = dict(solver_kwargs)
-    batches = dist.rank_seeds(seeds, batch)
+    model, outdir, device = plan.model, plan.outdir, plan.device
+    batches = dist.rank_seeds(plan.seeds, plan.batch)
     collected = []
-    _, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in kw.items() if k != 'afs'})
     written = 0
     bar = tqdm(batches, unit='batch', disable=not (progress and dist.is_main()), dynamic_ncols=True)
     for batch_seeds in bar:
@@ -83,20 +184,21 @@ def generate_images(model, seeds, outdir, solver_kwargs, predictor=None, batch=6
         rnd = StackedRandomGenerator(device, seeds_list)
         latents = rnd.randn([len(seeds_list), *model.img_shape])
         cond = model.sample_cond(rnd, len(seeds_list))
-        out = solvers.sample(model, latents, cond, predictor=predictor, return_inters=return_inters, **kw)
-        x = out[-1] if return_inters else out
+        out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
+                             predictor=plan.predictor, return_inters=plan.return_inters)
+        x = out[-1] if plan.return_inters else out
         images = to_uint8(model.decode(x))
         for j, seed in enumerate(seeds_list):
-            if grid:
+            if plan.grid:
                 collected.append((seed, images[j]))
             else:
-                save_png(seed_path(outdir, seed, 'png', subdirs), images[j])
-            if return_inters:
+                save_png(seed_path(outdir, seed, 'png', plan.subdirs), images[j])
+            if plan.return_inters:
                 traj = out[:, j].float().cpu().numpy()
-                atomic_write(seed_path(outdir, seed, 'npz', subdirs),
-                              lambda p: np.savez(p, trajectory=traj, sigmas=t_steps.numpy()))
+                atomic_write(seed_path(outdir, seed, 'npz', plan.subdirs),
+                             lambda p: np.savez(p, trajectory=traj, sigmas=plan.t_steps.numpy()))
             written += 1
-    if grid:
+    if plan.grid:
         gathered = dist.gather_objects(collected)
         if dist.is_main():
             allimgs = sorted((item for part in gathered for item in part), key=lambda item: item[0])

@@ -43,7 +43,6 @@ import torch
 import solver_utils
 import solvers
 from dnnlib.util import open_url
-from generation import generate
 from models.presets import load_model
 from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
 from training import snapshot
@@ -152,7 +151,7 @@ def build_card(model, spec, t_steps, afs, r, scale_dir, scale_time, model_info=N
                 sigma_max=float(model.sigma_max))
     info.update(model_info or {})
     return dict(format=FORMAT, version=VERSION, solver=spec.name, solver_options=_solver_options(spec), afs=bool(afs),
-                num_steps=len(t_list), nfe=solver_utils.count_nfe(spec.name, len(t_list), afs, True,
+                num_steps=len(t_list), nfe=solvers.count_nfe(spec.name, len(t_list), afs, True,
                                                                    calls_per_eval=calls),
                 evaluations=len(queries), sigma_min=t_list[-1], sigma_max=t_list[0], schedule=schedule or {},
                 t_steps=t_list, r=r,
@@ -181,7 +180,7 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
                            settings.get('guidance_type'), settings.get('guidance_rate'), classifier_path=classifier_path,
                            prompt_path=prompt_path, prompt=prompt, device=device)
     snapshot.check_compatible(settings, model)
-    kw = generate.solver_kwargs_from_settings(settings)
+    kw = snapshot.solver_kwargs_from_settings(settings)
     spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in kw.items() if k != 'afs'})
     afs = bool(kw.get('afs', False))
     values = static_steps(model, spec, t_steps, predictor, afs, feature, seeds, batch, device)

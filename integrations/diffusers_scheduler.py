@@ -47,6 +47,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 import solvers
+from models.base import Denoiser
 from models.latent import DiscreteEpsDenoiser
 
 from .card import CardPredictor, load_card
@@ -66,6 +67,7 @@ class _Replay:
     networks are latent models (dynamic thresholding off unless the card asks for it)."""
 
     latent = True
+    feature_shape = Denoiser.feature_shape
 
     def __init__(self, outputs):
         self.outputs, self.calls = outputs, 0

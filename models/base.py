@@ -13,7 +13,8 @@ Everything outside ``models/`` sees a model only through :class:`Denoiser`:
 * ``sigma_to_t`` / ``t_to_sigma``: the continuous-time maps of a discrete-time model, used by
   the ``discrete`` schedule (None for continuous-time models).
 * ``feature_module``: the submodule whose output (B, C', 8, 8) feeds the AMED predictor.
-* ``amed_feature(activation)``: reduces that output to (B, 8, 8) (channel mean by default).
+* ``amed_feature(activation)``: reduces that output to (B, 8, 8) (channel mean by default);
+  ``feature_shape`` is the shape of one reduced feature, (8, 8) (the zero feature of AFS steps).
 * ``sample_cond(rnd, batch_size, training=False)``: conditioning drawn from a per-seed generator
   (``rnd.seeds`` are the seeds; text models take caption i for seed i when sampling and a random
   caption when ``training``).
@@ -37,6 +38,7 @@ class Denoiser(torch.nn.Module):
     label_dim = 0
     calls_per_eval = 1
     latent = False
+    feature_shape = (8, 8)
     sigma_to_t = None
     t_to_sigma = None
     # ``feature_module`` is a registered submodule of each adapter (not a class attribute here: a

@@ -47,6 +47,7 @@ def recording(model):
 
     class Recorder(torch.nn.Module):
         sigma_min, sigma_max, img_shape, label_dim = model.sigma_min, model.sigma_max, model.img_shape, 0
+        feature_shape = model.feature_shape
         feature_module = model.feature_module
 
         def forward(self, x, sigma, cond=None):

@@ -125,7 +125,7 @@ def test_a_k_diffusion_model_wrapper_runs_through_it():
               callback=lambda d: steps.append(d['i']))
     out = sample_amed(wrapped, x, sigmas, predictor=predictor(), feature_module=net.mid, **kw)
     assert torch.isfinite(out).all() and steps == [0, 1, 2, 3]
-    assert net.calls == solver_utils.count_nfe('ipndm', 4, True, True) + 1   # + the Euler step to 0
+    assert net.calls == solvers.count_nfe('ipndm', 4, True, True) + 1   # + the Euler step to 0
     assert not net.mid._forward_hooks
     # The feature matters: a predictor reading another module's output samples differently.
     other = sample_amed(wrapped, x, sigmas, predictor=predictor(), feature_module=net.inp, **kw)

@@ -323,7 +323,7 @@ def test_every_student_samples_and_decodes(files, which):
                                schedule_rho=1.0, afs=True, predictor=pred, **extra)
             images = model.decode(x)
             assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all(), (solver, pred)
-            nfe = solvers.solver_utils.count_nfe(solver, 4, True, pred is not None,
+            nfe = solvers.count_nfe(solver, 4, True, pred is not None,
                                                  calls_per_eval=model.calls_per_eval)
             assert len(calls) * model.calls_per_eval == nfe, (solver, pred, calls)
             model.unet._forward_hooks.clear()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import solver_utils
+import solvers
 from solver_utils import get_schedule
 
 # Continuous VP maps (EDM's VPPrecond / the official CGPrecond): sigma(t) and its inverse.
@@ -132,9 +133,9 @@ def test_intermediate_time():
 
 
 def test_count_nfe_examples_from_reference():
-    assert solver_utils.count_nfe('amed', 4, afs=True, with_predictor=True) == 5
-    assert solver_utils.count_nfe('ipndm', 4, afs=False, with_predictor=True) == 6
-    assert solver_utils.count_nfe('dpmpp', 6, afs=False, with_predictor=True, calls_per_eval=2) == 20
-    assert solver_utils.count_nfe('ipndm', 6, afs=True) == 4
-    assert solver_utils.count_nfe('dpm', 4, afs=True) == 5
-    assert math.isclose(solver_utils.count_nfe('euler', 4, denoise_to_zero=True), 4)
+    assert solvers.count_nfe('amed', 4, afs=True, with_predictor=True) == 5
+    assert solvers.count_nfe('ipndm', 4, afs=False, with_predictor=True) == 6
+    assert solvers.count_nfe('dpmpp', 6, afs=False, with_predictor=True, calls_per_eval=2) == 20
+    assert solvers.count_nfe('ipndm', 6, afs=True) == 4
+    assert solvers.count_nfe('dpm', 4, afs=True) == 5
+    assert math.isclose(solvers.count_nfe('euler', 4, denoise_to_zero=True), 4)

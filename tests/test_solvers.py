@@ -31,7 +31,7 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.calls = 0
-        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.sigma_min, self.sigma_max, self.feature_shape = inner.sigma_min, inner.sigma_max, inner.feature_shape
 
     def capture_feature(self):
         return self.inner.capture_feature()
@@ -144,7 +144,7 @@ def test_model_calls_match_nfe_formula(gmm, name, opts, with_predictor, afs):
     num_steps = 5
     solvers.sample(model, latents(2, dtype=torch.float32), solver=name, num_steps=num_steps, afs=afs,
                    predictor=pred, **opts)
-    assert model.calls == solver_utils.count_nfe(name, num_steps, afs, with_predictor)
+    assert model.calls == solvers.count_nfe(name, num_steps, afs, with_predictor)
     if with_predictor:
         assert model.calls == 2 * (num_steps - 1) - int(afs)   # REFERENCE.md 3.3
 
@@ -152,7 +152,7 @@ def test_model_calls_match_nfe_formula(gmm, name, opts, with_predictor, afs):
 def test_teacher_calls_and_denoise_to_zero(gmm):
     model = CountingModel(gmm)
     solvers.sample(model, latents(2, dtype=torch.float32), solver='heun', num_steps=6, denoise_to_zero=True)
-    assert model.calls == solver_utils.count_nfe('heun', 6, denoise_to_zero=True) == 11
+    assert model.calls == solvers.count_nfe('heun', 6, denoise_to_zero=True) == 11
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_feature_hook_removed_also_on_error(gmm):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
-            self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+            self.sigma_min, self.sigma_max, self.feature_shape = inner.sigma_min, inner.sigma_max, inner.feature_shape
 
         def capture_feature(self):
             return self.inner.capture_feature()

@@ -217,7 +217,7 @@ def test_class_conditional_builtin_model(in_tmp):
 
 def test_quickstart_smoke(in_tmp):
     """The quickstart runs end to end (tiny settings; the real figures are in the README)."""
-    from training import quickstart
+    from evaluation import quickstart
     code, out = run_cli(quickstart.main, ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--outdir=exps',
                                           '--grid=g.png'])
     assert code == 0, out

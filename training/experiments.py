@@ -8,7 +8,7 @@ A run lives in ``<outdir>/NNNNN-<dataset>-<num_steps>-<nfe>-<student>-<teacher>-
 import os
 import re
 
-import solver_utils
+import solvers
 
 
 
@@ -38,7 +38,7 @@ def run_name(run_id, dataset_name, num_steps, nfe, sampler_stu, sampler_tea, M, 
 
 def training_nfe(num_steps, afs, calls_per_eval=1):
     """NFE of the student with a predictor, as in the run name (doubled under CFG)."""
-    return solver_utils.count_nfe('amed', num_steps, afs, with_predictor=True, calls_per_eval=calls_per_eval)
+    return solvers.count_nfe('amed', num_steps, afs, with_predictor=True, calls_per_eval=calls_per_eval)
 
 
 def _run_ids(outdir):

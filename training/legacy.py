@@ -18,10 +18,10 @@ import types
 
 import torch
 
+import solvers
 from torch_utils import persistence
 
-LEGACY_SAMPLERS = ('amed_sampler', 'euler_sampler', 'ipndm_sampler', 'dpm_2_sampler', 'dpm_pp_sampler',
-                   'heun_sampler')
+LEGACY_SAMPLERS = tuple(cls.legacy_name for cls in solvers.REGISTRY.values())
 
 
 def _make_solvers_amed():
@@ -94,11 +94,12 @@ def settings_of(net):
                     schedule_rho=float(net.schedule_rho), afs=bool(net.afs), dataset_name=net.dataset_name,
                     guidance_type=getattr(net, 'guidance_type', None), guidance_rate=getattr(net, 'guidance_rate', None),
                     sampler_tea=getattr(net, 'sampler_tea', None), M=getattr(net, 'M', None))
-    if solver in ('ipndm', 'dpmpp'):
+    takes = solvers.solver_class(solver, 'sampler_stu').options
+    if 'max_order' in takes:
         settings['max_order'] = int(net.max_order) if net.max_order is not None else None
-    if solver == 'dpmpp':
-        settings['predict_x0'] = bool(net.predict_x0)
-        settings['lower_order_final'] = bool(net.lower_order_final)
+    for opt in ('predict_x0', 'lower_order_final'):
+        if opt in takes:
+            settings[opt] = bool(getattr(net, opt))
     if settings['guidance_type'] in ('None', None):
         settings['guidance_type'] = None
         settings['guidance_rate'] = None

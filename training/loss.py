@@ -20,15 +20,35 @@ Two losses share the targets (``train.py --loss``):
 
 import torch
 
+import solver_utils
 import solvers
 
 LOSSES = ('interval', 'trajectory')
 
-MULTISTEP = ('ipndm', 'dpmpp')           # carry their own state (history) across intervals
+
+def build_solvers(model, sampler_stu, sampler_tea, **options):
+    """The student and teacher solvers of a training run: each gets the ``options`` it takes
+    (``Solver.options``: max_order, predict_x0, ...), and an option that neither takes is a
+    ValueError naming it."""
+    stu = solvers.solver_class(sampler_stu, 'sampler_stu')
+    tea = solvers.solver_class(sampler_tea, 'sampler_tea')
+    if not stu.student:
+        raise ValueError(f"sampler_stu {sampler_stu!r} is a teacher only (students: {', '.join(solvers.STUDENTS)})")
+    if not tea.teacher:
+        raise ValueError(f"sampler_tea {sampler_tea!r} is a student only (teachers: {', '.join(solvers.TEACHERS)})")
+    given = {k: v for k, v in options.items() if v is not None}
+    for opt in given:
+        if opt not in stu.options and opt not in tea.options:
+            raise ValueError(f"{opt} is an option of {solvers.takers(opt)} only, and neither the student "
+                             f"{sampler_stu!r} nor the teacher {sampler_tea!r} is one")
+    latent = getattr(model, 'latent', False)
+    return tuple(solvers.make_solver(cls.name, latent, **{k: v for k, v in given.items() if k in cls.options})
+                 for cls in (stu, tea))
 
 
 class AMEDLoss:
-    """Teacher trajectories and the student's per-interval step for one frozen model.
+    """Teacher trajectories and the student's per-interval step for one frozen model. Built once
+    per training run; it validates every solver and schedule option.
 
     Args:
         model: the frozen denoiser (models/base.py interface).
@@ -36,49 +56,30 @@ class AMEDLoss:
         num_steps: student time points N; M: teacher points inserted per student interval.
         schedule_type, schedule_rho, sigma_min, sigma_max: the schedule shared by both.
         afs: analytical first step for the student (the teacher never uses it, as the official code).
-        max_order, predict_x0, lower_order_final: multistep options, given to whichever of student
-            and teacher is multistep.
+        **options: solver options (max_order, predict_x0, lower_order_final, thresholding,
+            corrected_3m), given to whichever of student and teacher takes them (:func:`build_solvers`).
     """
 
-    def __init__(self, model, sampler_stu, sampler_tea, num_steps, M, schedule_type='polynomial', schedule_rho=7.0,
-                 sigma_min=None, sigma_max=None, afs=False, max_order=None, predict_x0=None, lower_order_final=None):
-        if sampler_stu not in solvers.STUDENTS:
-            raise ValueError(f"unknown sampler_stu {sampler_stu!r} (choose one of {', '.join(solvers.STUDENTS)})")
-        if sampler_tea not in solvers.TEACHERS:
-            raise ValueError(f"unknown sampler_tea {sampler_tea!r} (choose one of {', '.join(solvers.TEACHERS)})")
+    def __init__(self, model, sampler_stu, sampler_tea, num_steps, M, schedule_type=solver_utils.SCHEDULE_TYPE,
+                 schedule_rho=solver_utils.SCHEDULE_RHO, sigma_min=None, sigma_max=None, afs=False, **options):
         if int(M) != M or M < 1:
             raise ValueError(f'M must be a positive integer, got {M}')
         self.model = model
         self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
-        latent = getattr(model, 'latent', False)
-        self.student = self._make(sampler_stu, max_order, predict_x0, lower_order_final, latent)
-        self.teacher = self._make(sampler_tea, max_order, predict_x0, lower_order_final, latent)
+        self.student, self.teacher = build_solvers(model, sampler_stu, sampler_tea, **options)
         sched = dict(sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type, schedule_rho=schedule_rho)
-        solvers.check_options(self.student, self.num_steps, model.sigma_min if sigma_min is None else sigma_min,
-                              model.sigma_max if sigma_max is None else sigma_max, schedule_type, schedule_rho,
-                              predictor=True)
         self.t_student = solvers.get_model_schedule(model, self.num_steps, **sched).tolist()
         self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1, **sched).tolist()
 
-    @staticmethod
-    def _make(name, max_order, predict_x0, lower_order_final, latent):
-        multistep = name in MULTISTEP
-        return solvers.make_solver(name, max_order if multistep else None,
-                                   predict_x0 if name == 'dpmpp' else None,
-                                   lower_order_final if name == 'dpmpp' else None, latent=latent)
-
     @property
     def multistep(self):
-        return self.student.name in MULTISTEP
+        return self.student.multistep
 
     @torch.no_grad()
     def teacher_targets(self, latents, cond=None):
         """The teacher's states at the student's time points: a list of N tensors, the first
         being latents * sigma_max."""
-        traj = solvers.sample(self.model, latents, cond, solver=self.teacher.name, t_steps=self.t_teacher,
-                              max_order=getattr(self.teacher, 'max_order', None),
-                              predict_x0=getattr(self.teacher, 'predict_x0', None),
-                              lower_order_final=getattr(self.teacher, 'lower_order_final', None),
+        traj = solvers.sample(self.model, latents, cond, solver=self.teacher, t_steps=self.t_teacher,
                               return_inters=True)
         return list(traj[::self.M + 1])
 

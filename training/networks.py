@@ -105,8 +105,8 @@ class AMEDPredictor(torch.nn.Module):
     def __init__(self, scale_dir=0.01, scale_time=0.0, hidden_dim=128, bottleneck_input_dim=64,
                  bottleneck_output_dim=4, noise_channels=8):
         super().__init__()
-        self.scale_dir = _nonnegative('scale_dir', scale_dir)
-        self.scale_time = _nonnegative('scale_time', scale_time)
+        self.scale_dir = check_half_width('scale_dir', scale_dir)
+        self.scale_time = check_half_width('scale_time', scale_time)
         self.hidden_dim = _positive_int('hidden_dim', hidden_dim)
         self.bottleneck_input_dim = _positive_int('bottleneck_input_dim', bottleneck_input_dim)
         self.bottleneck_output_dim = _positive_int('bottleneck_output_dim', bottleneck_output_dim)
@@ -181,7 +181,8 @@ class AMEDPredictor(torch.nn.Module):
         return f'scale_dir={self.scale_dir}, scale_time={self.scale_time}'
 
 
-def _nonnegative(name, value):
+def check_half_width(name, value):
+    """A scale range half-width (scale_dir, scale_time) as a float; ValueError unless finite and >= 0."""
     try:
         v = float(value)
     except (TypeError, ValueError):

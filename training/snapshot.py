@@ -24,17 +24,20 @@ import zipfile
 
 import torch
 
+import solvers
 from torch_utils.misc import atomic_write
 
 from training.legacy import load_published_predictor
 from training.networks import AMEDPredictor
 
 __all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'load_predictor', 'resolve_predictor_path',
-           'latest_snapshot', 'check_compatible']
+           'latest_snapshot', 'check_compatible', 'solver_kwargs_from_settings']
 
 FORMAT = 'amed-predictor'
 VERSION = 1
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
+SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs', 't_steps',
+               *solvers.OPTIONS)
 SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
 
 
@@ -135,6 +138,12 @@ def load_snapshot(path, device='cpu'):
         raise ValueError(f'{path}: state_dict does not match predictor_config: {first}') from None
     predictor.eval().requires_grad_(False)
     return predictor.to(device), settings
+
+
+def solver_kwargs_from_settings(settings):
+    """The sampling options stored in a predictor's (or card's) ``settings``: the arguments of
+    :func:`solvers.sample` besides the predictor."""
+    return {k: settings[k] for k in SOLVER_KEYS if k in settings}
 
 
 # ----------------------------------------------------------------------------------------------
