@@ -64,8 +64,8 @@ from typing import Optional  # noqa: E402
 import click           # noqa: E402
 import torch           # noqa: E402
 
-import solver_utils    # noqa: E402
 import solvers         # noqa: E402
+from evaluation import accuracy                     # noqa: E402
 from models.base import Denoiser                     # noqa: E402
 from models.edm import EDMDenoiser                   # noqa: E402
 from models.networks_edm import build_from_config   # noqa: E402
@@ -116,7 +116,7 @@ class RunConfig:
     @property
     def label(self):
         name = SOLVER_LABELS[self.solver]
-        if self.solver == 'amed':
+        if solvers.REGISTRY[self.solver].needs_predictor:
             return name
         return f'{name} + AMED-Plugin' if self.predictor else name
 
@@ -130,12 +130,12 @@ class RunConfig:
 
 def default_configs():
     """AMED-Solver, then each plugin solver with and without the predictor (NFE 5, AFS)."""
-    plain_steps = {'euler': 7, 'ipndm': 7, 'dpm': 4, 'dpmpp': 7}
-    orders = {'ipndm': 4, 'dpmpp': 3}
-    configs = [RunConfig('amed', True, 4)]
-    for name in ('euler', 'ipndm', 'dpm', 'dpmpp'):
-        configs.append(RunConfig(name, True, 4, orders.get(name)))
-        configs.append(RunConfig(name, False, plain_steps[name], orders.get(name)))
+    configs = []
+    for name in solvers.STUDENTS:
+        cls = solvers.REGISTRY[name]
+        for predictor in (True, False) if not cls.needs_predictor else (True,):
+            configs.append(RunConfig(name, predictor, accuracy.steps_for_nfe(name, NFE, True, predictor),
+                                     cls.max_order_limit))
     for c in configs:
         if c.nfe != NFE:
             raise RuntimeError(f'{c.label}: NFE {c.nfe}, expected {NFE}')

@@ -36,7 +36,7 @@ from training import snapshot
 
 from .card import CardPredictor, load_card
 
-SOLVER_KWARGS = ('solver', 'afs', 'max_order', 'predict_x0', 'lower_order_final', 'thresholding')
+SOLVER_KWARGS = ('solver', 'afs', *solvers.OPTIONS)
 
 
 class KDiffusionDenoiser(Denoiser):
@@ -86,7 +86,8 @@ def _predictor_and_options(card, predictor, options, device):
         return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None
     if given.get('solver') is None:
         raise ValueError('a predictor object needs solver= (and the solver options it was trained with)')
-    defaults = dict(afs=False, thresholding=False if given['solver'] == 'dpmpp' else None)
+    takes_thresholding = 'thresholding' in solvers.solver_class(given['solver']).options
+    defaults = dict(afs=False, thresholding=False if takes_thresholding else None)
     return predictor, dict(defaults, **given), None
 
 

@@ -50,9 +50,9 @@ def peer_python(*packages):
     starting the interpreter."""
     python = os.path.join(PEER_VENV, 'bin', 'python')
     if not os.path.exists(python):
-        pytest.skip('peer venv .peer-venv missing: run .ci/run or see requirements-test.txt')
+        pytest.skip('peer venv .peer-venv missing: run tests/run.sh (the README test command)')
     import glob  # pylint: disable=import-outside-toplevel
     for package in packages:
         if not glob.glob(os.path.join(PEER_VENV, 'lib', 'python*', 'site-packages', package)):
-            pytest.skip(f'the peer venv lacks {package}: run .ci/run or see requirements-test.txt')
+            pytest.skip(f'the peer venv lacks {package}: run tests/run.sh (the README test command)')
     return python

@@ -14,7 +14,9 @@ from click.testing import CliRunner
 
 import sample
 import train
-from training.snapshot import load_snapshot
+import solvers
+from models.presets import load_model
+from training.snapshot import load_predictor, load_snapshot, solver_kwargs_from_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset_name=toy', '--batch=8', '--total_kimg=0.016', '--no-progress', '--num_steps=3']
@@ -210,6 +212,17 @@ def test_class_conditional_builtin_model(in_tmp):
     code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-2', '--outdir=c', '--no-progress'])
     assert code == 0, out
     assert len(os.listdir('c/000000')) == 3
+    # The labels reach the model: the same noise with other labels gives other images, the same labels the same.
+    model = load_model('toy_cond')
+    predictor, settings = load_predictor('0')
+    latents = torch.randn([3, *model.img_shape], generator=torch.Generator().manual_seed(0))
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), model.label_dim).float()
+    kw = solver_kwargs_from_settings(settings)
+    with torch.no_grad():
+        out, same, other = (solvers.sample(model, latents, c, predictor=predictor, **kw)
+                            for c in (labels, labels.clone(), labels.roll(1, 0)))
+    assert torch.equal(out, same)
+    assert ((out - other).flatten(1).abs().amax(1) > 0.1).all()
     code, out = run_cli(sample.main, ['--predictor_path=0', '--dataset_name=toy', '--seeds=0', '--outdir=d',
                                       '--no-progress'])
     assert code != 0 and 'toy_cond' in out
