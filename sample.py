@@ -25,7 +25,10 @@ from generation import generate
 @click.option('--seeds', help='Seeds, e.g. 0-49999 or 1,2,5-10', type=str, default='0-63')
 @click.option('--grid', help='Write one grid of all seeds (grid.png) instead of one PNG per seed', is_flag=True)
 @click.option('--subdirs/--no-subdirs', help='Put PNGs in 1000-seed subfolders', default=True)
-@click.option('--outdir', help='Output folder (default ./samples/<dataset>/<solver>_nfe<NFE>)', type=str)
+@click.option('--outdir', help='Output folder  [default: samples/<dataset>/<run folder>/<snapshot> with a predictor, '
+              'samples/<dataset>/<solver>_nfe<NFE>_<all settings> without]', type=str)
+@click.option('--overwrite', help='Replace the samples of another configuration in --outdir (they are removed first)', is_flag=True)
+@click.option('--resume', help='Skip the seeds whose PNG in --outdir is already complete (same configuration)', is_flag=True)
 @click.option('--return_inters', help='Also save each trajectory at the grid points as <seed>.npz', type=bool, default=False)
 @click.option('--classifier_path', help='Classifier for classifier guidance (file or URL)', type=str)
 @click.option('--prompt', help='ms_coco: one prompt for every image (default: caption i of --prompt_path for seed i)', type=str)

@@ -1,0 +1,1 @@
+"""Image generation, the library behind sample.py (:mod:`generation.generate`)."""

@@ -7,6 +7,7 @@ so an image depends only on its seed: not on the batch size, not on the number o
 """
 
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -20,8 +21,11 @@ from integrations.card import load_card_predictor
 from models import toy
 from models.presets import load_model
 from torch_utils import distributed as dist
+from generation import manifest
+from generation.manifest import seed_path
+from metrics import provenance
 from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
-from training import snapshot
+from training import experiments, snapshot
 
 #: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
 SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
@@ -50,11 +54,6 @@ def make_grid(images, ncol=None):
     return grid
 
 
-def seed_path(outdir, seed, ext, subdirs=True):
-    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-    return os.path.join(folder, f'{seed:06d}.{ext}')
-
-
 #: Defaults of a plain-solver run of sample.py (no predictor); the schedule's are solver_utils'.
 PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False)
 
@@ -81,10 +80,18 @@ class SamplingPlan:
     return_inters: bool = False
     batch: int = 64
     device: torch.device = torch.device('cpu')
+    config: dict = dataclasses.field(default_factory=dict)
+    info: dict = dataclasses.field(default_factory=dict)
+    existing: dict = None
+    overwrite: bool = False
+    todo: list = None
 
     def describe(self):
         """One line: what is sampled, how and where."""
-        return (f"Sampling {len(self.seeds)} images with {self.label} ({self.nfe} NFE, {len(self.t_steps)} time points, "
+        skipped = len(self.seeds) - len(self.todo) if self.todo is not None else 0
+        count = f'{len(self.todo)} images ({skipped} of {len(self.seeds)} seeds already done)' if skipped else \
+            f'{len(self.seeds)} images'
+        return (f"Sampling {count} with {self.label} ({self.nfe} NFE, {len(self.t_steps)} time points, "
                 f"{self.solver_options.get('schedule_type', solver_utils.SCHEDULE_TYPE)} schedule) on "
                 f"{dist.get_world_size()} process(es) -> {self.outdir}")
 
@@ -92,7 +99,7 @@ class SamplingPlan:
 def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=None, seeds='0-63', outdir=None,
                   grid=False, subdirs=True, return_inters=False, batch=64, classifier_path=None, prompt=None,
                   prompt_path=None, use_fp16=False, device=torch.device('cpu'), guidance_type=None,
-                  guidance_rate=None, **solver_options):
+                  guidance_rate=None, overwrite=False, resume=False, **solver_options):
     """Validate a sampling run and load what it needs; write nothing. ValueError (or
     FileNotFoundError) with one line naming the problem.
 
@@ -102,7 +109,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     (solver, num_steps, the schedule options, afs and the solver's options; defaults
     :data:`PLAIN_DEFAULTS`). A predictor or card carries its own solver settings, model and guidance:
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
-    The default ``outdir`` is ``samples/[grids/]<dataset>/<label>_nfe<NFE>``."""
+    ``outdir``, ``overwrite`` and ``resume``: see :func:`build_plan`."""
     given = {k: v for k, v in solver_options.items() if v is not None}
     unknown = set(given) - set(PLAIN_DEFAULTS) - set(SCHEDULE_OPTIONS) - set(solvers.OPTIONS)
     if unknown:
@@ -119,12 +126,17 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
                              f"--{'card' if card is not None else 'predictor_path'}")
     elif dataset_name is None:
         raise ValueError('give --predictor_path, --card, or --dataset_name and plain solver options')
+    if outdir is not None:
+        manifest.check_outdir(outdir)
 
-    predictor, settings = None, {}
+    predictor, settings, origin = None, {}, None
     if card is not None:
         predictor, settings = load_card_predictor(card)
+        origin = dict(kind='card', given=str(card), **_file_identity(card))
     elif predictor_path is not None:
-        predictor, settings = snapshot.load_predictor(predictor_path, device=device)
+        path = snapshot.resolve_predictor_path(predictor_path)
+        predictor, settings = snapshot.load_predictor(path, device=device)
+        origin = dict(kind='predictor', given=str(predictor_path), **_file_identity(path))
     if source is not None:
         dataset_name = dataset_name or settings.get('dataset_name')
         if dataset_name is None:
@@ -135,45 +147,122 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
         run_options = dict(PLAIN_DEFAULTS, **given)
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
                        prompt_path=prompt_path, use_fp16=use_fp16, device=device, prompt=prompt)
-    return build_plan(model, seed_list, outdir, run_options, predictor, settings, card=card is not None, grid=grid,
-                      subdirs=subdirs, return_inters=return_inters, batch=batch, device=device)
+    model_identity = dict(dataset_name=dataset_name, model_path=model_path, guidance_type=guidance_type,
+                          guidance_rate=guidance_rate, classifier_path=classifier_path, prompt=prompt,
+                          prompt_path=prompt_path, use_fp16=bool(use_fp16))
+    return build_plan(model, seed_list, outdir, run_options, predictor, settings, origin=origin,
+                      model_identity=model_identity, grid=grid, subdirs=subdirs, return_inters=return_inters,
+                      batch=batch, device=device, overwrite=overwrite, resume=resume)
 
 
-def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None, card=False, grid=False, subdirs=True,
-               return_inters=False, batch=64, device=torch.device('cpu')):
+def _file_identity(path):
+    """The sha256 of a predictor or card file (the part of a sample manifest that says which one it
+    was) and where it was read from (``file``, for the reader only)."""
+    record = provenance.file_record(path)
+    return dict(sha256=record['sha256'], file=record['file'])
+
+
+def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None, origin=None, model_identity=None,
+               grid=False, subdirs=True, return_inters=False, batch=64, device=torch.device('cpu'), overwrite=False,
+               resume=False):
     """The :class:`SamplingPlan` of a loaded ``model`` with ``run_options`` (solver, schedule, afs
     and solver options: :func:`training.snapshot.solver_kwargs_from_settings` of a predictor's
-    ``settings``, or a plain solver's), validated once; ``outdir`` None means the default folder."""
+    ``settings``, or a plain solver's), validated once, before anything is written.
+
+    ``origin`` says where ``predictor`` came from (kind, sha256 of its file); without it a predictor
+    module is identified by the sha256 of its weights. ``outdir`` None means the default folder, which
+    names the predictor (its run folder and snapshot, or its card) or the plain solver's full
+    settings: ``samples/[grids/]<dataset>/<name>``. The folder's manifest must match this run's
+    configuration (:mod:`generation.manifest`) unless ``overwrite``; ``resume`` skips the seeds
+    whose PNG is already complete."""
     settings = settings or {}
     if predictor is not None:
         snapshot.check_compatible(settings, model)
     seeds = list(seeds)
     model.check_seeds(seeds)
+    if resume and grid:
+        raise ValueError('--resume continues per-seed PNGs; it does not apply to --grid')
     afs = bool(run_options.get('afs', False))
     spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in run_options.items() if k != 'afs'})
     nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
     label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
-    label += '-card' if card else ''
+    origin = origin or (None if predictor is None else dict(kind='predictor object', sha256=_weights_sha256(predictor)))
+    label += '-card' if origin and origin['kind'] == 'card' else ''
+    dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
     if outdir is None:
-        dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
-        outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, f'{label}_nfe{nfe}')
+        name = _origin_folder(origin) if origin and 'file' in origin else \
+            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_options, afs)
+        outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, name)
+    identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
+    config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
+                  solver=dict(name=spec.name, options=solvers.settings_of(spec), afs=afs,
+                              t_steps=[float(t) for t in t_steps]),
+                  layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
+    existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
+    todo = None
+    if resume:
+        done = set(manifest.complete_seeds(outdir, seeds, subdirs)) if existing is not None else set()
+        todo = [s for s in seeds if s not in done]
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
                         predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
-                        grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device)
+                        grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
+                        config=config, info=dict(origin or {}), existing=existing, overwrite=overwrite, todo=todo)
+
+
+def _weights_sha256(predictor):
+    """sha256 over the names and bytes of a predictor module's tensors (its identity without a file)."""
+    digest = hashlib.sha256()
+    state = predictor.state_dict() if hasattr(predictor, 'state_dict') else {}
+    for name, value in state.items():
+        digest.update(name.encode('utf-8'))
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _origin_folder(origin):
+    """The default sample folder name of a predictor or card file: its run folder and snapshot
+    (``00003-toy-...-afs/network-snapshot-000002``) or, for a card, ``card-<name>``."""
+    stem = os.path.splitext(os.path.basename(origin['file']))[0]
+    if origin['kind'] == 'card':
+        return f'card-{stem}'
+    run = os.path.basename(os.path.dirname(origin['file']))
+    return os.path.join(run, stem) if run else stem
+
+
+def _settings_tag(spec, t_steps, run_options, afs):
+    """A plain solver's full settings as a folder name part: time points, schedule, sigma range,
+    AFS and every solver option (e.g. ``n6-poly7.0-sigma0.002-80-afs-max_order4``)."""
+    parts = [f'n{len(t_steps)}']
+    if 't_steps' in run_options:
+        parts.append('explicit')
+    else:
+        parts.append(experiments.schedule_tag(run_options.get('schedule_type', solver_utils.SCHEDULE_TYPE),
+                                              run_options.get('schedule_rho', solver_utils.SCHEDULE_RHO)))
+    parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
+    if afs:
+        parts.append('afs')
+    parts += [f'{opt}{value}' for opt, value in solvers.settings_of(spec).items()]
+    return '-'.join(parts)
 
 
 @torch.no_grad()
 def generate_images(plan, progress=True):
     """Sample one image per seed of ``plan`` (:func:`plan_sampling`) and write PNGs (and trajectories).
 
-    This rank handles its share of the seeds (:func:`torch_utils.distributed.rank_seeds`).
-    Writes ``outdir/<seed//1000*1000>/<seed>.png`` (``subdirs``) or ``outdir/<seed>.png``; with
-    ``grid`` a single ``outdir/grid.png`` of all seeds in seed order instead; with
-    ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid points
-    (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Returns the number of images
+    First, rank 0 writes the folder's manifest (``manifest.json``: the run's configuration and
+    seeds; with ``overwrite`` after removing the folder's old sample files). This rank then handles
+    its share of the seeds to do (:func:`torch_utils.distributed.rank_seeds`; with ``resume`` the
+    seeds whose PNG was complete are skipped). Writes ``outdir/<seed//1000*1000>/<seed>.png``
+    (``subdirs``) or ``outdir/<seed>.png``; with ``grid`` a single ``outdir/grid.png`` of all seeds in
+    seed order instead; with ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid
+    points (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Returns the number of images
     written by this rank."""
     model, outdir, device = plan.model, plan.outdir, plan.device
-    batches = dist.rank_seeds(plan.seeds, plan.batch)
+    dist.barrier()   # every rank has planned (and, with resume, listed what is done) before anything is written
+    if dist.is_main():
+        manifest.prepare_folder(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
+    dist.barrier()
+    batches = dist.rank_seeds(plan.seeds if plan.todo is None else plan.todo, plan.batch)
     collected = []
     written = 0
     bar = tqdm(batches, unit='batch', disable=not (progress and dist.is_main()), dynamic_ncols=True)

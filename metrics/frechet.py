@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dnnlib
+from generation import manifest as sample_manifest
 from metrics import provenance as prov
 from models.inception import FIDInception
 from metrics.image_sets import ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others, start
@@ -286,6 +287,14 @@ def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch
     return mu, sigma
 
 
+def manifest_report(images, names):
+    """:func:`generation.manifest.check_image_set` with its refusals as MetricError."""
+    try:
+        return sample_manifest.check_image_set(images, names)
+    except ValueError as e:
+        raise MetricError(str(e)) from None
+
+
 def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
                progress=True, metrics_file=None):
     """Frechet distance of ``images`` (folder or zip) to the statistics ``ref`` (path or URL).
@@ -310,6 +319,10 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
     agree(err)
     image_set, err = attempt(ImageSet, images, num=num, seed=seed)
     agree(err)
+    report, err = attempt(manifest_report, images, image_set.names)
+    agree(err)
+    if report:
+        dist.print0(report)
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {label} of {len(image_set)} images in {images} against {ref}...')
     mu, sigma = feature_stats(image_set, net, batch=batch, device=dev, workers=workers, progress=progress)

@@ -31,10 +31,10 @@ import zipfile
 
 import dnnlib
 from torch_utils import distributed as dist
+from generation.manifest import MANIFEST
 from torch_utils.misc import format_int_list
 
 METRICS_FILE = 'metrics.jsonl'
-MANIFEST = 'manifest.json'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

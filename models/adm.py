@@ -18,6 +18,7 @@ import torch
 
 from .base import Denoiser
 from .files import load_checkpoint, load_strict, resolve_model_file, sidecar_config
+from .networks_adm import create_adm_classifier, create_adm_unet, create_cm_unet
 
 URLS = {
     'lsun_bedroom': 'https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt',
@@ -152,7 +153,6 @@ class ADMDenoiser(Denoiser):
 
 
 def load_cm(dataset_name, model_path=None, use_fp16=False, device='cpu'):
-    from models.networks_adm import create_cm_unet
     path = model_path or URLS[dataset_name]
     state, local = load_state_dict_file(path, 'Consistency-Models U-Net')
     unet = _build(create_cm_unet, state, _config_for(local, CM_CONFIG), path, 'Consistency-Models U-Net')
@@ -161,7 +161,6 @@ def load_cm(dataset_name, model_path=None, use_fp16=False, device='cpu'):
 
 def load_adm(model_path=None, classifier_path=None, guidance_type=None, guidance_rate=None, use_fp16=False,
              device='cpu'):
-    from models.networks_adm import create_adm_classifier, create_adm_unet
     path = model_path or URLS['imagenet256']
     state, local = load_state_dict_file(path, 'ADM U-Net')
     unet = _build(create_adm_unet, state, _config_for(local, ADM_CONFIG), path, 'ADM U-Net')

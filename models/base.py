@@ -6,6 +6,8 @@ Everything outside ``models/`` sees a model only through :class:`Denoiser`:
   ``x`` has shape (B, C, H, W); ``sigma`` is a tensor of shape (B,) (one noise level per sample);
   ``cond`` is the conditioning (class labels, text embeddings) or None.
 * ``sigma_min``, ``sigma_max``: the noise range the model supports.
+* ``dataset_name``: the preset it was loaded as (set by :func:`models.presets.load_model`; None
+  for a model built directly). Predictors record it and are checked against it.
 * ``img_channels``, ``img_resolution`` (and ``img_shape``); ``label_dim`` (0 = unconditional).
 * ``calls_per_eval``: network calls one denoise costs (2 with classifier-free guidance).
 * ``latent``: True when x are latents (decoded by ``decode``); dynamic thresholding is then off by
@@ -39,6 +41,7 @@ class Denoiser(torch.nn.Module):
     calls_per_eval = 1
     latent = False
     feature_shape = (8, 8)
+    dataset_name = None
     sigma_to_t = None
     t_to_sigma = None
     # ``feature_module`` is a registered submodule of each adapter (not a class attribute here: a

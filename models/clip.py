@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import load_strict
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
@@ -251,7 +253,6 @@ class CLIP(nn.Module):
 def load_state(net, state, path):
     """Load an open_clip state dict strictly: a ``'module.'`` prefix (DDP training checkpoints) is
     removed and a 1-d ``logit_scale`` reshaped, as open_clip does; anything else must match."""
-    from .files import load_strict  # pylint: disable=import-outside-toplevel
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     if 'logit_scale' in state:

@@ -19,6 +19,8 @@ import zipfile
 import torch
 
 import dnnlib
+from torch_utils import distributed as dist
+from torch_utils.misc import atomic_write
 
 
 def load_checkpoint(path, what):
@@ -69,7 +71,6 @@ def _load_torch_file(path):
         stand_ins.append(type(name, (_Placeholder,), {'__module__': module, '__qualname__': name}))
     with torch.serialization.safe_globals(stand_ins):
         state = torch.load(path, map_location='cpu', weights_only=True)
-    from torch_utils import distributed as dist
     dist.print0(f"{path}: read {', '.join(names)} as placeholders (only the tensors are used; no code from the file runs)")
     return state
 
@@ -97,7 +98,6 @@ def extract_member(zip_path, member):
     st = os.stat(zip_path)
     key = hashlib.md5(f'{os.path.abspath(zip_path)}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:16]
     target_dir = dnnlib.util.make_cache_dir_path('extracted', f'{key}_{os.path.basename(zip_path)}.d')
-    from torch_utils.misc import atomic_write
     try:
         with zipfile.ZipFile(zip_path) as zf:
             names = [n for n in zf.namelist() if not n.endswith('/')]

@@ -24,8 +24,11 @@ else ``./models/ldm_models/first_stage_models/vq-f4/model.ckpt`` (the brief's pa
 
 import torch
 
+from torch_utils import distributed as dist
+
 from .files import find_file, load_checkpoint, load_strict, resolve_model_file, sidecar_config
 from .latent import DiscreteEpsDenoiser, linear_alphas_cumprod, strip_prefix, use_ema_weights
+from .networks_adm import UNetModel
 
 URLS = {
     'lsun_bedroom_ldm': 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
@@ -91,8 +94,6 @@ def build_first_stage(state, config, path):
 
 
 def load_ldm(model_path=None, use_fp16=False, device='cpu'):
-    from torch_utils import distributed as dist
-    from models.networks_adm import UNetModel
     if use_fp16 and torch.device(device).type != 'cuda':
         raise ValueError('use_fp16 needs a CUDA device')
     if model_path is not None:

@@ -2,6 +2,9 @@
 
 Only ``models/`` knows dataset names. Each preset says how to build the model and which
 guidance, classifier and prompt options it takes; anything else is rejected with one line.
+Each family's module is imported only when its preset is built: the latent families need the
+optional extra (diffusers, transformers), and loading one model should not import them all.
+The loaded model's ``dataset_name`` (an attribute of the Denoiser interface) is the preset's name.
 """
 
 import dataclasses

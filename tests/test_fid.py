@@ -24,6 +24,7 @@ from models import toy
 from models.inception import FIDInception
 from tests.fid_standin import StandInDetector
 from tests.peers import peer_python
+from generation import manifest as sample_manifest
 from metrics import frechet, image_sets
 from torch_utils.misc import parse_int_list
 from generation.generate import to_uint8
@@ -196,7 +197,7 @@ def test_calc_and_ref_record_provenance(standin):
     assert line['command'] and line['options']['images'] == 'b' and line['options']['metrics_file'] is None
 
     # A sample-folder manifest is hashed; a second run appends a line; EDM's files have no provenance.
-    open('b/manifest.json', 'w').write('{"seeds": "0-6"}')
+    json.dump(sample_manifest.make_manifest(dict(source=dict(kind='plain')), range(7)), open('b/manifest.json', 'w'))
     np.savez('edm.npz', mu=load_npz('a.npz')['mu'], sigma=load_npz('a.npz')['sigma'])
     code, out = run_fid(['calc', '--images=b', '--ref=edm.npz', *common])
     assert code == 0, out

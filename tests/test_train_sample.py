@@ -127,7 +127,7 @@ def test_sample_images_depend_only_on_seed(in_tmp):
     traj = np.load('b/000003.npz')
     assert traj['trajectory'].shape == (3, 3, 32, 32) and traj['sigmas'].shape == (3,)
     code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid', '--outdir=g', '--no-progress'])
-    assert code == 0 and os.listdir('g') == ['grid.png']
+    assert code == 0 and sorted(os.listdir('g')) == ['grid.png', 'manifest.json']
     assert read_png('g/grid.png').shape == (64, 96, 3)
 
 
@@ -189,7 +189,7 @@ def test_torchrun_two_processes_match_one(in_tmp):
         assert np.array_equal(read_png(f's1/000000/{seed:06d}.png'), read_png(f's2/000000/{seed:06d}.png'))
     torchrun('sample.py', [f'--predictor_path={snap}', '--seeds=0-6', '--grid', '--outdir=g2', '--no-progress',
                            '--device=cpu'], in_tmp)
-    assert os.listdir('g2') == ['grid.png']
+    assert sorted(os.listdir('g2')) == ['grid.png', 'manifest.json']
 
 
 def test_torchrun_trajectory_loss_matches_one_process(in_tmp):
