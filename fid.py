@@ -31,16 +31,17 @@ from models import clip as clip_models
 from torch_utils import distributed as dist
 from generation import generate
 from metrics import frechet
-from metrics.image_sets import MetricError, start
+from metrics.image_sets import start
 
 
 def _one_line_errors(fn):
-    """Turn the library's user errors into click's one-line 'Error: ...'."""
+    """Turn the libraries' user errors (MetricError and the generation library's ValueError are both
+    ValueErrors) into click's one-line 'Error: ...'."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (MetricError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from None
         finally:
             dist.shutdown()

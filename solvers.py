@@ -74,6 +74,12 @@ class Solver:
     history_size = 0
 
     @classmethod
+    def build(cls, latent=False, **options):
+        """An instance with ``options`` (already checked against :attr:`options`); ``latent``: the
+        model works on latents (only solvers whose defaults depend on it look at it)."""
+        return cls(**options)
+
+    @classmethod
     def evals_per_interval(cls, with_predictor=False):
         """Model evaluations of one interval: 2 with a predictor or for a two-stage solver, else 1."""
         return 2 if (with_predictor or cls.two_stage) else 1
@@ -138,6 +144,10 @@ class DPMpp(Solver):
     options = ('max_order', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
     max_order_limit = 3
     legacy_name = 'dpm_pp_sampler'
+
+    @classmethod
+    def build(cls, latent=False, **options):
+        return cls(latent=latent, **options)
 
     def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False,
                  latent=False):
@@ -239,12 +249,10 @@ def make_solver(name, latent=False, **options):
             raise TypeError(f'make_solver() got an unknown option {opt!r}')
         if opt not in cls.options:
             raise ValueError(f"{opt} is an option of {takers(opt)} only, not of solver {name!r}")
-    if cls is DPMpp:
-        given['latent'] = latent
-    return cls(**given)
+    return cls.build(latent, **given)
 
 
-def settings_of(solver):
+def options_of(solver):
     """The options of a built ``solver`` as a dict (the inverse of :func:`make_solver`)."""
     return {opt: getattr(solver, opt) for opt in type(solver).options}
 

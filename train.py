@@ -90,6 +90,8 @@ class HalfWidth(click.ParamType):
 @click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)} (default: the highest)", type=int)
 @click.option('--predict_x0', help='DPM-Solver++ data prediction (default True)', type=bool)
 @click.option('--lower_order_final', help='DPM-Solver++ lower orders at the end (default True)', type=bool)
+@click.option('--thresholding', help='DPM-Solver++: dynamic thresholding of the data prediction (default: '
+              'predict_x0 on pixel models, False on latent models)', type=bool)
 @click.option('--corrected_3m', help='DPM-Solver++: third-order-accurate order-3 update (default False: the '
               'official update)', type=bool)
 # Guidance options.

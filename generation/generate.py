@@ -20,10 +20,10 @@ import solvers
 from integrations.card import load_card_predictor
 from models import toy
 from models.presets import load_model
-from torch_utils import distributed as dist
 from generation import manifest
 from generation.manifest import seed_path
 from metrics import provenance
+from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
 from training import experiments, snapshot
 
@@ -81,7 +81,6 @@ class SamplingPlan:
     batch: int = 64
     device: torch.device = torch.device('cpu')
     config: dict = dataclasses.field(default_factory=dict)
-    info: dict = dataclasses.field(default_factory=dict)
     existing: dict = None
     overwrite: bool = False
     todo: list = None
@@ -195,7 +194,7 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
         outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, name)
     identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
-                  solver=dict(name=spec.name, options=solvers.settings_of(spec), afs=afs,
+                  solver=dict(name=spec.name, options=solvers.options_of(spec), afs=afs,
                               t_steps=[float(t) for t in t_steps]),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
     existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
@@ -206,7 +205,7 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
                         predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
-                        config=config, info=dict(origin or {}), existing=existing, overwrite=overwrite, todo=todo)
+                        config=config, existing=existing, overwrite=overwrite, todo=todo)
 
 
 def _weights_sha256(predictor):
@@ -241,7 +240,7 @@ def _settings_tag(spec, t_steps, run_options, afs):
     parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
     if afs:
         parts.append('afs')
-    parts += [f'{opt}{value}' for opt, value in solvers.settings_of(spec).items()]
+    parts += [f'{opt}{value}' for opt, value in solvers.options_of(spec).items()]
     return '-'.join(parts)
 
 
@@ -305,10 +304,7 @@ def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True):
     Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks."""
     if num < 1:
         raise ValueError(f'--num must be at least 1, got {num}')
-    try:
-        model = toy.build(dataset_name)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    model = toy.build(dataset_name)
     chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
     for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
         if len(chunk) == 0:

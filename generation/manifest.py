@@ -114,7 +114,7 @@ def check_folder(outdir, config, overwrite=False, resume=False):
 
     Returns the manifest already there (None if none). ValueError (one line) when the folder holds
     samples of another configuration or sample files without a manifest (unless ``overwrite``), or
-    when ``resume`` finds nothing of the same configuration to resume."""
+    when both ``overwrite`` and ``resume`` are asked for."""
     if overwrite and resume:
         raise ValueError('give --overwrite (start again) or --resume (continue), not both')
     check_outdir(outdir)

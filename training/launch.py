@@ -18,17 +18,13 @@ from training.snapshot import load_predictor
 from training.loss import LOSSES, AMEDLoss
 from training.training_loop import split_batch, training_loop
 
-#: The solver options a training run passes to its student and teacher.
-SOLVER_OPTIONS = ('max_order', 'predict_x0', 'lower_order_final', 'corrected_3m')
-
 #: Defaults of every training option (the brief's parameter table, plus ours). None: the model's
 #: (sigma range) or the solver's (its options, :mod:`solvers`).
 DEFAULTS = dict(
     dataset_name=None, model_path=None, outdir='./exps', desc=None, batch=64, batch_gpu=None, total_kimg=10.0,
     lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
     num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type=solver_utils.SCHEDULE_TYPE,
-    schedule_rho=solver_utils.SCHEDULE_RHO,
-    max_order=None, predict_x0=None, lower_order_final=None, corrected_3m=None, guidance_type=None, guidance_rate=None,
+    schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS), guidance_type=None, guidance_rate=None,
     classifier_path=None, prompt_path=None, prompt=None, predictor_path=None, use_fp16=False, loss='interval',
     inter_weight=0.0, checkpointing=False)
 
@@ -72,7 +68,7 @@ def plan_training(options, device):
                        o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
                        prompt=o['prompt'])
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
-                                     'sigma_min', 'sigma_max', 'afs', *SOLVER_OPTIONS)}
+                                     'sigma_min', 'sigma_max', 'afs', *solvers.OPTIONS)}
     loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
     split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
@@ -87,7 +83,7 @@ def plan_training(options, device):
     settings = dict(
         solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
         schedule_rho=o['schedule_rho'], sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0],
-        afs=o['afs'], **solvers.settings_of(student), sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe, guidance_type=o['guidance_type'],
+        afs=o['afs'], **solvers.options_of(student), sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe, guidance_type=o['guidance_type'],
         guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
         img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
