@@ -39,6 +39,17 @@ class EasyDict(dict):
 # Looking up objects by their dotted name.
 
 
+def create_temp(folder, prefix, suffix=''):
+    """``tempfile.mkstemp`` whose file gets the mode a plain ``open(path, 'w')`` would give (0666
+    less the umask) instead of mkstemp's 0600, so files written through it follow the umask.
+    Returns ``(fd, path)``."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def get_obj_by_name(name):
     """Return the object with the dotted name ``name``, importing modules as needed.
 
@@ -221,7 +232,7 @@ def open_url(url, cache_dir=None, cache=True, num_attempts=3, verbose=True, retu
         try:
             if cache:
                 os.makedirs(cache_dir, exist_ok=True)
-                fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp_' + os.path.basename(cache_file) + '.')
+                fd, tmp_path = create_temp(cache_dir, '.tmp_' + os.path.basename(cache_file) + '.')
                 with os.fdopen(fd, 'wb') as tmp:
                     _download(url, tmp, verbose)
                 os.replace(tmp_path, cache_file)

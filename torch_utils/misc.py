@@ -2,9 +2,10 @@
 
 import os
 import re
-import tempfile
 
 import torch
+
+from dnnlib.util import create_temp
 
 
 class StackedRandomGenerator:
@@ -72,12 +73,12 @@ def format_int_list(values):
 def atomic_write(path, write):
     """Write a file all at once: ``write(tmp_path)`` fills a temporary file in the same folder
     (created if needed), which then replaces ``path``; on any error the temporary file is removed
-    and ``path`` is untouched. The temporary file keeps ``path``'s extension."""
+    and ``path`` is untouched. The temporary file keeps ``path``'s extension; the file gets the
+    umask's permissions (:func:`create_temp`)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                               suffix=os.path.splitext(path)[1])
+    fd, tmp = create_temp(folder, '.' + os.path.basename(path) + '.', os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
