@@ -33,18 +33,19 @@ class EDMDenoiser(Denoiser):
 
     AMED feature (REFERENCE.md section 2): the output of ``net.model.enc['8x8_block3']`` for
     unconditional calls and ``net.model.enc['8x8_block2']`` for conditional ones (the official code
-    picks the block by whether the call has labels, not by the architecture).
+    picks the block by whether the call has labels, not by the architecture); ``feature_block``
+    names another ``net.model.enc`` block for networks of another layout (the built-in toy U-Net).
     Conditioning: one-hot class labels (B, label_dim), drawn per seed as EDM's generate.py does.
     """
 
-    def __init__(self, net, sigma_min=0.002, sigma_max=80.0):
+    def __init__(self, net, sigma_min=0.002, sigma_max=80.0, feature_block=None):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.img_channels = int(net.img_channels)
         self.img_resolution = int(net.img_resolution)
         self.label_dim = int(net.label_dim)
-        block = '8x8_block2' if self.label_dim else '8x8_block3'
+        block = feature_block or ('8x8_block2' if self.label_dim else '8x8_block3')
         try:
             self.feature_module = net.model.enc[block]
         except (AttributeError, KeyError):

@@ -32,6 +32,11 @@ def _build_toy(conditional):
     return build
 
 
+def _build_toy_unet(model_path=None, **kwargs):
+    from models.toy_unet import load
+    return load(model_path)
+
+
 def _build_edm(dataset_name):
     def build(model_path=None, **kwargs):
         from models.edm import EDM_URLS, EDMDenoiser, load_edm_pickle
@@ -69,6 +74,9 @@ def _build_sd(model_path=None, guidance_type=None, guidance_rate=None, prompt_pa
 PRESETS = {
     'toy': Preset('toy', _build_toy(False), 'built-in analytic Gaussian mixture, 3x32x32, unconditional'),
     'toy_cond': Preset('toy_cond', _build_toy(True), 'built-in analytic Gaussian mixture, 3x32x32, 10 classes'),
+    'toy_unet': Preset('toy_unet', _build_toy_unet, 'built-in learned model: a small EDM U-Net trained on the toy '
+                       'mixture, 3x32x32, unconditional (--model_path: another checkpoint with its sidecar)',
+                       takes_model_path=True),
     'cifar10': Preset('cifar10', _build_edm('cifar10'), 'EDM CIFAR-10 32x32 unconditional VP', takes_model_path=True),
     'ffhq': Preset('ffhq', _build_edm('ffhq'), 'EDM FFHQ 64x64 unconditional VP', takes_model_path=True),
     'afhqv2': Preset('afhqv2', _build_edm('afhqv2'), 'EDM AFHQv2 64x64 unconditional VP', takes_model_path=True),
