@@ -1,9 +1,11 @@
-"""Quickstart on the built-in analytic model: train AMED predictors, sample a grid, and compare
-AMED-Solver and AMED-Plugin (iPNDM) with plain solvers by their error to the exact ODE solution.
+"""Quickstart on a built-in model: train AMED predictors, sample a grid, and compare AMED-Solver
+and AMED-Plugin (iPNDM) with plain solvers by their error to the reference ODE solution.
 
-    python -m evaluation.quickstart           # what quickstart.sh runs after installing
+    python -m evaluation.quickstart                         # the analytic mixture (exact solution)
+    python -m evaluation.quickstart --dataset_name=toy_unet  # the learned toy U-Net (RK4 reference)
 
-Everything runs on CPU in a few minutes; nothing is downloaded.
+Everything runs on CPU in a few minutes; nothing is downloaded. quickstart.sh runs the first after
+installing.
 """
 
 import os
@@ -14,6 +16,7 @@ import click
 from evaluation import accuracy
 from generation import generate
 from models.presets import load_model
+from models.toy import AnalyticDenoiser
 from torch_utils import distributed as dist
 from training import snapshot
 
@@ -24,25 +27,31 @@ RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_REC
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--dataset_name', type=click.Choice(['toy', 'toy_cond']), default='toy')
-@click.option('--nfe', 'nfes', help='NFE values (odd: AFS is used)', type=str, default='3,5,7,9')
-@click.option('--kimg', help='Training trajectories per predictor (thousands)', type=float, default=2.0)
+@click.option('--dataset_name', type=click.Choice(['toy', 'toy_cond', 'toy_unet']), default='toy')
+@click.option('--nfe', 'nfes', help='NFE values (odd: AFS is used) [default: 3,5,7,9; 5 on toy_unet]', type=str)
+@click.option('--kimg', help='Training trajectories per predictor (thousands) [default: 2; 1 on toy_unet]', type=float)
 @click.option('--batch', help='Training batch', type=int, default=32)
 @click.option('--num', help='Evaluation samples', type=int, default=64)
 @click.option('--outdir', help='Where the runs go', type=str, default='./exps')
-@click.option('--grid', 'grid_path', type=str, default='./samples/quickstart/grid.png',
-              help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe)')
+@click.option('--grid', 'grid_path', type=str,
+              help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe) '
+              '[default: samples/quickstart/grid.png; samples/quickstart-<dataset>/grid.png for the others]')
 @click.option('--progress/--no-progress', default=False)
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     """Train, sample a grid, print the error table."""
     start = time.time()
-    nfes = [int(v) for v in nfes.split(',')]
+    learned = dataset_name == 'toy_unet'   # a network call costs ~1000x the analytic denoiser: fewer runs
+    nfes = [int(v) for v in (nfes or ('5' if learned else '3,5,7,9')).split(',')]
+    kimg = (1.0 if learned else 2.0) if kimg is None else kimg
+    grid_path = grid_path or ('./samples/quickstart/grid.png' if dataset_name == 'toy' else
+                              f'./samples/quickstart-{dataset_name}/grid.png')
     if any(n % 2 == 0 or n < 3 for n in nfes):
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
     device = dist.init('cpu')
     model = load_model(dataset_name, device=device)
     latents, cond, exact = accuracy.reference_set(model, range(num), device)
-    print(f'Exact ODE solutions of {num} samples: {time.time() - start:.1f} s')
+    kind = 'Exact' if isinstance(model, AnalyticDenoiser) else 'Reference'
+    print(f'{kind} ODE solutions of {num} samples: {time.time() - start:.1f} s')
 
     rows = []
     grid_run = None   # (predictor, settings) of the grid's run
@@ -77,7 +86,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
         print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
     print()
-    print(accuracy.format_table(rows, nfes, title=f'RMS error to exact ODE solution ({dataset_name}, {num} samples)'))
+    print(accuracy.format_table(rows, nfes, title=f'RMS error to {kind.lower()} ODE solution ({dataset_name}, {num} samples)'))
     print(f'\nTotal time: {time.time() - start:.0f} s')
     dist.shutdown()
 

@@ -117,7 +117,7 @@ def solve_pf_ode(denoiser, x_start, sigma_start, sigmas, cond=None, steps_per_un
     return torch.stack(out)
 
 
-class _AnalyticDenoiser(Denoiser):
+class AnalyticDenoiser(Denoiser):
     """Shared parts of the exact models: float64 buffers, the AMED feature, the reference ODE.
 
     AMED feature: ``feature_module`` is an ``Identity`` that forward calls on the denoised image
@@ -173,7 +173,7 @@ class _AnalyticDenoiser(Denoiser):
         return self.ode_solution(x_start, sigma_max, sigmas, cond=cond, steps_per_unit=steps_per_unit)
 
 
-class IsotropicGaussian(_AnalyticDenoiser):
+class IsotropicGaussian(AnalyticDenoiser):
     """Data N(m, s^2 I): D(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m), exact ODE solution in closed form.
 
     Useful to check ODE integrators: x(sigma) = m + (x(sigma0) - m) sqrt(sigma^2 + s^2) / sqrt(sigma0^2 + s^2).
@@ -308,7 +308,7 @@ def _planes(spectrum):
     return torch.view_as_real(spectrum).flatten(1, 3).transpose(1, 2).contiguous()
 
 
-class GaussianMixture(_AnalyticDenoiser):
+class GaussianMixture(AnalyticDenoiser):
     """Mixture of K stationary Gaussians with a natural-image power spectrum, with exact denoiser.
 
     Data: p(x0) = sum_k pi_k N(x0; mu_k, C_k), pi_k = 1/K, where per channel c
@@ -335,7 +335,7 @@ class GaussianMixture(_AnalyticDenoiser):
     Conditional model (``conditional=True``, label_dim = K): ``cond`` is class labels (B,) (integer)
     or one-hot (B, K) (float); D is the Wiener filter of that single component (responsibility one-hot).
 
-    AMED feature: see :class:`_AnalyticDenoiser` (8x8 average-pooled D, channel mean).
+    AMED feature: see :class:`AnalyticDenoiser` (8x8 average-pooled D, channel mean).
 
     Args:
         num_components: K.
