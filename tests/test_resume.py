@@ -15,6 +15,7 @@ import torch
 import sample
 import train
 from tests.test_train_sample import TINY, in_tmp, run_cli  # noqa: F401 (in_tmp: a fixture)
+from training import training_loop
 from training.snapshot import STATE_FILE, load_predictor, load_snapshot, load_training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +168,11 @@ def test_resume_rules_and_incomplete_runs(in_tmp):
         assert code != 0 and out.startswith(f'Error: run {run_dir} is incomplete (0 of 0.016 kimg saved): resume it '
                                             f'with train.py --resume={run_dir}'), out
         assert len(out.strip().splitlines()) == 1, out
+    open(os.path.join(run_dir, STATE_FILE), 'w').write('cut off')
+    code, out = run_cli(train.main, ['--resume=0'])
+    assert code != 0 and len(out.strip().splitlines()) == 1, out
+    assert out.startswith(f'Error: {os.path.join(run_dir, STATE_FILE)} is not an AMED training state (unreadable: '), out
+    os.remove(os.path.join(run_dir, STATE_FILE))
     code, out = run_cli(train.main, ['--resume=0', '--dry-run'])
     assert code == 0 and 'Dry run' in out and json.loads(out[:out.rindex('}') + 1])['total_kimg'] == 0.016
     assert sorted(os.listdir(run_dir)) == ['log.txt', 'stats.jsonl', 'training_options.json']
@@ -201,3 +207,29 @@ def test_nan_guard_non_finite_weights(in_tmp):
         training_loop(plan['model'], 'run', plan['loss_fn'], o['predictor_kwargs'], o['settings'], batch=8,
                       total_kimg=0.08, lr=float('inf'), snap_kimg=0.008, progress=False, log=lambda *a, **k: None)
     assert not [f for f in os.listdir('run') if f.endswith('.pt')]
+
+
+def test_periodic_snapshots(in_tmp, monkeypatch):
+    """--snap=0.016 with batches of 8: a partial snapshot and the state after batches 2 and 4, the
+    final one after batch 5; training_options.json follows."""
+    from training import experiments
+    marks, snapshots = [], []
+    mark_run, save_snapshot = experiments.mark_run, training_loop.save_snapshot
+
+    def recording_mark_run(run_dir, kimg, complete):
+        marks.append((kimg, complete, os.path.exists(os.path.join(run_dir, STATE_FILE))))
+        mark_run(run_dir, kimg, complete)
+
+    def recording_save_snapshot(path, predictor, settings, progress):
+        snapshots.append(progress)
+        save_snapshot(path, predictor, settings, progress)
+
+    monkeypatch.setattr(experiments, 'mark_run', recording_mark_run)
+    monkeypatch.setattr(training_loop, 'save_snapshot', recording_save_snapshot)
+    code, out = run_cli(train.main, TINY + ['--outdir=exps', '--total_kimg=0.04', '--snap=0.016'])
+    assert code == 0, out
+    assert marks == [(0.016, False, True), (0.032, False, True), (0.04, True, True)]
+    assert snapshots == [dict(kimg=k, total_kimg=0.04, partial=p)
+                         for k, p in ((0.016, True), (0.032, True), (0.04, False))]
+    run_dir = only_run('exps')
+    assert options_of(run_dir)['complete'] is True and not os.path.exists(os.path.join(run_dir, STATE_FILE))
