@@ -120,9 +120,9 @@ def main(ctx, dry_run, progress, device, resume, **opts):
     given = [p.opts[0] for p in ctx.command.params
              if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
     if resume is not None and given:
-        raise click.UsageError(f"--resume takes the run's stored options; remove {', '.join(given)}")
+        raise click.ClickException(f"--resume takes the run's stored options; remove {', '.join(given)}")
     if resume is None and opts['dataset_name'] is None:
-        raise click.UsageError("Missing option '--dataset_name' (or --resume a run)")
+        raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     try:
         dev = dist.init(device)
         plan = plan_resume(resume, dev) if resume is not None else plan_training(opts, dev)
