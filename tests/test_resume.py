@@ -23,8 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ['--dataset_name=toy', '--batch=8', '--total_kimg=0.096', '--num_steps=3', '--no-progress', '--tick=0.008',
        '--snap=0.032', '--afs=True']
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-
-
 TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 
