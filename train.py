@@ -8,14 +8,17 @@ Example (the built-in analytic model, CPU):
 """
 
 import json
+import sys
 
 import click
+from click.core import ParameterSource
 
 import solver_utils
 import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
-from training.launch import DEFAULTS as D, plan_training, run_training
+from training.launch import DEFAULTS as D, plan_resume, plan_training, run_training
+from training.training_loop import TrainingDiverged, TrainingInterrupted
 from training.loss import LOSSES
 from training.networks import check_half_width
 
@@ -49,7 +52,7 @@ class HalfWidth(click.ParamType):
 
 @click.command(context_settings=dict(show_default=True))
 # General options.
-@click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())}", type=str, required=True)
+@click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())} [required unless --resume]", type=str)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
 @click.option('--predictor_path', help='Start from this predictor (ours or published): file, run folder or experiment number', type=str)
 @click.option('--outdir', help='Where to create the run folder', type=str, default=D['outdir'])
@@ -66,6 +69,12 @@ class HalfWidth(click.ParamType):
 @click.option('--scale_time', help='Half-width of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
               type=HalfWidth(0.2), default=D['scale_time'])
 @click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=D['tick_kimg'])
+@click.option('--snap', 'snap_kimg', help='Snapshot (marked partial) and training state every this many kimg; '
+              '0: only the final snapshot. SIGINT/SIGTERM also save them after the current batch',
+              type=click.FloatRange(min=0), default=D['snap_kimg'])
+@click.option('--resume', help='Continue an interrupted run (folder, or experiment number in ./exps or ./exp) in '
+              'its folder with its stored options; takes no other option but --device, --no-progress and --dry-run',
+              type=str)
 # Loss options.
 @click.option('--loss', help='interval: the official per-interval loss; trajectory: the whole student run against '
               'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),
@@ -103,11 +112,20 @@ class HalfWidth(click.ParamType):
 @click.option('--use_fp16', help='fp16 network weights (CUDA; models that support it)', is_flag=True)
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
-def main(dry_run, progress, device, **opts):
-    """Train an AMED predictor; the run lands in a new folder of --outdir."""
+@click.pass_context
+def main(ctx, dry_run, progress, device, resume, **opts):
+    """Train an AMED predictor; the run lands in a new folder of --outdir (with --resume: the run's
+    own folder). Exits with 128 + the signal number after SIGINT/SIGTERM, once the partial snapshot
+    and the training state are saved."""
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+    if resume is not None and given:
+        raise click.ClickException(f"--resume takes the run's stored options; remove {', '.join(given)}")
+    if resume is None and opts['dataset_name'] is None:
+        raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     try:
         dev = dist.init(device)
-        plan = plan_training(opts, dev)
+        plan = plan_resume(resume, dev) if resume is not None else plan_training(opts, dev)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         dist.shutdown()
         raise click.ClickException(str(e))
@@ -118,6 +136,11 @@ def main(dry_run, progress, device, **opts):
         return
     try:
         run_training(plan, progress=progress)
+    except TrainingInterrupted as e:
+        dist.print0(e)
+        sys.exit(128 + e.signum)
+    except TrainingDiverged as e:
+        raise click.ClickException(str(e))
     finally:
         dist.shutdown()
 

@@ -1,15 +1,19 @@
-"""Experiment folders: naming and creating new runs (finding a run's predictor is
+"""Experiment folders: naming and creating new runs, and their training_options.json, which also
+says whether the run is complete (finding a run's predictor is
 :func:`training.snapshot.resolve_predictor_path`).
 
 A run lives in ``<outdir>/NNNNN-<dataset>-<num_steps>-<nfe>-<student>-<teacher>-<M>-<schedule>[-afs][-<desc>]``
 (REFERENCE.md section 5; unlike the official code, ``--desc`` is joined with a '-').
 """
 
+import json
 import os
 import re
 
 import solvers
+from torch_utils.misc import atomic_write
 
+OPTIONS_FILE = 'training_options.json'
 
 
 def schedule_tag(schedule_type, schedule_rho):
@@ -64,3 +68,51 @@ def make_run_dir(outdir, name_fn):
         except FileExistsError:
             run_id = max(_run_ids(outdir) + [run_id]) + 1
     raise RuntimeError(f'could not create a new run folder in {outdir}')
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's options file, which also says how far the run got: ``complete`` (false until the
+# final snapshot is written) and ``kimg`` (thousands of trajectories in the latest saved state).
+
+def read_run_options(run_dir):
+    """The options stored in ``run_dir``'s training_options.json; ValueError (one line) without it."""
+    path = os.path.join(run_dir, OPTIONS_FILE)
+    try:
+        with open(path, 'rt') as f:
+            options = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f'{run_dir} is not a training run folder (no {OPTIONS_FILE})') from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is unreadable: {e}') from None
+    if not isinstance(options, dict):
+        raise ValueError(f'{path} is not a dict of training options')
+    return options
+
+
+def write_run_options(run_dir, options):
+    """Write ``options`` to ``run_dir``'s training_options.json atomically."""
+    def write(tmp):
+        with open(tmp, 'wt') as f:
+            json.dump(options, f, indent=2)
+    atomic_write(os.path.join(run_dir, OPTIONS_FILE), write)
+
+
+def mark_run(run_dir, kimg, complete):
+    """Record in training_options.json how far the run got (created if missing)."""
+    path = os.path.join(run_dir, OPTIONS_FILE)
+    options = read_run_options(run_dir) if os.path.exists(path) else {}
+    write_run_options(run_dir, dict(options, kimg=kimg, complete=complete))
+
+
+def incomplete_reason(run_dir):
+    """None for a finished run (and for folders without our options file or its ``complete``
+    field, such as published predictors and runs of older code), else a one-line explanation."""
+    if not os.path.exists(os.path.join(run_dir, OPTIONS_FILE)):
+        return None
+    options = read_run_options(run_dir)
+    if options.get('complete', True):
+        return None
+    total = f" of {options['total_kimg']:g}" if 'total_kimg' in options else ''
+    return (f"run {run_dir} is incomplete ({options.get('kimg', 0):g}{total} kimg saved): resume it with "
+            f"train.py --resume={run_dir}, or pass one of its snapshot files explicitly")

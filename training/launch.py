@@ -1,7 +1,7 @@
 """From training options to a finished run: validation, the run folder, logging, the loop.
 
-``train.py`` parses options into a dict and calls :func:`plan_training` and :func:`run_training`;
-the quickstart calls the same two functions.
+``train.py`` parses options into a dict and calls :func:`plan_training` (or, for ``--resume``,
+:func:`plan_resume`) and :func:`run_training`; the quickstart calls the same functions.
 """
 
 import json
@@ -14,19 +14,19 @@ from models.presets import load_model
 from torch_utils import distributed as dist
 from training import experiments
 from training.networks import AMEDPredictor, check_half_width
-from training.snapshot import load_predictor
+from training.snapshot import STATE_FILE, load_predictor, load_training_state, resolve_run_dir
 from training.loss import LOSSES, AMEDLoss
-from training.training_loop import split_batch, training_loop
+from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
 
 #: Defaults of every training option (the brief's parameter table, plus ours). None: the model's
 #: (sigma range) or the solver's (its options, :mod:`solvers`).
 DEFAULTS = dict(
     dataset_name=None, model_path=None, outdir='./exps', desc=None, batch=64, batch_gpu=None, total_kimg=10.0,
-    lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, sampler_stu='amed', sampler_tea='heun',
-    num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None, schedule_type=solver_utils.SCHEDULE_TYPE,
-    schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS), guidance_type=None, guidance_rate=None,
-    classifier_path=None, prompt_path=None, prompt=None, predictor_path=None, use_fp16=False, loss='interval',
-    inter_weight=0.0, checkpointing=False)
+    lr=5e-3, seed=0, scale_dir=0.01, scale_time=0.0, tick_kimg=1.0, snap_kimg=1.0, sampler_stu='amed',
+    sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
+    schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
+    guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
+    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False)
 
 
 class Logger:
@@ -57,6 +57,9 @@ def plan_training(options, device):
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     for opt in ('scale_dir', 'scale_time'):
         check_half_width(opt, o[opt])
+    if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
+        raise ValueError(f"--snap must be a finite number of kimg >= 0 (0: only the final snapshot), "
+                         f"got {o['snap_kimg']}")
     if o['loss'] not in LOSSES:
         raise ValueError(f"unknown loss {o['loss']!r} (choose one of {', '.join(LOSSES)})")
     if o['loss'] != 'trajectory':
@@ -111,29 +114,55 @@ def initial_weights(spec, settings, predictor_kwargs):
     return {k: v.clone() for k, v in target.state_dict().items()}
 
 
+def plan_resume(spec, device):
+    """The plan of an unfinished run (folder or experiment number) with the options stored in its
+    training_options.json; the run continues in its folder from its training state (from the
+    start when it stopped before the first one was saved)."""
+    run_dir = resolve_run_dir(spec)
+    stored = experiments.read_run_options(run_dir)
+    if experiments.incomplete_reason(run_dir) is None:
+        raise ValueError(f'run {run_dir} is complete: nothing to resume')
+    plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
+    state_path = os.path.join(run_dir, STATE_FILE)
+    plan.update(run_dir=run_dir, resume=load_training_state(state_path) if os.path.exists(state_path) else None)
+    return plan
+
+
 def run_training(plan, progress=True):
-    """Create the run folder (rank 0), write training_options.json and log.txt, train, and save
-    the snapshot. Returns (run_dir, snapshot path) on rank 0 and (None, None) elsewhere."""
+    """Create the run folder (rank 0; a resumed plan keeps its own), write training_options.json
+    and log.txt, train, and save the snapshot. Returns (run_dir, snapshot path) on rank 0 and
+    (None, None) elsewhere. :class:`TrainingInterrupted` and :class:`TrainingDiverged` are noted
+    in log.txt and passed on."""
     o = plan['options']
+    resume = plan.get('resume')
     run_dir = None
     if dist.is_main():
-        run_dir = experiments.make_run_dir(o['outdir'], plan['name_fn'])
-        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(dict(o, run_dir=run_dir), f, indent=2)
+        run_dir = plan.get('run_dir')
+        if run_dir is None:
+            run_dir = experiments.make_run_dir(o['outdir'], plan['name_fn'])
+            experiments.write_run_options(run_dir, dict(o, run_dir=run_dir, kimg=0, complete=False))
     log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
     try:
         s = o['settings']
         if dist.is_main():
             log(f'Run folder: {run_dir}')
+            if plan.get('run_dir') is not None:
+                log(f"Resuming at {resume['position']['cur_nimg'] / 1000 if resume else 0:g} kimg")
             log(f"Student {o['sampler_stu']} (NFE {s['nfe']}), teacher {o['sampler_tea']} with M={o['M']}, "
                 f"{o['loss']} loss, "
                 f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
                 f"{dist.get_world_size()} process(es) on {plan['device']}")
-        _, path = training_loop(plan['model'], run_dir, plan['loss_fn'], o['predictor_kwargs'], s, batch=o['batch'],
-                                batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'], seed=o['seed'],
-                                device=plan['device'], tick_kimg=o['tick_kimg'], progress=progress, log=log,
-                                init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
-                                checkpointing=o['checkpointing'])
+        try:
+            _, path = training_loop(plan['model'], run_dir, plan['loss_fn'], o['predictor_kwargs'], s,
+                                    batch=o['batch'], batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'],
+                                    seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
+                                    snap_kimg=o['snap_kimg'], progress=progress, log=log,
+                                    init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
+                                    checkpointing=o['checkpointing'], resume=resume)
+        except (TrainingInterrupted, TrainingDiverged) as e:
+            if dist.is_main():
+                log(str(e), console=False)
+            raise
         if dist.is_main():
             log(f'Saved {path}')
     finally:

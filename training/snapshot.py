@@ -7,12 +7,17 @@ A snapshot is a ``torch.save``'d dict of plain data and tensors only::
     {'format': 'amed-predictor', 'version': 1,
      'predictor_config': {...},      # AMEDPredictor constructor arguments
      'settings': {...},              # how the predictor was trained / is meant to be sampled with
-     'state_dict': {name: tensor}}   # CPU tensors
+     'state_dict': {name: tensor},   # CPU tensors
+     'progress': {'kimg': ..., 'total_kimg': ..., 'partial': bool}}   # snapshots written in training
 
 so :func:`load_snapshot` reads it with ``torch.load(weights_only=True)`` and executes no code.
 NVIDIA-persistence pickles (the official ``.pkl`` predictors) are a different format that embeds
 source code; :func:`load_snapshot` refuses them and :func:`load_predictor` hands them to
-:func:`training.legacy.load_published_predictor`.
+:func:`training.legacy.load_published_predictor`. A run folder or experiment number resolves to
+the run's latest snapshot only once the run is complete (:func:`run_snapshot`).
+
+An unfinished run also holds ``training-state.pt`` (:func:`save_training_state`), from which
+``train.py --resume`` continues.
 """
 
 import json
@@ -27,14 +32,18 @@ import torch
 import solvers
 from torch_utils.misc import atomic_write
 
+from training import experiments
 from training.legacy import load_published_predictor
 from training.networks import AMEDPredictor
 
 __all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'load_predictor', 'resolve_predictor_path',
-           'latest_snapshot', 'check_compatible', 'solver_kwargs_from_settings']
+           'latest_snapshot', 'find_run', 'resolve_run_dir', 'run_snapshot', 'check_compatible',
+           'solver_kwargs_from_settings', 'STATE_FILE', 'save_training_state', 'load_training_state']
 
 FORMAT = 'amed-predictor'
+STATE_FORMAT = 'amed-training-state'
 VERSION = 1
+STATE_FILE = 'training-state.pt'   # in the folder of a run that has not finished
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
 SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs', 't_steps',
                *solvers.OPTIONS)
@@ -54,7 +63,17 @@ def _plain(name, value):
         raise ValueError(f'{name} is not JSON-serialisable: {e}') from None
 
 
-def save_snapshot(path, predictor, settings):
+def _save_torch(path, data):
+    """``torch.save`` ``data`` to ``path`` atomically (:func:`~torch_utils.misc.atomic_write`)."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def save_snapshot(path, predictor, settings, progress=None):
     """Write ``predictor`` and ``settings`` to ``path`` atomically.
 
     Args:
@@ -63,6 +82,9 @@ def save_snapshot(path, predictor, settings):
             ``.module`` is one).
         settings: JSON-serialisable dict chosen by the caller (solver, num_steps, schedule, afs,
             ...); stored as plain data (tuples come back as lists).
+        progress: optional ``dict(kimg=..., total_kimg=..., partial=bool)``, stored as the
+            top-level field ``progress``: how far training had got (``partial``: before the end
+            of the run, e.g. a periodic or an interrupted run's snapshot).
 
     The file is first written to a temporary file in the same folder and then moved into place
     with ``os.replace``; on any error the temporary file is removed and ``path`` is untouched.
@@ -76,12 +98,9 @@ def save_snapshot(path, predictor, settings):
         'settings': _plain('settings', settings),
         'state_dict': {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
     }
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, write)
+    if progress is not None:
+        data['progress'] = _plain('progress', progress)
+    _save_torch(path, data)
 
 
 def load_snapshot(path, device='cpu'):
@@ -147,6 +166,28 @@ def solver_kwargs_from_settings(settings):
 
 
 # ----------------------------------------------------------------------------------------------
+# The training state beside the snapshots of an unfinished run: what --resume needs besides the
+# options (plain data and tensors: the predictor and Adam state dicts, the loop position and the
+# statistics of the current tick).
+
+def save_training_state(path, state):
+    """Write the training-loop ``state`` (a dict of plain data and tensors) to ``path`` atomically."""
+    _save_torch(path, dict(format=STATE_FORMAT, version=VERSION, **state))
+
+
+def load_training_state(path):
+    """Read a file of :func:`save_training_state` (``torch.load(weights_only=True)``: runs no
+    code); ValueError (one line, naming the file) when it is not one."""
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:      # torch gives a bare OSError for a truncated file: name the file
+        raise ValueError(f'{path} is not an AMED training state (unreadable: {type(e).__name__})') from None
+    if not isinstance(data, dict) or data.get('format') != STATE_FORMAT or data.get('version') != VERSION:
+        raise ValueError(f'{path} is not an AMED training state (no format tag {STATE_FORMAT!r}, version {VERSION})')
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
 # Any predictor file: ours, a run folder, an experiment number, a published pickle.
 
 def latest_snapshot(run_dir):
@@ -161,29 +202,51 @@ def latest_snapshot(run_dir):
     return os.path.join(run_dir, max(found)[2])
 
 
+def find_run(run_id, search_dirs=SEARCH_DIRS):
+    """The folder of experiment number ``run_id`` (``NNNNN-...``) in ./exps or ./exp; one-line
+    FileNotFoundError / ValueError when no run or more than one matches."""
+    matches = []
+    for d in search_dirs:
+        if os.path.isdir(d):
+            for entry in sorted(os.listdir(d)):
+                m = re.match(r'^(\d+)-', entry)
+                if m and int(m.group(1)) == run_id and os.path.isdir(os.path.join(d, entry)):
+                    matches.append(os.path.join(d, entry))
+    if not matches:
+        raise FileNotFoundError(f"experiment {run_id} not found in {' or '.join('./' + d for d in search_dirs)}")
+    if len(matches) > 1:
+        raise ValueError(f"experiment {run_id} is ambiguous: {', '.join(matches)}")
+    return matches[0]
+
+
+def resolve_run_dir(spec, search_dirs=SEARCH_DIRS):
+    """``spec`` is a run folder or an experiment number (:func:`find_run`); returns the folder."""
+    spec = str(spec)
+    if re.fullmatch(r'\d+', spec):
+        return find_run(int(spec), search_dirs)
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f'run folder not found: {spec}')
+    return spec
+
+
+def run_snapshot(run_dir):
+    """The final snapshot of a run folder; ValueError (one line) when the run is incomplete."""
+    reason = experiments.incomplete_reason(run_dir)
+    if reason is not None:
+        raise ValueError(reason)
+    return latest_snapshot(run_dir)
+
+
 def resolve_predictor_path(spec, search_dirs=SEARCH_DIRS):
     """``spec`` is a snapshot file (or URL), a run folder, or an experiment number such as '3' or
     '00003', looked up in ./exps and ./exp. Returns the snapshot path; raises FileNotFoundError /
-    ValueError with one line when nothing or more than one run matches."""
+    ValueError with one line when nothing or more than one run matches, or when the run is
+    incomplete (an explicit snapshot file of an incomplete run is accepted)."""
     spec = str(spec)
-    if re.fullmatch(r'\d+', spec):
-        run_id = int(spec)
-        matches = []
-        for d in search_dirs:
-            if os.path.isdir(d):
-                for entry in sorted(os.listdir(d)):
-                    m = re.match(r'^(\d+)-', entry)
-                    if m and int(m.group(1)) == run_id and os.path.isdir(os.path.join(d, entry)):
-                        matches.append(os.path.join(d, entry))
-        if not matches:
-            raise FileNotFoundError(f"experiment {run_id} not found in {' or '.join('./' + d for d in search_dirs)}")
-        if len(matches) > 1:
-            raise ValueError(f"experiment {run_id} is ambiguous: {', '.join(matches)}")
-        return latest_snapshot(matches[0])
+    if re.fullmatch(r'\d+', spec) or os.path.isdir(spec):
+        return run_snapshot(resolve_run_dir(spec, search_dirs))
     if '://' in spec:
         return spec
-    if os.path.isdir(spec):
-        return latest_snapshot(spec)
     if not os.path.exists(spec):
         raise FileNotFoundError(f'predictor file not found: {spec}')
     return spec

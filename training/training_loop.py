@@ -12,11 +12,18 @@ Per global batch of ``batch`` trajectories (:func:`train_batch`):
    students restart each interval from the teacher point; multistep students carry their own
    state. ``trajectory`` loss: the whole student run per round, one backward pass per round, the
    gradients averaged over the global batch and the ranks, one Adam step per batch.
+
+After each batch one collective decides for all ranks: stop on SIGINT/SIGTERM (snapshot and
+training state saved, :class:`TrainingInterrupted`), or on non-finite values
+(:class:`TrainingDiverged`, nothing saved). The data of batch ``i`` derive from ``(seed, i)``
+only, so a run resumed from its state equals an uninterrupted one.
 """
 
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -25,8 +32,13 @@ from tqdm import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
+from training import experiments
 from training.networks import AMEDPredictor
-from training.snapshot import save_snapshot
+from training.snapshot import STATE_FILE, save_snapshot, save_training_state
+
+#: Consecutive batches with a non-finite loss or predictor output after which training stops (a
+#: single one is tolerated: its gradients are sanitised, as in the official code).
+PATIENCE = 3
 
 
 def sample_seeds(seed, batch_idx, batch):
@@ -48,6 +60,7 @@ class StatsCollector:
 
     def __init__(self):
         self.values = {}
+        self.finite = None      # 0-d bool tensor: every value added since take_finite() was finite
 
     def add(self, name, tensor):
         """Accumulate count, sum and sum of squares on the tensor's device (no host sync per step)."""
@@ -56,6 +69,14 @@ class StatsCollector:
         acc[0] += t.numel()
         acc[1] += t.sum()
         acc[2] += t.square().sum()
+        finite = torch.isfinite(t).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+
+    def take_finite(self):
+        """Whether every value added since the last call was finite (one host sync)."""
+        finite = self.finite is None or bool(self.finite)
+        self.finite = None
+        return finite
 
     def report(self):
         out = {}
@@ -176,20 +197,82 @@ def build_predictor(predictor_kwargs, seed, init_state, device):
     return predictor.to(device).train()
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a whole batch; the partial snapshot and the
+    training state are saved (``signum``: the signal)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the predictor outputs or the weights stopped being finite (no snapshot saved)."""
+
+
+class StopSignals:
+    """Within ``with``: SIGINT and SIGTERM only set ``signum`` (the first signal received), so the
+    loop can finish its batch and save. Further signals change nothing (torchrun forwards a
+    Ctrl-C a second time); kill -9 still ends the process at once. Installed in the main thread
+    only (Python's rule); elsewhere the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def weights_finite(predictor):
+    """A 0-d bool tensor: every parameter of ``predictor`` is finite."""
+    return torch.stack([torch.isfinite(p).all() for p in predictor.parameters()]).all()
+
+
+def agree(signum, outputs_finite, weights_ok):
+    """One collective per batch, so that every rank takes the same decision at the same batch:
+    (signal to stop on (0: none), all ranks' outputs finite, all ranks' weights finite)."""
+    flags = torch.tensor([signum > 0, signum, not outputs_finite, not bool(weights_ok)], dtype=torch.int64)
+    stopping, signals, bad_outputs, bad_weights = dist.all_reduce_sum(flags).tolist()
+    return (signum or signals // max(stopping, 1)), bad_outputs == 0, bad_weights == 0
+
+
+def snapshot_name(cur_nimg):
+    return f'network-snapshot-{cur_nimg // 1000:06d}.pt'
+
+
 def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64, batch_gpu=None,
-                  total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0,
+                  total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0, snap_kimg=0.0,
                   progress=True, log=_console, init_state=None, loss='interval', inter_weight=0.0,
-                  checkpointing=False):
+                  checkpointing=False, resume=None):
     """Train an AMED predictor with ``loss_fn`` (a :class:`training.loss.AMEDLoss` for the frozen
     ``model``) and write snapshots and stats to ``run_dir`` (rank 0). ``loss`` is 'interval' (the
     official per-interval loss) or 'trajectory' (see training/loss.py; ``inter_weight`` and
     ``checkpointing`` are its options). ``log(msg, console=True)`` receives every tick line (for
     log.txt); ``init_state`` is an optional predictor state dict to start from.
+
+    Every ``snap_kimg`` (0: never) and on SIGINT/SIGTERM (after the current batch) a snapshot marked
+    partial and the training state (:data:`training.snapshot.STATE_FILE`) are saved; ``resume``,
+    such a state (:func:`training.snapshot.load_training_state`), continues from it, with the
+    result of an uninterrupted run. The run folder's training_options.json records the kimg saved
+    and, at the end, ``complete``. A signal raises :class:`TrainingInterrupted` after saving;
+    :data:`PATIENCE` consecutive batches with a non-finite loss or predictor output (or such a
+    last batch), or non-finite weights, raise :class:`TrainingDiverged`; no snapshot is saved after
+    a batch with non-finite values (periodic ones and a stop wait for a finite batch).
     Returns the trained predictor (unwrapped, eval mode) and the snapshot path (rank 0; None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_gpu_total, batch_gpu, rounds = split_batch(batch, batch_gpu, world)
 
-    predictor = build_predictor(predictor_kwargs, seed, init_state, device)
+    predictor = build_predictor(predictor_kwargs, seed, resume['predictor'] if resume else init_state, device)
     ddp = predictor
     if world > 1 and loss == 'interval':
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -199,44 +282,94 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
     total_nimg = int(round(total_kimg * 1000))
     num_batches = max(1, -(-total_nimg // batch))
     stats = StatsCollector()
+    # Where the loop stands: all a resumed run needs besides the predictor, Adam and the stats.
+    pos = dict(batch_idx=0, cur_nimg=0, tick=0, next_tick=tick_kimg * 1000, next_snap=snap_kimg * 1000,
+               elapsed=0.0, nonfinite=0)
+    if resume:
+        optimizer.load_state_dict(resume['optimizer'])
+        stats.values = {k: v.to(device) for k, v in resume['stats'].items()}
+        pos.update(resume['position'])
+
+    def save(partial):
+        """Rank 0: the snapshot, and the state when ``partial``; training_options.json says so.
+        Returns the snapshot's path."""
+        kimg = pos['cur_nimg'] / 1000
+        path = os.path.join(run_dir, snapshot_name(pos['cur_nimg']))
+        save_snapshot(path, predictor, settings, progress=dict(kimg=kimg, total_kimg=total_kimg, partial=partial))
+        state_path = os.path.join(run_dir, STATE_FILE)
+        if partial:
+            save_training_state(state_path, dict(
+                position=dict(pos, elapsed=time.time() - start), predictor=predictor.state_dict(),
+                optimizer=optimizer.state_dict(), stats={k: v.cpu() for k, v in stats.values.items()}))
+        experiments.mark_run(run_dir, kimg=kimg, complete=not partial)
+        if not partial and os.path.exists(state_path):
+            os.remove(state_path)
+        return path
+
+    def tick():
+        """The stats of the batches since the last tick: stats.jsonl and a line for log.txt."""
+        nonlocal tick_start
+        pos['tick'] += 1
+        pos['next_tick'] += tick_kimg * 1000
+        now = time.time()
+        report = stats.report()
+        report['Progress/tick'] = dict(num=1, mean=pos['tick'], std=0.0)
+        report['Progress/kimg'] = dict(num=1, mean=pos['cur_nimg'] / 1000, std=0.0)
+        report['Timing/total_sec'] = dict(num=1, mean=now - start, std=0.0)
+        report['Timing/sec_per_tick'] = dict(num=1, mean=now - tick_start, std=0.0)
+        tick_start = now
+        if rank == 0:
+            line = tick_line(report, pos['tick'], pos['cur_nimg'], now - start)
+            if progress:
+                bar.write(line)
+            log(line, console=not progress)
+            stats_file.write(json.dumps(dict(report, timestamp=time.time())) + '\n')
+            stats_file.flush()
+
     stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
-    start = tick_start = time.time()
-    cur_nimg, next_tick, tick = 0, tick_kimg * 1000, 0
-    bar = tqdm(total=num_batches * batch, unit='traj', disable=not (progress and rank == 0), dynamic_ncols=True)
+    start = time.time() - pos['elapsed']
+    tick_start = time.time()
+    bar = tqdm(total=num_batches * batch, initial=pos['cur_nimg'], unit='traj', disable=not (progress and rank == 0),
+               dynamic_ncols=True)
     try:
-        for batch_idx in range(num_batches):
-            rounds_data = draw_batch(loss_fn, sample_seeds(seed, batch_idx, batch), rank, batch_gpu_total,
-                                     batch_gpu, rounds, device)
-            train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss, inter_weight,
-                        checkpointing)
-            cur_nimg += batch
-            bar.update(batch)
-            if cur_nimg >= next_tick or batch_idx == num_batches - 1:
-                tick += 1
-                next_tick += tick_kimg * 1000
-                now = time.time()
-                report = stats.report()
-                report['Progress/tick'] = dict(num=1, mean=tick, std=0.0)
-                report['Progress/kimg'] = dict(num=1, mean=cur_nimg / 1000, std=0.0)
-                report['Timing/total_sec'] = dict(num=1, mean=now - start, std=0.0)
-                report['Timing/sec_per_tick'] = dict(num=1, mean=now - tick_start, std=0.0)
-                tick_start = now
-                if rank == 0:
-                    line = tick_line(report, tick, cur_nimg, now - start)
-                    if progress:
-                        bar.write(line)
-                    log(line, console=not progress)
-                    stats_file.write(json.dumps(dict(report, timestamp=time.time())) + '\n')
-                    stats_file.flush()
+        with StopSignals() as signals:
+            while pos['batch_idx'] < num_batches:
+                rounds_data = draw_batch(loss_fn, sample_seeds(seed, pos['batch_idx'], batch), rank, batch_gpu_total,
+                                         batch_gpu, rounds, device)
+                train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss,
+                            inter_weight, checkpointing)
+                pos['batch_idx'] += 1
+                pos['cur_nimg'] += batch
+                bar.update(batch)
+                signum, outputs_ok, weights_ok = agree(signals.signum, stats.take_finite(), weights_finite(predictor))
+                pos['nonfinite'] = 0 if outputs_ok else pos['nonfinite'] + 1
+                last = pos['batch_idx'] == num_batches
+                if not weights_ok or pos['nonfinite'] >= PATIENCE or (last and not outputs_ok):
+                    n = pos['nonfinite']
+                    what = 'the predictor weights are not finite' if not weights_ok else \
+                        f"the loss or the predictor outputs were not finite in the last {n} batch{'es' * (n > 1)}"
+                    raise TrainingDiverged(f"training diverged at {pos['cur_nimg'] / 1000:g} kimg: {what}; "
+                                           f"this predictor is not saved (a lower --lr may help)")
+                if pos['cur_nimg'] >= pos['next_tick'] or last:
+                    tick()
+                # Snapshots only after a batch whose values were all finite (a stop waits for one).
+                periodic = snap_kimg > 0 and pos['cur_nimg'] >= pos['next_snap'] and outputs_ok
+                if periodic:
+                    pos['next_snap'] += snap_kimg * 1000
+                if not last and outputs_ok and (periodic or signum):
+                    if rank == 0:
+                        save(partial=True)
+                    dist.barrier()
+                    if signum:
+                        raise TrainingInterrupted(
+                            f"{signal.Signals(signum).name}: stopped at {pos['cur_nimg'] / 1000:g} of {total_kimg:g} "
+                            f"kimg; saved the partial snapshot {snapshot_name(pos['cur_nimg'])} and {STATE_FILE}; "
+                            f"continue with: python train.py --resume={run_dir}", signum)
     finally:
         bar.close()
         if stats_file is not None:
             stats_file.close()
 
-    path = None
-    if rank == 0:
-        path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt')
-        predictor.eval()
-        save_snapshot(path, predictor, settings)
+    path = save(partial=False) if rank == 0 else None
     dist.barrier()
     return predictor.eval().requires_grad_(False), path
