@@ -147,6 +147,7 @@ def train(out, kimg=RECIPE['kimg'], progress=True, command=None):
     """Train the toy U-Net with :data:`RECIPE` (``kimg`` overrides its length) and write the EMA
     weights to ``out`` and the sidecar beside it. Deterministic for a given machine and thread count."""
     r = dict(RECIPE, kimg=kimg)
+    revision = _revision()   # of the code that starts training, not of whatever is checked out at the end
     torch.set_num_threads(r['threads'])
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(r['seed'])
@@ -182,7 +183,7 @@ def train(out, kimg=RECIPE['kimg'], progress=True, command=None):
     buffer = io.BytesIO()   # torch.save names the archive after the file: a buffer keeps the bytes name-free
     torch.save(state, buffer)
     atomic_write(out, lambda p: _write_bytes(p, buffer.getvalue()))
-    meta = dict(config=CONFIG, feature_block=FEATURE_BLOCK, recipe=r, command=command, revision=_revision(),
+    meta = dict(config=CONFIG, feature_block=FEATURE_BLOCK, recipe=r, command=command, revision=revision,
                 torch=torch.__version__, train_seconds=round(time.time() - start, 1),
                 final_loss=sum(losses[-100:]) / len(losses[-100:]), sha256=sha256_file(out))
     atomic_write(sidecar_path(out), lambda p: _write_bytes(p, (json.dumps(meta, indent=2) + '\n').encode()))
