@@ -39,6 +39,15 @@ class EasyDict(dict):
 # Looking up objects by their dotted name.
 
 
+def sha256_file(path, chunk=1 << 24):
+    """Hex sha256 of a local file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def create_temp(folder, prefix, suffix=''):
     """``tempfile.mkstemp`` whose file gets the mode a plain ``open(path, 'w')`` would give (0666
     less the umask) instead of mkstemp's 0600, so files written through it follow the umask.

@@ -32,7 +32,6 @@ model's 8x8 feature of each sample, a card cannot. ``--feature`` says how the fe
   steps always do).
 """
 
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import torch
 
 import solver_utils
 import solvers
-from dnnlib.util import open_url
+from dnnlib.util import open_url, sha256_file
 from models.presets import load_model
 from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
 from training import snapshot
@@ -159,14 +158,6 @@ def build_card(model, spec, t_steps, afs, r, scale_dir, scale_time, model_info=N
                 feature=feature or {}, provenance=provenance or {})
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open_url(path, verbose=False) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, batch=64, model=None, model_path=None,
                 classifier_path=None, prompt=None, prompt_path=None, device='cpu'):
     """The card of a predictor (snapshot, run folder, experiment number or published pickle).
@@ -190,7 +181,7 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
         with open(options_file) as f:
             training_options = json.load(f)
     provenance = dict(predictor_path=str(predictor_path), predictor_file=os.path.basename(path),
-                      predictor_sha256=file_sha256(path), settings=settings, training_options=training_options)
+                      predictor_sha256=sha256_file(open_url(path, verbose=False, return_filename=True)), settings=settings, training_options=training_options)
     feature_info = dict(mode=feature, seeds=None if feature == 'zero' else str(seeds),
                         reads_feature=bool(getattr(predictor, 'needs_feature', True)))
     model_info = dict(dataset_name=settings.get('dataset_name'), model_path=model_path or settings.get('model_path'),

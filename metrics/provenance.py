@@ -30,21 +30,13 @@ import sys
 import zipfile
 
 import dnnlib
+from dnnlib.util import sha256_file
 from torch_utils import distributed as dist
 from generation.manifest import MANIFEST
 from torch_utils.misc import format_int_list
 
 METRICS_FILE = 'metrics.jsonl'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sha256_file(path, chunk=1 << 24):
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(spec, **extra):

@@ -21,7 +21,6 @@ Reproduce the checkpoint (CPU, 2 threads, deterministic on the same machine)::
     python -m models.toy_unet --out=models/weights/toy_unet.pt
 """
 
-import hashlib
 import io
 import json
 import math
@@ -34,6 +33,7 @@ import click
 import torch
 import tqdm
 
+from dnnlib.util import sha256_file
 from torch_utils.misc import atomic_write
 
 from .edm import EDMDenoiser
@@ -63,15 +63,6 @@ RECIPE = dict(kimg=128, batch=64, lr=2e-3, warmup_kimg=8, ema_halflife_kimg=8, P
 #: calls for sigma 80 -> 0.002). The check that doubling them changes the result by under 1e-4
 #: relative: tests/test_toy_unet.py and the README's quality table.
 REFERENCE_STEPS_PER_UNIT = 8
-
-
-def sha256_file(path):
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_path(weights):
