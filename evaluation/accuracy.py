@@ -7,7 +7,6 @@ import math
 
 import torch
 
-import solver_utils
 import solvers
 from torch_utils.misc import StackedRandomGenerator
 from training.launch import plan_training, run_training
