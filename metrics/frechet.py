@@ -350,6 +350,8 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         raise MetricError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
                        f'{mu.shape[0]}-d features: the reference was made with another detector')
     value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
+    if not np.isfinite(value):   # finite statistics whose matrix square root failed
+        raise MetricError(f'{label} of {images} against {ref} is not a number ({value}): the covariances are degenerate')
 
     def write_line():
         record = _provenance(image_set, num, seed, metric, detector, options)

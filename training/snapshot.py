@@ -199,7 +199,9 @@ def load_predictor(spec, device='cpu'):
     """Load any predictor: our snapshot (.pt) or a published pickle (.pkl), given as a file, URL,
     run folder or experiment number (:func:`resolve_predictor_path`).
 
-    Returns (predictor, settings) where settings hold everything the sampler needs."""
+    Returns (predictor, settings) where settings hold everything the sampler needs. ValueError (one
+    line naming the file) when our snapshot's settings lack one of :data:`PREDICTOR_SETTINGS`, or
+    when a weight is NaN or infinite (a diverged training: it would sample black images)."""
     path = resolve_predictor_path(spec)
     if path.endswith('.pkl'):
         predictor, settings = load_published_predictor(path, device=device)
