@@ -29,6 +29,7 @@ import click
 from metrics import clip_score
 from models import clip as clip_models
 from torch_utils import distributed as dist
+from torch_utils.misc import SEED_LIMIT
 from generation import generate
 from metrics import frechet
 from metrics.image_sets import start
@@ -59,7 +60,7 @@ def _run_options(min_num):
     return [
         click.option('--num', '--num_images', 'num', help='Use a seeded random subset of this many images '
                      '(default: all; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
-        click.option('--seed', help='Seed of the --num subset', type=click.IntRange(0, 2**32 - 1), default=0),
+        click.option('--seed', help='Seed of the --num subset', type=click.IntRange(0, SEED_LIMIT - 1), default=0),
         click.option('--batch', help='Images per batch and process', type=click.IntRange(min=1), default=64),
         click.option('--workers', help='Image-loading worker processes per process (0: load in-process)',
                      type=click.IntRange(min=0), default=2),
@@ -127,26 +128,32 @@ def clip(images, prompt_path, model, weights, num, seed, batch, workers, device,
 @main.command(context_settings=dict(show_default=True))
 @click.option('--data', help='Images: folder (recursive) or zip of PNG/JPEG', type=str, required=True)
 @click.option('--dest', help='Output statistics (.npz with mu, sigma, metric)', type=str, required=True)
+@click.option('--overwrite', help='Replace --dest if it exists', is_flag=True)
 @_stats_options
 @_one_line_errors
-def ref(data, dest, metric, detector, num, seed, batch, workers, device, progress):
-    """Statistics (mean and covariance of the features) of --data, written to --dest."""
+def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, device, progress):
+    """Statistics (mean and covariance of the features) of --data, written to --dest (checked before
+    the feature pass; an existing --dest is refused unless --overwrite)."""
     frechet.compute_ref(data, dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
-                        device=device, workers=workers, progress=progress)
+                        device=device, workers=workers, progress=progress, overwrite=overwrite)
 
 
 @main.command(context_settings=dict(show_default=True))
 @click.option('--dest', help='Output folder for the PNGs', type=str, required=True)
 @click.option('--num', '--num_images', 'num', help='Number of images (under torchrun write --num_images)',
               type=click.IntRange(min=1), required=True)
-@click.option('--seed', help='Seed of the data samples', type=click.IntRange(min=0), default=0)
+@click.option('--seed', help='Seed of the data samples', type=click.IntRange(0, SEED_LIMIT - 1), default=0)
 @click.option('--dataset_name', help='Built-in model', type=click.Choice(['toy', 'toy_cond']), default='toy')
+@click.option('--overwrite', help='Replace the images of another seed or model in --dest (they are removed first)',
+              is_flag=True)
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 @_one_line_errors
-def toydata(dest, num, seed, dataset_name, progress):
-    """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`)."""
+def toydata(dest, num, seed, dataset_name, overwrite, progress):
+    """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`),
+    with a manifest.json: a --dest holding images of another seed or model, or images without a
+    manifest, is refused unless --overwrite."""
     start('cpu')
-    generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress)
+    generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress, overwrite=overwrite)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import solver_utils
 import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
+from torch_utils.misc import MAX_SEEDS, FiniteFloat
 from generation import generate
 
 @click.command(context_settings=dict(show_default=True))
@@ -22,7 +23,7 @@ from generation import generate
 @click.option('--dataset_name', help=f"Model preset ({', '.join(dataset_names())}); default: the predictor's", type=str)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
 @click.option('--batch', 'batch', help='Images per batch and process', type=click.IntRange(min=1), default=64)
-@click.option('--seeds', help='Seeds, e.g. 0-49999 or 1,2,5-10', type=str, default='0-63')
+@click.option('--seeds', help=f'Seeds in [0, 2^32), e.g. 0-49999 or 1,2,5-10; at most {MAX_SEEDS} per run', type=str, default='0-63')
 @click.option('--grid', help='Write one grid of all seeds (grid.png) instead of one PNG per seed', is_flag=True)
 @click.option('--subdirs/--no-subdirs', help='Put PNGs in 1000-seed subfolders', default=True)
 @click.option('--outdir', help='Output folder  [default: samples/<dataset>/<run folder>/<snapshot> with a predictor, '
@@ -40,9 +41,9 @@ from generation import generate
 @click.option('--solver', help=f"Plain solver (no predictor)  [default: {generate.PLAIN_DEFAULTS['solver']}]", type=click.Choice(list(solvers.PLAIN)))
 @click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(min=2))
 @click.option('--schedule_type', help=f'Time schedule  [default: {solver_utils.SCHEDULE_TYPE}]', type=click.Choice(list(solver_utils.SCHEDULES)))
-@click.option('--schedule_rho', help=f'Schedule exponent  [default: {solver_utils.SCHEDULE_RHO:g}]', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help="Highest noise level  [default: the model's]", type=click.FloatRange(min=0, min_open=True))
+@click.option('--schedule_rho', help=f'Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)  [default: {solver_utils.SCHEDULE_RHO:g}]', type=FiniteFloat(min=0, min_open=True))
+@click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))
+@click.option('--sigma_max', help="Highest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))
 @click.option('--afs', help='Analytical first step  [default: False]', type=bool)
 @click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)}  [default: the highest]", type=int)
 @click.option('--predict_x0', help='dpmpp: data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)  [default: True]', type=bool)
@@ -50,7 +51,7 @@ from generation import generate
 @click.option('--corrected_3m', help='dpmpp: third-order-accurate order-3 update  [default: False, the official update]', type=bool)
 @click.option('--thresholding', help='dpmpp: dynamic thresholding of the data prediction  [default: predict_x0 on pixel models, False on latent models]', type=bool)
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
-@click.option('--guidance_rate', help='Guidance rate of a plain run', type=float)
+@click.option('--guidance_rate', help='Guidance rate of a plain run', type=FiniteFloat())
 def main(device, progress, **options):
     """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
     try:

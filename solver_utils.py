@@ -86,6 +86,16 @@ def check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule
         raise ValueError(f'schedule_rho must be positive, got {schedule_rho}')
 
 
+def check_rho_used(schedule_type, schedule_rho):
+    """ValueError (one line) when a ``schedule_rho`` other than the default comes with a schedule
+    that does not use it (``logsnr``): the run would silently be the default's. The sampling and
+    training entry points call this on the user's options; :func:`get_schedule` itself ignores rho
+    there, as the published predictors' settings expect."""
+    if schedule_type == 'logsnr' and schedule_rho is not None and float(schedule_rho) != SCHEDULE_RHO:
+        raise ValueError(f'--schedule_rho={schedule_rho:g} has no effect with --schedule_type=logsnr (uniform in log '
+                         f'sigma): drop --schedule_rho or choose a schedule that uses it')
+
+
 def intermediate_time(t_cur, t_next, r):
     """The AMED intermediate time s = t_next^r * t_cur^(1-r) (geometric interpolation).
 

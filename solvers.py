@@ -35,12 +35,14 @@ and scales the model terms of the final update to t_{n+1} by c. This logic exist
 """
 
 import dataclasses
+import sys
 from typing import Optional
 
 import torch
 import torch.utils.checkpoint
 
 import solver_utils
+from torch_utils import distributed as dist
 
 # ----------------------------------------------------------------------------------------------
 # Solver definitions: how each solver moves between two times, and its facts as class data.
@@ -443,6 +445,20 @@ def check_t_steps(t_steps):
     if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()) or t_steps[-1] <= 0:
         raise ValueError('t_steps must be a descending list of at least 2 positive noise levels')
     return t_steps
+
+
+def warn_sigma_range(model, t_steps):
+    """Print one warning line to stderr (rank 0) when the schedule ``t_steps`` leaves the noise range
+    the model was trained on (``model.sigma_min``..``model.sigma_max``): the model's outputs there
+    are extrapolation. Returns the line, or None."""
+    lo, hi = float(t_steps[-1]), float(t_steps[0])
+    tol = 1e-9
+    if hi <= model.sigma_max * (1 + tol) and lo >= model.sigma_min * (1 - tol):
+        return None
+    line = (f'Warning: the schedule spans sigma {lo:g}..{hi:g}, outside the model\'s trained range '
+            f'{model.sigma_min:g}..{model.sigma_max:g} (--sigma_min/--sigma_max)')
+    dist.print0(line, file=sys.stderr)
+    return line
 
 
 def prepare(model, solver='euler', num_steps=4, sigma_min=None, sigma_max=None,

@@ -17,6 +17,7 @@ import solver_utils
 import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
+from torch_utils.misc import SEED_LIMIT, FiniteFloat
 from training.launch import DEFAULTS as D, plan_resume, plan_training, run_training
 from training.training_loop import TrainingDiverged, TrainingInterrupted
 from training.loss import LOSSES
@@ -24,8 +25,8 @@ from training.networks import check_half_width
 
 
 class HalfWidth(click.ParamType):
-    """A scale range half-width >= 0; 'True' means the recommended 0.2 and 'False' 0 (the brief's
-    boolean --scale_time)."""
+    """A scale range half-width in [0, 1); 'True' means the recommended 0.2 and 'False' 0 (the
+    brief's boolean --scale_time)."""
 
     name = 'half-width'
 
@@ -43,7 +44,7 @@ class HalfWidth(click.ParamType):
             try:
                 v = float(value)
             except ValueError:
-                self.fail(f'{value!r} is neither a number >= 0 nor True/False', param, ctx)
+                self.fail(f'{value!r} is neither a number in [0, 1) nor True/False', param, ctx)
         try:
             return check_half_width(param.name if param else 'value', v)
         except ValueError as e:
@@ -60,18 +61,18 @@ class HalfWidth(click.ParamType):
 @click.option('--batch', help='Total batch size (trajectories per Adam step)', type=click.IntRange(min=1), default=D['batch'])
 @click.option('--batch-gpu', 'batch_gpu', help='Trajectories per process per round (gradient accumulation)',
               type=click.IntRange(min=1))
-@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0, min_open=True), default=D['total_kimg'])
-@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=D['lr'])
-@click.option('--seed', help='Random seed', type=int, default=D['seed'])
+@click.option('--total_kimg', help='Training length in thousands of trajectories', type=FiniteFloat(min=0, min_open=True), default=D['total_kimg'])
+@click.option('--lr', help='Adam learning rate', type=FiniteFloat(min=0, min_open=True), default=D['lr'])
+@click.option('--seed', help='Random seed', type=click.IntRange(0, SEED_LIMIT - 1), default=D['seed'])
 @click.option('--device', help='cpu or cuda (default: cuda when available)', type=click.Choice(['cpu', 'cuda']))
-@click.option('--scale_dir', help='Half-width of the scale_dir range (1-s, 1+s); 0 turns the head off',
+@click.option('--scale_dir', help='Half-width s in [0, 1) of the scale_dir range (1-s, 1+s); 0 turns the head off',
               type=HalfWidth(0.01), default=D['scale_dir'])
-@click.option('--scale_time', help='Half-width of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
+@click.option('--scale_time', help='Half-width s in [0, 1) of the scale_time range (1-s, 1+s); 0 turns the head off; True = 0.2',
               type=HalfWidth(0.2), default=D['scale_time'])
-@click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=click.FloatRange(min=0, min_open=True), default=D['tick_kimg'])
+@click.option('--tick', 'tick_kimg', help='Progress/stats line every this many kimg', type=FiniteFloat(min=0, min_open=True), default=D['tick_kimg'])
 @click.option('--snap', 'snap_kimg', help='Snapshot (marked partial) and training state every this many kimg; '
               '0: only the final snapshot. SIGINT/SIGTERM also save them after the current batch',
-              type=click.FloatRange(min=0), default=D['snap_kimg'])
+              type=FiniteFloat(min=0), default=D['snap_kimg'])
 @click.option('--resume', help='Continue an interrupted run (folder, or experiment number in ./exps or ./exp) in '
               'its folder with its stored options; takes no other option but --device, --no-progress and --dry-run',
               type=str)
@@ -80,7 +81,7 @@ class HalfWidth(click.ParamType):
               'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),
               default=D['loss'])
 @click.option('--inter_weight', help='--loss=trajectory: weight of every intermediate student point (the final one has 1)',
-              type=click.FloatRange(min=0), default=D['inter_weight'])
+              type=FiniteFloat(min=0), default=D['inter_weight'])
 @click.option('--checkpointing', help='--loss=trajectory: gradient checkpointing per student step (memory of one '
               'step instead of all)', type=bool, default=D['checkpointing'])
 # Solver options.
@@ -90,11 +91,11 @@ class HalfWidth(click.ParamType):
 @click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=D['M'])
 @click.option('--afs', help='Analytical first step', type=bool, default=D['afs'])
 # Schedule options.
-@click.option('--sigma_min', help='Lowest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level (default: the model\'s)', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_min', help='Lowest noise level (default: the model\'s)', type=FiniteFloat(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level (default: the model\'s)', type=FiniteFloat(min=0, min_open=True))
 @click.option('--schedule_type', help='Time schedule', type=click.Choice(list(solver_utils.SCHEDULES)),
               default=D['schedule_type'])
-@click.option('--schedule_rho', help='Schedule exponent', type=click.FloatRange(min=0, min_open=True), default=D['schedule_rho'])
+@click.option('--schedule_rho', help='Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)', type=FiniteFloat(min=0, min_open=True), default=D['schedule_rho'])
 # Additional (multistep) options.
 @click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)} (default: the highest)", type=int)
 @click.option('--predict_x0', help='DPM-Solver++ data prediction (default True)', type=bool)
@@ -105,7 +106,7 @@ class HalfWidth(click.ParamType):
               'official update)', type=bool)
 # Guidance options.
 @click.option('--guidance_type', help='cg, cfg or uncond (models that take guidance)', type=click.Choice(['cg', 'cfg', 'uncond']))
-@click.option('--guidance_rate', help='Guidance rate', type=float)
+@click.option('--guidance_rate', help='Guidance rate', type=FiniteFloat())
 @click.option('--classifier_path', help='Classifier for classifier guidance', type=str)
 @click.option('--prompt_path', help='ms_coco: captions CSV (column text; default ./src/prompts/MS-COCO_val2014_30k_captions.csv)', type=str)
 @click.option('--prompt', help='ms_coco: train on this one prompt instead of the captions', type=str)

@@ -203,7 +203,7 @@ def open_url(url, cache_dir=None, cache=True, num_attempts=3, verbose=True, retu
         An open binary file object (the caller closes it), or a path.
 
     Raises:
-        FileNotFoundError: a local path or ``file://`` URL that does not exist.
+        FileNotFoundError: a local path or ``file://`` URL that does not exist or is a folder.
         DownloadError (an OSError): the download failed; the one-line message
             names the URL, the reason and where to put the file by hand.
         ValueError: unsupported URL scheme, or ``return_filename`` without cache.
@@ -217,6 +217,8 @@ def open_url(url, cache_dir=None, cache=True, num_attempts=3, verbose=True, retu
             path = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
         else:
             path = os.path.expanduser(url)
+        if os.path.isdir(path):
+            raise FileNotFoundError(errno.EISDIR, 'a folder, not a file', path)
         if not os.path.isfile(path):
             raise FileNotFoundError(errno.ENOENT, 'no such file', path)
         return path if return_filename else open(path, 'rb')  # pylint: disable=consider-using-with

@@ -24,7 +24,7 @@ from generation import manifest
 from generation.manifest import seed_path
 from metrics import provenance
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
+from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
 from training import experiments, snapshot
 
 #: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
@@ -114,7 +114,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     if unknown:
         raise TypeError(f"plan_sampling() got unknown option(s) {', '.join(sorted(unknown))}")
     source = 'card' if card is not None else 'predictor' if predictor_path is not None else None
-    seed_list = parse_int_list(seeds)
+    seed_list = parse_seeds(seeds)
     if predictor_path is not None and card is not None:
         raise ValueError('give either --predictor_path or --card, not both')
     if source is not None:
@@ -126,7 +126,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     elif dataset_name is None:
         raise ValueError('give --predictor_path, --card, or --dataset_name and plain solver options')
     if outdir is not None:
-        manifest.check_outdir(outdir)
+        check_output_dir(outdir)
 
     predictor, settings, origin = None, {}, None
     if card is not None:
@@ -144,6 +144,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
         guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
     else:
         run_options = dict(PLAIN_DEFAULTS, **given)
+        solver_utils.check_rho_used(run_options.get('schedule_type'), run_options.get('schedule_rho'))
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
                        prompt_path=prompt_path, use_fp16=use_fp16, device=device, prompt=prompt)
     model_identity = dict(dataset_name=dataset_name, model_path=model_path, guidance_type=guidance_type,
@@ -202,6 +203,7 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     if resume:
         done = set(manifest.complete_seeds(outdir, seeds, subdirs)) if existing is not None else set()
         todo = [s for s in seeds if s not in done]
+    solvers.warn_sigma_range(model, t_steps)
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
                         predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
@@ -295,16 +297,29 @@ def generate_images(plan, progress=True):
     return written
 
 
-def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True):
+def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True, overwrite=False):
     """Write ``num`` exact data samples of a built-in analytic model as PNGs (``dest/000000/000000.png``...).
 
     Image i comes from chunk i // 100, drawn as ``model.sample(100, generator)`` with a generator
     seeded from (seed, chunk) by numpy's SeedSequence, so it depends only on (seed, i), not on
     ``num`` or the number of processes, and its noise is unrelated to sample.py's seed i.
-    Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks."""
+    Pixels: x * 127.5 + 128, clipped to uint8 (as sample.py). Chunks are split across ranks.
+
+    The folder gets a sample manifest (:mod:`generation.manifest`: the model and the seed, with the
+    image indices as its seeds), so it never mixes two data sets: a folder holding images of another
+    seed or model, or images without a manifest, is refused before anything is written unless
+    ``overwrite`` (which removes them first)."""
     if num < 1:
         raise ValueError(f'--num must be at least 1, got {num}')
+    check_seed(seed, '--seed')
+    config = dict(source=dict(kind='toydata', seed=int(seed)), model=dict(dataset_name=dataset_name),
+                  layout=dict(grid=False, subdirs=True, return_inters=False))
+    existing = manifest.check_folder(dest, config, overwrite=overwrite, option='--dest')
     model = toy.build(dataset_name)
+    dist.barrier()   # every rank has checked the folder before rank 0 changes it
+    if dist.is_main():
+        manifest.prepare_folder(dest, config, range(num), existing, overwrite)
+    dist.barrier()
     chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
     for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
         if len(chunk) == 0:

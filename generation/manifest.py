@@ -27,7 +27,7 @@ import re
 
 import PIL.Image
 
-from torch_utils.misc import atomic_write, format_int_list, parse_int_list
+from torch_utils.misc import atomic_write, check_output_dir, format_int_list, parse_int_list
 
 MANIFEST = 'manifest.json'
 FORMAT = 'amed-samples'
@@ -95,29 +95,15 @@ def sample_files(folder):
     return found
 
 
-def check_outdir(outdir):
-    """ValueError (one line) when ``outdir`` cannot be a folder this process writes into: it is a
-    file, lies under a file, or its nearest existing folder is not writable."""
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise ValueError(f'--outdir {outdir} is a file, not a folder')
-    probe = os.path.abspath(outdir)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f'--outdir {outdir} lies under {probe}, which is a file')
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f'--outdir {outdir}: no write permission in {probe}')
-
-
-def check_folder(outdir, config, overwrite=False, resume=False):
+def check_folder(outdir, config, overwrite=False, resume=False, option='--outdir'):
     """Decide, before anything is written, whether samples of ``config`` may go into ``outdir``.
 
     Returns the manifest already there (None if none). ValueError (one line) when the folder holds
     samples of another configuration or sample files without a manifest (unless ``overwrite``), or
-    when both ``overwrite`` and ``resume`` are asked for."""
+    when both ``overwrite`` and ``resume`` are asked for. ``option`` names the folder in the messages."""
     if overwrite and resume:
         raise ValueError('give --overwrite (start again) or --resume (continue), not both')
-    check_outdir(outdir)
+    check_output_dir(outdir, option)
     try:
         existing = read_manifest(outdir) if os.path.isdir(outdir) else None
     except ValueError:
@@ -127,12 +113,12 @@ def check_folder(outdir, config, overwrite=False, resume=False):
     if existing is None:
         if sample_files(outdir) and not overwrite:
             raise ValueError(f'{outdir} holds sample files but no {MANIFEST}: they may come from another '
-                             f'configuration; choose another --outdir or pass --overwrite to replace them')
+                             f'configuration; choose another {option} or pass --overwrite to replace them')
         return None
     diff = first_difference(existing['config'], json.loads(json.dumps(config)))
     if diff and not overwrite:
         raise ValueError(f'{outdir} holds samples of another configuration (its {MANIFEST} differs in {diff}); '
-                         f'choose another --outdir or pass --overwrite to replace them')
+                         f'choose another {option} or pass --overwrite to replace them')
     return None if diff else existing
 
 

@@ -43,7 +43,7 @@ import solver_utils
 import solvers
 from dnnlib.util import open_url, sha256_file
 from models.presets import load_model
-from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list
+from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_seeds
 from training import snapshot
 
 FORMAT = 'amed-solver-card'
@@ -115,7 +115,7 @@ def static_steps(model, spec, t_steps, predictor, afs, feature=DEFAULT_FEATURE, 
     zero = torch.zeros(1, 8, 8, device=device)
     if feature == 'zero':
         return [list(v) for v in zip(*[_query(predictor, zero, tc, tn) for tc, tn in intervals])]
-    seed_list = parse_int_list(seeds)
+    seed_list = parse_seeds(seeds)
     if not seed_list:
         raise ValueError('the calibration needs at least one seed')
     model.check_seeds(seed_list)

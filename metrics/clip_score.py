@@ -101,8 +101,8 @@ def _load(model, weights, device):
     else:
         try:
             path, spec = dnnlib.util.open_url(weights, return_filename=True, verbose=dist.is_main()), weights
-        except FileNotFoundError:
-            raise MetricError(f'--weights {weights}: no such file') from None
+        except FileNotFoundError as e:
+            raise MetricError(f'--weights {weights}: {e.strerror}') from None
         except dnnlib.util.DownloadError as e:
             raise MetricError(str(e)) from None
         tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer')

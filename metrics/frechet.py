@@ -39,10 +39,11 @@ import dnnlib
 from generation import manifest as sample_manifest
 from metrics import provenance as prov
 from models.inception import FIDInception
-from metrics.image_sets import ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others, start
+from metrics.image_sets import (ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others,
+                                refusal_as_metric_error, start)
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from torch_utils.misc import atomic_write
+from torch_utils.misc import atomic_write, check_output_file, state_dict_mismatch, torch_file_problem
 
 DEFAULT_DETECTOR = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                     'inception-2015-12-05.pkl')
@@ -82,25 +83,17 @@ def _check_state_dict(state, net, spec):
     what = f'--detector {spec}: not a state dict of the FID Inception-v3 (pytorch-fid pt_inception-2015-12-05-*.pth)'
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MetricError(f'{what}: it holds a {type(state).__name__}')
-    own = net.state_dict()
-    optional = [k for k in own if k.endswith('num_batches_tracked')]   # batch norm restores these itself
-    problems = []
-    missing = [k for k in own if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', shapes)):
-        if keys:
-            problems.append(f'{len(keys)} {label} (e.g. {keys[0]})')
-    if problems:
-        raise MetricError(f'{what}: {", ".join(problems)}')
+    mismatch = state_dict_mismatch(net, state)
+    if mismatch:
+        raise MetricError(f'{what}: {mismatch}')
 
 
 def _load_detector_file(spec, device):
     base = spec.split('?')[0].lower()
     try:
         path = _local_file(spec)
-    except FileNotFoundError:
-        raise MetricError(f'--detector {spec}: no such file') from None
+    except FileNotFoundError as e:
+        raise MetricError(f'--detector {spec}: {e.strerror}') from None
     except dnnlib.util.DownloadError as e:
         raise MetricError(str(e)) from None
     if base.endswith('.pth'):
@@ -108,7 +101,10 @@ def _load_detector_file(spec, device):
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # a damaged file or one that is not a plain state dict
-            raise MetricError(f'--detector {spec}: cannot load it as weights: {" ".join(str(e).split())[:200]}') from None
+            problem = torch_file_problem(path)
+            if problem.startswith('a zip archive that is not'):   # whole, but not plain tensors: say what torch says
+                problem = " ".join(str(e).split())[:200]
+            raise MetricError(f'--detector {spec}: cannot load it as weights: {problem}') from None
         _check_state_dict(state, net, spec)
         net.load_state_dict(state, strict=True)
         return net.to(device)
@@ -194,7 +190,9 @@ def feature_stats(images, detector, batch=64, device=torch.device('cpu'), worker
                 f'({dist.get_world_size()} process(es), batch {batch} per process, {device.type})')
     mu = mu_sum / n
     sigma = (sigma_sum - n * torch.outer(mu, mu)) / (n - 1)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
+    mu, sigma = mu.cpu().numpy(), sigma.cpu().numpy()
+    check_finite_stats(mu, sigma, f'the detector\'s features of {images.path}')
+    return mu, sigma
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -221,14 +219,27 @@ def save_stats(dest, mu, sigma, metric, provenance=None):
     atomic_write(dest, write)
 
 
+def check_finite_stats(mu, sigma, what):
+    """MetricError naming ``what`` when the statistics hold NaN or infinities: a distance from them
+    would be NaN, not a number to report."""
+    bad = {name: int((~np.isfinite(np.asarray(v, np.float64))).sum()) for name, v in (('mu', mu), ('sigma', sigma))}
+    if any(bad.values()):
+        raise MetricError(f'{what}: the statistics are not finite ({", ".join(f"{n} holds {c} NaN or infinite values" for n, c in bad.items() if c)})')
+
+
 def load_stats(ref):
     """Read statistics from a path or URL (downloads are cached): dict with mu, sigma, metric
     (the label; ``FID`` for files without one, such as EDM's references) and provenance (the
     record ``fid.py ref`` stored, or None)."""
     try:
         with dnnlib.util.open_url(ref, verbose=dist.is_main()) as f:
+            if not zipfile.is_zipfile(f):
+                raise MetricError(f'{ref} is not a statistics file (.npz, a zip archive with mu and sigma)')
+            f.seek(0)
             data = dict(np.load(f, allow_pickle=False))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, MetricError):
+            raise
         raise MetricError(f'cannot read reference statistics {ref}: {" ".join(str(e).split())}') from None
     missing = [k for k in ('mu', 'sigma') if k not in data]
     if missing:
@@ -236,6 +247,7 @@ def load_stats(ref):
     mu, sigma = data['mu'], data['sigma']
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise MetricError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    check_finite_stats(mu, sigma, ref)
     metric = str(data['metric']) if 'metric' in data else METRICS['fid']
     try:
         provenance = json.loads(str(data['provenance'])) if 'provenance' in data else None
@@ -266,14 +278,23 @@ def _provenance(images, num, seed, metric, detector, options):
 
 
 def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
-                progress=True):
+                progress=True, overwrite=False):
     """Statistics of the images in ``data`` (folder or zip), written to ``dest`` by rank 0 with their
-    provenance (:mod:`metrics.provenance`; the JSON string ``provenance`` in the npz). Returns (mu, sigma)."""
+    provenance (:mod:`metrics.provenance`; the JSON string ``provenance`` in the npz). Returns (mu, sigma).
+
+    Before the feature pass: ``dest`` must be writable as a file, and an existing one is refused
+    unless ``overwrite``; a folder whose sample manifests differ, or that holds images no manifest
+    lists, is refused (:func:`manifest_report`)."""
     options = dict(data=data, dest=dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
                    device=device, workers=workers)
     _check_metric(metric)
     dev = start(device)
+    _, err = attempt(refusal_as_metric_error, check_output_file, dest, '--dest', overwrite) if dist.is_main() \
+        else (None, None)
+    agree(err)
     images, err = attempt(ImageSet, data, num=num, seed=seed)
+    agree(err)
+    _, err = attempt(manifest_report, data, images.names)
     agree(err)
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {METRICS[metric]} statistics of {len(images)} images in {data}...')
@@ -289,10 +310,7 @@ def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch
 
 def manifest_report(images, names):
     """:func:`generation.manifest.check_image_set` with its refusals as MetricError."""
-    try:
-        return sample_manifest.check_image_set(images, names)
-    except ValueError as e:
-        raise MetricError(str(e)) from None
+    return refusal_as_metric_error(sample_manifest.check_image_set, images, names)
 
 
 def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
@@ -332,6 +350,8 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         raise MetricError(f'{ref} holds {stats["mu"].shape[0]}-d statistics but the detector makes '
                        f'{mu.shape[0]}-d features: the reference was made with another detector')
     value = frechet_distance(mu, sigma, stats['mu'], stats['sigma'])
+    if not np.isfinite(value):   # finite statistics whose matrix square root failed
+        raise MetricError(f'{label} of {images} against {ref} is not a number ({value}): the covariances are degenerate')
 
     def write_line():
         record = _provenance(image_set, num, seed, metric, detector, options)

@@ -51,6 +51,17 @@ def attempt(fn, *args, **kwargs):
         return None, ' '.join(f'{type(e).__name__}: {e}'.split())
 
 
+def refusal_as_metric_error(check, *args, **kwargs):
+    """``check(*args, **kwargs)`` (one of the shared checks of user input, whose refusals are
+    one-line ValueErrors) with its refusal as MetricError."""
+    try:
+        return check(*args, **kwargs)
+    except MetricError:
+        raise
+    except ValueError as e:
+        raise MetricError(str(e)) from None
+
+
 def rank0_then_others(fn, *args, **kwargs):
     """Run ``fn`` on rank 0 first (e.g. a download into the cache), then on the other ranks."""
     result, err = (attempt(fn, *args, **kwargs) if dist.is_main() else (None, None))

@@ -33,7 +33,7 @@ import dnnlib
 from dnnlib.util import sha256_file
 from torch_utils import distributed as dist
 from generation.manifest import MANIFEST
-from torch_utils.misc import format_int_list
+from torch_utils.misc import check_output_file, format_int_list
 
 METRICS_FILE = 'metrics.jsonl'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,13 +88,11 @@ def metrics_file(images_path, override=None):
 
 def check_writable(path):
     """A one-line message when ``path`` cannot be appended to (checked before a long computation), else None."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f'the metrics file {path} is a folder'
-    probe = path if os.path.exists(path) else folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK):
+    try:
+        check_output_file(path, 'the metrics file')
+    except ValueError as e:
+        return f'{e} (choose another with --metrics_file)'
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         return f'cannot write the metrics file {path}: no write permission (choose another with --metrics_file)'
     return None
 

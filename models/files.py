@@ -20,12 +20,14 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils.misc import atomic_write
+from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_problem
 
 
 def load_checkpoint(path, what):
     """The state dict of a single-file checkpoint (``.ckpt``/``.pt``: a torch file, optionally
     ``{'state_dict': ...}``; ``.safetensors``), read on the CPU without running code."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'{what} file {path} is a folder, not a file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{what} file not found: {path}')
     try:
@@ -35,8 +37,10 @@ def load_checkpoint(path, what):
         else:
             state = _load_torch_file(path)
     except Exception as e:
-        raise ValueError(f'{path}: not a readable {what} checkpoint ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+        cause = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        if not path.endswith('.safetensors') and isinstance(e, (OSError, EOFError, KeyError, pickle.UnpicklingError)):
+            cause = torch_file_problem(path)
+        raise ValueError(f'{path}: not a readable {what} checkpoint ({cause})') from None
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
@@ -145,10 +149,13 @@ def sidecar_config(path):
 
 def load_strict(module, state, path, what):
     """``module.load_state_dict(state, strict=True)`` with a one-line ValueError naming the file and
-    the first mismatch."""
+    what does not fit (:func:`torch_utils.misc.state_dict_mismatch`)."""
+    mismatch = state_dict_mismatch(module, state)
     try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(f'{path}: does not match the {what} architecture ({lines[1] if len(lines) > 1 else lines[0]})') from None
+        if mismatch is None:
+            module.load_state_dict(state, strict=True)
+    except RuntimeError as e:   # what the summary lets through (e.g. batch-norm counters): torch's first reason
+        mismatch = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).strip())
+    if mismatch:
+        raise ValueError(f'{path}: does not match the {what} architecture ({mismatch})')
     return module

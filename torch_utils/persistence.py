@@ -313,10 +313,10 @@ def load_pickle(path, what='network', verbose=True):
     """Load a pickle from a path or URL (URLs are downloaded once to the dnnlib cache) with every
     tensor on the CPU. Prints a one-line note to stderr first (``verbose``): unpickling executes
     the code stored in the file. A file that does not unpickle raises ValueError naming it."""
-    if verbose:
-        print(f'note: loading {path} executes the code stored in it (NVIDIA pickle); load only files you trust',
-              file=sys.stderr)
     with dnnlib.util.open_url(path, verbose=verbose) as f:
+        if verbose:
+            print(f'note: loading {path} executes the code stored in it (NVIDIA pickle); load only files you trust',
+                  file=sys.stderr)
         try:
             return cpu_unpickler_load(f)
         except Exception as e:   # a corrupt or foreign file: one line, naming it

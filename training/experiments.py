@@ -55,11 +55,16 @@ def _run_ids(outdir):
     return ids
 
 
+def next_run_id(outdir):
+    """The id of the next run in ``outdir``: 1 + the largest existing id (0 if none)."""
+    return max(_run_ids(outdir), default=-1) + 1
+
+
 def make_run_dir(outdir, name_fn):
     """Create a new run folder ``outdir/<name_fn(id)>`` with id = 1 + the largest existing id (0 if
     none). Never reuses or overwrites a folder: creation is exclusive, retried with the next id."""
     os.makedirs(outdir, exist_ok=True)
-    run_id = max(_run_ids(outdir), default=-1) + 1
+    run_id = next_run_id(outdir)
     for _ in range(100):
         path = os.path.join(outdir, name_fn(run_id))
         try:

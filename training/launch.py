@@ -12,6 +12,7 @@ import solver_utils
 import solvers
 from models.presets import load_model
 from torch_utils import distributed as dist
+from torch_utils.misc import check_name_length, check_output_dir
 from training import experiments
 from training.networks import AMEDPredictor, check_half_width
 from training.snapshot import STATE_FILE, load_predictor, load_training_state, resolve_run_dir
@@ -67,20 +68,26 @@ def plan_training(options, device):
             raise ValueError('inter_weight and checkpointing are options of --loss=trajectory only')
     elif not (o['inter_weight'] >= 0 and math.isfinite(o['inter_weight'])):
         raise ValueError(f"inter_weight must be a finite number >= 0, got {o['inter_weight']}")
+    solver_utils.check_rho_used(o['schedule_type'], o['schedule_rho'])
+    split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
+
+    def name_fn(run_id, calls_per_eval):
+        nfe = experiments.training_nfe(o['num_steps'], o['afs'], calls_per_eval)
+        return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
+                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'],
+                                    trajectory=o['loss'] == 'trajectory')
+    # Before any model loads: the run folder can be made. Its name is checked with the NFE of a
+    # guided model (two calls per evaluation), the longest it can be.
+    check_output_dir(o['outdir'])
+    check_name_length(o['outdir'], name_fn(experiments.next_run_id(o['outdir']), 2), '--desc')
+
     model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
                        o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
                        prompt=o['prompt'])
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
                                      'sigma_min', 'sigma_max', 'afs', *solvers.OPTIONS)}
     loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
-    split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
-
-    def name_fn(run_id):
-        return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
-                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'],
-                                    trajectory=o['loss'] == 'trajectory')
-    name_fn(0)   # validates desc
 
     student = loss_fn.student
     settings = dict(
@@ -95,7 +102,9 @@ def plan_training(options, device):
         init_state = initial_weights(o['predictor_path'], settings, predictor_kwargs)
     options = dict(o, device=str(device), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
                    predictor_kwargs=predictor_kwargs, settings=settings)
-    return dict(model=model, loss_fn=loss_fn, options=options, name_fn=name_fn, device=device, init_state=init_state)
+    solvers.warn_sigma_range(model, loss_fn.t_student)
+    return dict(model=model, loss_fn=loss_fn, options=options, device=device, init_state=init_state,
+                name_fn=lambda run_id: name_fn(run_id, model.calls_per_eval))
 
 
 def initial_weights(spec, settings, predictor_kwargs):

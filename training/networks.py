@@ -182,13 +182,15 @@ class AMEDPredictor(torch.nn.Module):
 
 
 def check_half_width(name, value):
-    """A scale range half-width (scale_dir, scale_time) as a float; ValueError unless finite and >= 0."""
+    """A scale range half-width (scale_dir, scale_time) as a float; ValueError unless finite and in
+    [0, 1): the scale's range (1 - s, 1 + s) must stay positive."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f'{name} must be a number >= 0, got {value!r}') from None
-    if isinstance(value, bool) or not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
+        raise ValueError(f'{name} must be a number in [0, 1), got {value!r}') from None
+    if isinstance(value, bool) or not (0 <= v < 1):
+        raise ValueError(f'{name} must be a finite number in [0, 1) (the scale range (1 - s, 1 + s) must stay '
+                         f'positive), got {value!r}')
     return v
 
 

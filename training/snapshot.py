@@ -30,7 +30,7 @@ import zipfile
 import torch
 
 import solvers
-from torch_utils.misc import atomic_write
+from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_problem
 
 from training import experiments
 from training.legacy import load_published_predictor
@@ -47,6 +47,8 @@ STATE_FILE = 'training-state.pt'   # in the folder of a run that has not finishe
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
 SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs', 't_steps',
                *solvers.OPTIONS)
+#: What every predictor's settings say (the published pickles' too, :mod:`training.legacy`).
+PREDICTOR_SETTINGS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'dataset_name')
 SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
 
 
@@ -128,12 +130,17 @@ def load_snapshot(path, device='cpu'):
     except pickle.UnpicklingError:
         if zipfile.is_zipfile(path):
             raise ValueError(f'{not_ours} (a torch file holding objects other than plain data and tensors)') from None
-        raise ValueError(f'{not_ours} (not a torch zip file: a plain or NVIDIA pickle is refused here; '
-                         f'NVIDIA-pickle predictors (.pkl) are loaded through the persistence path)') from None
-    except OSError:
-        raise                               # e.g. permission denied: say so, not 'not a snapshot'
-    except Exception as e:
-        raise ValueError(f'{not_ours} (unreadable as a torch file: {type(e).__name__})') from None
+        problem = torch_file_problem(path)
+        if problem.startswith('a pickle'):
+            problem += ': a plain or NVIDIA pickle is refused here; NVIDIA-pickle predictors (.pkl) are loaded ' \
+                       'through the persistence path'
+        raise ValueError(f'{not_ours} ({problem})') from None
+    except OSError as e:
+        if e.filename is not None:          # e.g. permission denied: say so, not 'not a snapshot'
+            raise
+        raise ValueError(f'{not_ours} ({torch_file_problem(path)})') from None   # torch's bare OSError
+    except Exception:
+        raise ValueError(f'{not_ours} ({torch_file_problem(path)})') from None
 
     if not isinstance(data, dict) or data.get('format') != FORMAT:
         raise ValueError(f'{not_ours} (no format tag {FORMAT!r})')
@@ -150,11 +157,10 @@ def load_snapshot(path, device='cpu'):
             predictor = AMEDPredictor(**config)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{path}: bad predictor_config in AMED predictor snapshot: {e}') from None
-    try:
-        predictor.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f'{path}: state_dict does not match predictor_config: {first}') from None
+    mismatch = state_dict_mismatch(predictor, state)
+    if mismatch:
+        raise ValueError(f'{path}: state_dict does not match predictor_config: {mismatch}')
+    predictor.load_state_dict(state, strict=True)
     predictor.eval().requires_grad_(False)
     return predictor.to(device), settings
 
@@ -256,11 +262,23 @@ def load_predictor(spec, device='cpu'):
     """Load any predictor: our snapshot (.pt) or a published pickle (.pkl), given as a file, URL,
     run folder or experiment number (:func:`resolve_predictor_path`).
 
-    Returns (predictor, settings) where settings hold everything the sampler needs."""
+    Returns (predictor, settings) where settings hold everything the sampler needs. ValueError (one
+    line naming the file) when our snapshot's settings lack one of :data:`PREDICTOR_SETTINGS`, or
+    when a weight is NaN or infinite (a diverged training: it would sample black images)."""
     path = resolve_predictor_path(spec)
     if path.endswith('.pkl'):
-        return load_published_predictor(path, device=device)
-    return load_snapshot(path, device=device)
+        predictor, settings = load_published_predictor(path, device=device)
+    else:
+        predictor, settings = load_snapshot(path, device=device)
+        missing = [k for k in PREDICTOR_SETTINGS if k not in settings]
+        if missing:
+            raise ValueError(f"{path}: the snapshot's settings lack {', '.join(missing)} (written by another "
+                             f"program, or edited)")
+    bad = sum(int((~torch.isfinite(v)).sum()) for v in predictor.state_dict().values() if v.is_floating_point())
+    if bad:
+        raise ValueError(f'{path}: {bad} of the predictor\'s weights are NaN or infinite (its training diverged); '
+                         f'it cannot sample')
+    return predictor, settings
 
 
 def check_compatible(settings, model):
