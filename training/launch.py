@@ -4,7 +4,6 @@
 :func:`plan_resume`) and :func:`run_training`; the quickstart calls the same functions.
 """
 
-import json
 import math
 import os
 
