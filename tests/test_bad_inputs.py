@@ -44,6 +44,7 @@ ROWS = [
     ('train', ['--lr=nan'], 2, f"'--lr': 'nan' {NOT_FINITE}"),
     ('train', ['--lr=inf'], 2, f"'--lr': 'inf' {NOT_FINITE}"),
     ('train', ['--tick=nan'], 2, f"'--tick': 'nan' {NOT_FINITE}"),
+    ('train', ['--snap=inf'], 2, f"'--snap': 'inf' {NOT_FINITE}"),
     ('train', ['--scale_dir=inf'], 2, "'--scale_dir': scale_dir must be a finite number in [0, 1)"),
     ('train', ['--scale_time=inf'], 2, "'--scale_time': scale_time must be a finite number in [0, 1)"),
     ('train', ['--scale_time=2'], 2, "'--scale_time': scale_time must be a finite number in [0, 1)"),
