@@ -209,9 +209,7 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
     latents, _ = accuracy.seeded_inputs(model, FD_SEEDS)
 
     def fd_of(predictor=None, **kwargs):
-        with torch.no_grad():
-            x = torch.cat([solvers.sample(model, latents[i:i + 500], predictor=predictor, **kwargs)
-                           for i in range(0, len(latents), 500)])
+        x = accuracy.sample_all(model, latents, predictor=predictor, batch=500, **kwargs)
         return frechet.frechet_distance(*pixel_stats(x), ref_mu, ref_sigma)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import solvers  # noqa: E402
 from benchmarks.loss_study import FD_DATA_SEEDS, pixel_stats  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from metrics import frechet  # noqa: E402
@@ -52,12 +51,6 @@ def rel_change(a, b):
 
 def rms(a, b):
     return (a.double() - b.double()).square().mean().sqrt().item()
-
-
-def sample_batched(model, latents, batch=256, **kwargs):
-    with torch.no_grad():
-        return torch.cat([solvers.sample(model, latents[i:i + batch], **kwargs)
-                          for i in range(0, len(latents), batch)])
 
 
 def fd_solver_kwargs(spec):
@@ -134,7 +127,7 @@ def main(fd_num, fd_solver, kimg, out):
     kw = fd_solver_kwargs(fd_solver)
     fd_latents, _ = accuracy.seeded_inputs(net, range(FD_SEED0, FD_SEED0 + fd_num))
     t0 = time.time()
-    samples = sample_batched(net, fd_latents, **kw)
+    samples = accuracy.sample_all(net, fd_latents, batch=256, **kw)
     fd_time = time.time() - t0
     fd_net = frechet.frechet_distance(*pixel_stats(samples), ref_mu, ref_sigma)
     fd_solver_dist = accuracy.solver_error(net, latents, ref, **kw)

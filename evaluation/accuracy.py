@@ -50,18 +50,24 @@ def rms_error(x, exact):
 
 @torch.no_grad()
 def exact_solution(model, latents, sigma_max, sigma_min, cond=None, steps_per_unit=None):
-    kw = {} if steps_per_unit is None else dict(steps_per_unit=steps_per_unit)
-    return model.ode_solution_from_noise(latents.double(), sigma_max, [sigma_min], cond=cond, **kw)[-1]
+    """The model's reference ODE solution at ``sigma_min`` (``steps_per_unit`` None: its default accuracy)."""
+    return model.ode_solution_from_noise(latents.double(), sigma_max, [sigma_min], cond=cond,
+                                         steps_per_unit=steps_per_unit)[-1]
 
 
 @torch.no_grad()
-def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
-    """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
+def sample_all(model, latents, cond=None, predictor=None, batch=64, **solver_kwargs):
+    """``solvers.sample`` over ``latents`` in batches of ``batch``; the final states, concatenated."""
     outs = []
     for i in range(0, latents.shape[0], batch):
         c = None if cond is None else cond[i:i + batch]
         outs.append(solvers.sample(model, latents[i:i + batch], c, predictor=predictor, **solver_kwargs))
-    return rms_error(torch.cat(outs), exact)
+    return torch.cat(outs)
+
+
+def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
+    """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
+    return rms_error(sample_all(model, latents, cond, predictor, batch, **solver_kwargs), exact)
 
 
 def seeded_inputs(model, seeds, device=torch.device('cpu')):

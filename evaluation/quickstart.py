@@ -40,17 +40,17 @@ RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_REC
 def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     """Train, sample a grid, print the error table."""
     start = time.time()
-    learned = dataset_name == 'toy_unet'   # a network call costs ~1000x the analytic denoiser: fewer runs
-    nfes = [int(v) for v in (nfes or ('5' if learned else '3,5,7,9')).split(',')]
-    kimg = (1.0 if learned else 2.0) if kimg is None else kimg
+    device = dist.init('cpu')
+    model = load_model(dataset_name, device=device)
+    exact_model = isinstance(model, AnalyticDenoiser)   # a network call costs ~1000x the analytic denoiser
+    nfes = [int(v) for v in (nfes or ('3,5,7,9' if exact_model else '5')).split(',')]
+    kimg = (2.0 if exact_model else 1.0) if kimg is None else kimg
     grid_path = grid_path or ('./samples/quickstart/grid.png' if dataset_name == 'toy' else
                               f'./samples/quickstart-{dataset_name}/grid.png')
     if any(n % 2 == 0 or n < 3 for n in nfes):
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
-    device = dist.init('cpu')
-    model = load_model(dataset_name, device=device)
     latents, cond, exact = accuracy.reference_set(model, range(num), device)
-    kind = 'Exact' if isinstance(model, AnalyticDenoiser) else 'Reference'
+    kind = 'Exact' if exact_model else 'Reference'
     print(f'{kind} ODE solutions of {num} samples: {time.time() - start:.1f} s')
 
     rows = []

@@ -117,7 +117,27 @@ def solve_pf_ode(denoiser, x_start, sigma_start, sigmas, cond=None, steps_per_un
     return torch.stack(out)
 
 
-class AnalyticDenoiser(Denoiser):
+class ReferenceODE:
+    """Mixin of the denoisers whose probability-flow ODE solution the evaluation measures against:
+    :func:`solve_pf_ode` at the class's ``steps_per_unit`` (its default accuracy)."""
+
+    steps_per_unit = STEPS_PER_UNIT
+
+    def ode_solution(self, x_start, sigma_start, sigmas, cond=None, steps_per_unit=None):
+        """Reference probability-flow ODE solution at each of ``sigmas``: see :func:`solve_pf_ode`.
+
+        Returns a float64 tensor of shape (len(sigmas), B, C, H, W).
+        """
+        return solve_pf_ode(self, x_start, sigma_start, sigmas, cond=cond,
+                            steps_per_unit=steps_per_unit or self.steps_per_unit)
+
+    def ode_solution_from_noise(self, latents, sigma_max, sigmas, cond=None, steps_per_unit=None):
+        """As the solvers start: x(sigma_max) = latents * sigma_max, with unit Gaussian ``latents``."""
+        x_start = latents.to(torch.float64) * float(sigma_max)
+        return self.ode_solution(x_start, sigma_max, sigmas, cond=cond, steps_per_unit=steps_per_unit)
+
+
+class AnalyticDenoiser(ReferenceODE, Denoiser):
     """Shared parts of the exact models: float64 buffers, the AMED feature, the reference ODE.
 
     AMED feature: ``feature_module`` is an ``Identity`` that forward calls on the denoised image
@@ -160,17 +180,6 @@ class AnalyticDenoiser(Denoiser):
         """Exact probability-flow map from noise level ``sigma`` to sigma = 0."""
         raise NotImplementedError
 
-    def ode_solution(self, x_start, sigma_start, sigmas, cond=None, steps_per_unit=STEPS_PER_UNIT):
-        """Reference probability-flow ODE solution at each of ``sigmas``: see :func:`solve_pf_ode`.
-
-        Returns a float64 tensor of shape (len(sigmas), B, C, H, W).
-        """
-        return solve_pf_ode(self, x_start, sigma_start, sigmas, cond=cond, steps_per_unit=steps_per_unit)
-
-    def ode_solution_from_noise(self, latents, sigma_max, sigmas, cond=None, steps_per_unit=STEPS_PER_UNIT):
-        """As the solvers start: x(sigma_max) = latents * sigma_max, with unit Gaussian ``latents``."""
-        x_start = latents.to(torch.float64) * float(sigma_max)
-        return self.ode_solution(x_start, sigma_max, sigmas, cond=cond, steps_per_unit=steps_per_unit)
 
 
 class IsotropicGaussian(AnalyticDenoiser):

@@ -38,7 +38,7 @@ from torch_utils.misc import atomic_write
 
 from .edm import EDMDenoiser
 from .networks_edm import build_from_config
-from .toy import GaussianMixture, solve_pf_ode
+from .toy import GaussianMixture, ReferenceODE
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'toy_unet.pt')
 
@@ -69,20 +69,13 @@ def sidecar_path(weights):
     return os.path.splitext(weights)[0] + '.json'
 
 
-class ToyUNetDenoiser(EDMDenoiser):
+class ToyUNetDenoiser(ReferenceODE, EDMDenoiser):
     """:class:`models.edm.EDMDenoiser` on the toy U-Net, plus its reference ODE solution."""
+
+    steps_per_unit = REFERENCE_STEPS_PER_UNIT
 
     def __init__(self, net):
         super().__init__(net, feature_block=FEATURE_BLOCK)
-
-    def ode_solution(self, x_start, sigma_start, sigmas, cond=None, steps_per_unit=REFERENCE_STEPS_PER_UNIT):
-        """Reference probability-flow solution at each of ``sigmas`` (> 0): :func:`models.toy.solve_pf_ode`."""
-        return solve_pf_ode(self, x_start, sigma_start, sigmas, cond=cond, steps_per_unit=steps_per_unit)
-
-    def ode_solution_from_noise(self, latents, sigma_max, sigmas, cond=None, steps_per_unit=REFERENCE_STEPS_PER_UNIT):
-        """As the solvers start: x(sigma_max) = latents * sigma_max."""
-        x_start = latents.to(torch.float64) * float(sigma_max)
-        return self.ode_solution(x_start, sigma_max, sigmas, cond=cond, steps_per_unit=steps_per_unit)
 
 
 def load(path=None):

@@ -168,7 +168,7 @@ def test_resume_rules_and_incomplete_runs(in_tmp):
     open(os.path.join(run_dir, STATE_FILE), 'w').write('cut off')
     code, out = run_cli(train.main, ['--resume=0'])
     assert code != 0 and len(out.strip().splitlines()) == 1, out
-    assert out.startswith(f'Error: {os.path.join(run_dir, STATE_FILE)} is not an AMED training state (unreadable: '), out
+    assert out.startswith(f'Error: {os.path.join(run_dir, STATE_FILE)} is not an AMED training state (a text file, not a torch file)'), out
     os.remove(os.path.join(run_dir, STATE_FILE))
     code, out = run_cli(train.main, ['--resume=0', '--dry-run'])
     assert code == 0 and 'Dry run' in out and json.loads(out[:out.rindex('}') + 1])['total_kimg'] == 0.016

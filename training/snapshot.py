@@ -186,8 +186,8 @@ def load_training_state(path):
     code); ValueError (one line, naming the file) when it is not one."""
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:      # torch gives a bare OSError for a truncated file: name the file
-        raise ValueError(f'{path} is not an AMED training state (unreadable: {type(e).__name__})') from None
+    except Exception:      # torch gives a bare OSError for a truncated file: name the file and the cause
+        raise ValueError(f'{path} is not an AMED training state ({torch_file_problem(path)})') from None
     if not isinstance(data, dict) or data.get('format') != STATE_FORMAT or data.get('version') != VERSION:
         raise ValueError(f'{path} is not an AMED training state (no format tag {STATE_FORMAT!r}, version {VERSION})')
     return data
