@@ -76,6 +76,9 @@ class HalfWidth(click.ParamType):
 @click.option('--resume', help='Continue an interrupted run (folder, or experiment number in ./exps or ./exp) in '
               'its folder with its stored options; takes no other option but --device, --no-progress and --dry-run',
               type=str)
+@click.option('--check', help='Held-out teacher trajectories on which the final predictor is compared with its plain '
+              'base solver at the same NFE (a "helps / does not help" line, stats.jsonl, the snapshot); 0: no check',
+              type=click.IntRange(min=0), default=D['check'])
 # Loss options.
 @click.option('--loss', help='interval: the official per-interval loss; trajectory: the whole student run against '
               'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),

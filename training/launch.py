@@ -26,7 +26,7 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False)
+    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64)
 
 
 class Logger:
@@ -166,7 +166,7 @@ def run_training(plan, progress=True):
                                     seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
                                     snap_kimg=o['snap_kimg'], progress=progress, log=log,
                                     init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
-                                    checkpointing=o['checkpointing'], resume=resume)
+                                    checkpointing=o['checkpointing'], resume=resume, check_num=o['check'])
         except (TrainingInterrupted, TrainingDiverged) as e:
             if dist.is_main():
                 log(str(e), console=False)

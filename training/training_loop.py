@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
-from training import experiments
+from training import check, experiments
 from training.networks import AMEDPredictor
 from training.snapshot import STATE_FILE, save_snapshot, save_training_state
 
@@ -246,6 +246,25 @@ def agree(signum, outputs_finite, weights_ok):
     return (signum or signals // max(stopping, 1)), bad_outputs == 0, bad_weights == 0
 
 
+def run_check(loss_fn, predictor, seed, num_batches, batch, num, device, batch_gpu, run_dir, log):
+    """The end-of-training check (:mod:`training.check`) on ``num`` held-out trajectories, disjoint
+    from the ``num_batches`` batches of training seed ``seed``: logged, appended to stats.jsonl
+    (with its time) and returned for the snapshot's settings."""
+    t0 = time.time()
+    trained = (s for b in range(num_batches) for s in sample_seeds(seed, b, batch))
+    seeds = check.held_out_seeds(seed, num, exclude=trained)
+    result = check.check_predictor(loss_fn, predictor.eval(), seeds, device, batch=batch_gpu)
+    result['seconds'] = time.time() - t0
+    log(check.check_line(result))
+    with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
+        f.write(json.dumps({'Check/ratio': dict(num=result['num'], mean=result['ratio'], std=result['ratio_se']),
+                            'Check/error': dict(num=result['num'], mean=result['error'], std=0.0),
+                            'Check/base_error': dict(num=result['num'], mean=result['base_error'], std=0.0),
+                            'Check/sec': dict(num=1, mean=result['seconds'], std=0.0),
+                            'timestamp': time.time()}) + '\n')
+    return result
+
+
 def snapshot_name(cur_nimg):
     return f'network-snapshot-{cur_nimg // 1000:06d}.pt'
 
@@ -253,7 +272,7 @@ def snapshot_name(cur_nimg):
 def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0, snap_kimg=0.0,
                   progress=True, log=_console, init_state=None, loss='interval', inter_weight=0.0,
-                  checkpointing=False, resume=None):
+                  checkpointing=False, resume=None, check_num=0):
     """Train an AMED predictor with ``loss_fn`` (a :class:`training.loss.AMEDLoss` for the frozen
     ``model``) and write snapshots and stats to ``run_dir`` (rank 0). ``loss`` is 'interval' (the
     official per-interval loss) or 'trajectory' (see training/loss.py; ``inter_weight`` and
@@ -268,6 +287,9 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
     :data:`PATIENCE` consecutive batches with a non-finite loss or predictor output (or such a
     last batch), or non-finite weights, raise :class:`TrainingDiverged`; no snapshot is saved after
     a batch with non-finite values (periodic ones and a stop wait for a finite batch).
+    After the last batch, rank 0 checks the predictor against its plain base solver on ``check_num``
+    held-out teacher trajectories (0: no check; :mod:`training.check`): one log line, a
+    ``Check/ratio`` line in stats.jsonl and ``settings['check']`` in the final snapshot.
     Returns the trained predictor (unwrapped, eval mode) and the snapshot path (rank 0; None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_gpu_total, batch_gpu, rounds = split_batch(batch, batch_gpu, world)
@@ -370,6 +392,9 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
         if stats_file is not None:
             stats_file.close()
 
+    if rank == 0 and check_num > 0:
+        settings = dict(settings, check=run_check(loss_fn, predictor, seed, num_batches, batch, check_num, device,
+                                                  batch_gpu, run_dir, log))
     path = save(partial=False) if rank == 0 else None
     dist.barrier()
     return predictor.eval().requires_grad_(False), path
