@@ -79,6 +79,9 @@ class HalfWidth(click.ParamType):
 @click.option('--check', help='Held-out teacher trajectories on which the final predictor is compared with its plain '
               'base solver at the same NFE (a "helps / does not help" line, stats.jsonl, the snapshot); 0: no check',
               type=click.IntRange(min=0), default=D['check'])
+@click.option('--predictor', help='network: the paper\'s ~9k-parameter network reading the model\'s 8x8 feature; '
+              'table: one r (and scales) per student interval, no feature', type=click.Choice(['network', 'table']),
+              default=D['predictor'])
 # Loss options.
 @click.option('--loss', help='interval: the official per-interval loss; trajectory: the whole student run against '
               'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),

@@ -38,14 +38,16 @@ FD_SEEDS = range(300000, 310000)
 FD_DATA_SEEDS = (7, 8)     # two independent sets of exact data for the FD noise floor
 
 
-def seed_set(model, name, cache_dir):
-    """Latents, conditioning and exact ODE solutions of a named seed set (exact solutions cached)."""
-    path = os.path.join(cache_dir, f'exact-{type(model).__name__}-{name}.pt')
+def seed_set(model, name, cache_dir, key=None, num=None):
+    """Latents, conditioning and exact ODE solutions of a named seed set, or of its first ``num``
+    seeds (exact solutions cached under ``key``, by default the model's class name)."""
+    seeds = SEED_SETS[name][:num]
+    path = os.path.join(cache_dir, f'exact-{key or type(model).__name__}-{name}' + (f'-{num}' if num else '') + '.pt')
     if os.path.exists(path):
-        latents, cond = accuracy.seeded_inputs(model, SEED_SETS[name])
+        latents, cond = accuracy.seeded_inputs(model, seeds)
         exact = torch.load(path, weights_only=True)
     else:
-        latents, cond, exact = accuracy.reference_set(model, SEED_SETS[name])
+        latents, cond, exact = accuracy.reference_set(model, seeds)
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(exact, path)
     return latents, cond, exact

@@ -12,7 +12,8 @@ from evaluation import accuracy
 from models.presets import load_model
 from training import check
 from training.loss import AMEDLoss
-from training.snapshot import load_snapshot
+from training.networks import TablePredictor, build_predictor
+from training.snapshot import load_snapshot, save_snapshot
 from training.training_loop import draw_inputs, sample_seeds
 from tests.test_train_sample import in_tmp, run_cli, snapshot_of, train_tiny  # noqa: F401
 import train
@@ -90,3 +91,43 @@ def test_train_prints_and_records_the_check(in_tmp):
     assert 'Check' not in open(os.path.join(run, 'log.txt')).read()
     assert 'check' not in load_snapshot(snapshot_of(run))[1]
     assert not any('Check/ratio' in line for line in open(os.path.join(run, 'stats.jsonl')))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table predictor (train.py --predictor=table): per-interval scalars, no network.
+
+def test_table_predictor_starts_at_the_midpoint_and_round_trips(tmp_path):
+    t = [80.0, 10.0, 1.0, 0.002]
+    table = TablePredictor(t, scale_dir=0.01, scale_time=0.2)
+    r, c, a = table(torch.zeros(5, 8, 8), 10.0, 1.0)
+    assert r.shape == (5,) and torch.all(r == 0.5) and torch.all(c == 1) and torch.all(a == 1)
+    with torch.no_grad():
+        table.r[1] = 2.0
+        table.scale_time_logit[1] = -50.0
+    r, c, a = table(torch.zeros(2, 8, 8), 10.0, 1.0)
+    assert r[0].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item()) and a[0].item() == pytest.approx(0.8)
+    assert table(torch.zeros(2, 8, 8), 80.0, 10.0)[0][0].item() == 0.5
+    with pytest.raises(ValueError, match='no interval'):
+        table(torch.zeros(2, 8, 8), 80.0, 1.0)
+    with pytest.raises(ValueError, match='descending'):
+        TablePredictor([1.0, 2.0])
+    save_snapshot(tmp_path / 's.pt', table, dict(solver='ipndm'))
+    loaded, _ = load_snapshot(tmp_path / 's.pt')
+    assert isinstance(loaded, TablePredictor) and loaded.t_steps == t and loaded.scale_time == 0.2
+    assert torch.equal(loaded(torch.zeros(1, 8, 8), 10.0, 1.0)[0], r[:1])
+    with pytest.raises(ValueError, match='unknown predictor kind'):
+        build_predictor(dict(kind='tree'))
+
+
+def test_table_training_samples_as_trained(in_tmp, toy):
+    """--predictor=table trains one r per interval (different per interval) and samples from its
+    snapshot exactly as the check measured it."""
+    run = train_tiny('exps', '--sampler_stu=ipndm', '--sampler_tea=ipndm', '--M=2', '--afs=True', '--check=8',
+                     '--predictor=table', '--loss=trajectory', '--lr=0.05')
+    predictor, settings = load_snapshot(snapshot_of(run))
+    assert isinstance(predictor, TablePredictor) and len(predictor.r) == 2 and predictor.r.abs().min() > 0
+    assert predictor.t_steps == pytest.approx(solvers.get_model_schedule(toy, 3).tolist())
+    loss_fn = AMEDLoss(toy, 'ipndm', 'ipndm', num_steps=3, M=2, afs=True)
+    trained = [s for b in range(2) for s in sample_seeds(0, b, 8)]
+    again = check.check_predictor(loss_fn, predictor, check.held_out_seeds(0, 8, trained))
+    assert again['ratio'] == pytest.approx(settings['check']['ratio'], rel=1e-12)

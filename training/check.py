@@ -73,11 +73,9 @@ def verdict(ratio, se):
 
 
 @torch.no_grad()
-def check_predictor(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
-    """Compare ``predictor`` with its plain base solver on the held-out ``seeds`` against the
-    teacher of ``loss_fn`` (a :class:`training.loss.AMEDLoss`). Returns a dict of plain data:
-    ratio, its standard error, the verdict, both errors, the base solver, its num_steps, the NFE
-    and the number of trajectories."""
+def errors(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
+    """Per-sample RMS errors against the teacher of ``loss_fn`` (a :class:`training.loss.AMEDLoss`)
+    on ``seeds``: (the predictor's (n,), the plain base solver's (n,), facts of the base run)."""
     from training.training_loop import draw_inputs   # the training data's draw, for the same kind of noise
     model, student = loss_fn.model, loss_fn.student
     base = base_solver(student.name)
@@ -95,14 +93,28 @@ def check_predictor(loss_fn, predictor, seeds, device=torch.device('cpu'), batch
         y = solvers.sample(model, latents, cond, solver=base_spec, t_steps=base_t, afs=loss_fn.afs)
         e_pred.append(per_sample_rms(x, target).cpu())
         e_base.append(per_sample_rms(y, target).cpu())
-    e_pred, e_base = torch.cat(e_pred), torch.cat(e_base)
+    facts = dict(base_solver=base, base_num_steps=base_steps,
+                 nfe=solvers.count_nfe(student.name, loss_fn.num_steps, loss_fn.afs, with_predictor=True),
+                 reference=f'teacher {loss_fn.teacher.name}, M={loss_fn.M}')
+    return torch.cat(e_pred), torch.cat(e_base), facts
+
+
+def ratio_of(e_pred, e_base):
+    """(ratio of the mean errors, its standard error (None for one sample), verdict)."""
     n = len(e_pred)
     ratio = float(e_pred.mean() / e_base.mean())
     se = float((e_pred - ratio * e_base).std() / math.sqrt(n) / e_base.mean()) if n > 1 else None
-    return dict(ratio=ratio, ratio_se=se, verdict=verdict(ratio, se), error=float(e_pred.mean()),
-                base_error=float(e_base.mean()), base_solver=base, base_num_steps=base_steps,
-                nfe=solvers.count_nfe(student.name, loss_fn.num_steps, loss_fn.afs, with_predictor=True),
-                num=n, reference=f'teacher {loss_fn.teacher.name}, M={loss_fn.M}')
+    return ratio, se, verdict(ratio, se)
+
+
+def check_predictor(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
+    """Compare ``predictor`` with its plain base solver on the held-out ``seeds`` (:func:`errors`).
+    Returns a dict of plain data: ratio, its standard error, the verdict, both mean errors, the base
+    solver, its num_steps, the NFE and the number of trajectories."""
+    e_pred, e_base, facts = errors(loss_fn, predictor, seeds, device, batch)
+    ratio, se, word = ratio_of(e_pred, e_base)
+    return dict(ratio=ratio, ratio_se=se, verdict=word, error=float(e_pred.mean()), base_error=float(e_base.mean()),
+                num=len(e_pred), **facts)
 
 
 def check_line(result):

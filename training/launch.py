@@ -13,7 +13,7 @@ from models.presets import load_model
 from torch_utils import distributed as dist
 from torch_utils.misc import check_name_length, check_output_dir
 from training import experiments
-from training.networks import AMEDPredictor, check_half_width
+from training.networks import KINDS, build_predictor, check_half_width
 from training.snapshot import STATE_FILE, load_predictor, load_training_state, resolve_run_dir
 from training.loss import LOSSES, AMEDLoss
 from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
@@ -26,7 +26,7 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64)
+    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64, predictor='network')
 
 
 class Logger:
@@ -55,6 +55,8 @@ def plan_training(options, device):
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    if o['predictor'] not in KINDS:
+        raise ValueError(f"unknown predictor {o['predictor']!r} (choose one of {', '.join(KINDS)})")
     for opt in ('scale_dir', 'scale_time'):
         check_half_width(opt, o[opt])
     if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
@@ -96,6 +98,8 @@ def plan_training(options, device):
         guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
         img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
+    if o['predictor'] == 'table':
+        predictor_kwargs.update(kind='table', t_steps=loss_fn.t_student)
     init_state = None
     if o['predictor_path'] is not None:
         init_state = initial_weights(o['predictor_path'], settings, predictor_kwargs)
@@ -114,7 +118,7 @@ def initial_weights(spec, settings, predictor_kwargs):
         if loaded.get(key) != settings[key]:
             raise ValueError(f"--predictor_path was trained with {key}={loaded.get(key)!r}, this run uses {settings[key]!r}")
     state = getattr(predictor, 'net', predictor).state_dict()
-    target = AMEDPredictor(**predictor_kwargs)
+    target = build_predictor(predictor_kwargs)
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"--predictor_path has other scale heads than --scale_dir/--scale_time ask for "

@@ -34,7 +34,7 @@ from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_probl
 
 from training import experiments
 from training.legacy import load_published_predictor
-from training.networks import AMEDPredictor
+from training.networks import build_predictor
 
 __all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'load_predictor', 'resolve_predictor_path',
            'latest_snapshot', 'find_run', 'resolve_run_dir', 'run_snapshot', 'check_compatible',
@@ -154,7 +154,7 @@ def load_snapshot(path, device='cpu'):
     # Building the module draws its (discarded) initial weights: keep the global RNG untouched.
     with torch.random.fork_rng(devices=[]):
         try:
-            predictor = AMEDPredictor(**config)
+            predictor = build_predictor(config)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{path}: bad predictor_config in AMED predictor snapshot: {e}') from None
     mismatch = state_dict_mismatch(predictor, state)

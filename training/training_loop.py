@@ -33,7 +33,7 @@ from tqdm import tqdm
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
 from training import check, experiments
-from training.networks import AMEDPredictor
+from training.networks import build_predictor as build_module
 from training.snapshot import STATE_FILE, save_snapshot, save_training_state
 
 #: Consecutive batches with a non-finite loss or predictor output after which training stops (a
@@ -191,7 +191,7 @@ def build_predictor(predictor_kwargs, seed, init_state, device):
     random state, so the caller's global RNG is left as it was), or ``init_state``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        predictor = AMEDPredictor(**predictor_kwargs)
+        predictor = build_module(predictor_kwargs)
     if init_state is not None:
         predictor.load_state_dict(init_state)
     return predictor.to(device).train()
