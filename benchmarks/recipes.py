@@ -101,6 +101,26 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
               f'(iPNDM {ref:.4f}, {seed_name} seeds)', flush=True)
 
 
+@main.command()
+@click.argument('files', nargs=-1, required=True)
+@click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='validation', show_default=True)
+def summarize(files, seed_name):
+    """A markdown table of ``run`` results (JSON lines): per model, setting (tag) and NFE, the ratio to
+    plain iPNDM as mean (min-max) over training seeds, and the mean training time."""
+    groups = {}
+    for path in files:
+        for line in open(path):
+            rec = json.loads(line)
+            if rec['seeds'] == seed_name:
+                groups.setdefault((rec['model'], rec['tag'], rec['nfe']), []).append(rec)
+    print(f'| model | setting | NFE | ratio to iPNDM, mean (min-max) | training seeds | iPNDM error | train s |')
+    print('|---|---|---|---|---|---|---|')
+    for (model, tag, nfe), recs in groups.items():
+        r = np.asarray([x['ratio'] for x in recs])
+        print(f"| {model} | {tag} | {nfe} | {r.mean():.3f} ({r.min():.3f}-{r.max():.3f}) | {len(r)} | "
+              f"{recs[0]['ipndm']:.4f} | {np.mean([x['train_s'] for x in recs]):.0f} |")
+
+
 @main.command('check-spread')
 @click.option('--model', 'dataset_name', default='toy', show_default=True)
 @click.option('--recipe', default='ipndm', show_default=True)

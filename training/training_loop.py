@@ -260,7 +260,7 @@ def run_check(loss_fn, predictor, seed, num_batches, batch, num, device, batch_g
         f.write(json.dumps({'Check/ratio': dict(num=result['num'], mean=result['ratio'], std=result['ratio_se']),
                             'Check/error': dict(num=result['num'], mean=result['error'], std=0.0),
                             'Check/base_error': dict(num=result['num'], mean=result['base_error'], std=0.0),
-                            'Check/sec': dict(num=1, mean=result['seconds'], std=0.0),
+                            'Timing/check_sec': dict(num=1, mean=result['seconds'], std=0.0),
                             'timestamp': time.time()}) + '\n')
     return result
 
