@@ -234,3 +234,43 @@ def test_example_workflow_wires_the_nodes(sd, tmp_path):
     sampler, sigmas = AMEDCardSampler().load(**dict(sampler_node['inputs'], card_path=sd['card_path']))
     assert sigmas.tolist() == pytest.approx(sd['card']['t_steps'], rel=1e-6)
     assert sampler.extra_options['card'] == sd['card']
+
+
+def load_as_comfyui_does(path):
+    """Import a custom-node folder the way ComfyUI's loader does: the folder's __init__.py as a module
+    named after the folder (no package of ours around it)."""
+    import importlib.util
+    import sys
+    name = os.path.basename(path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, '__init__.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_install_as_the_docs_say(tmp_path, monkeypatch):
+    """docs/integrations.md's install line, run as written: the linked folder finds the repository and
+    exports the nodes; a copy needs AMED_SOLVER_ROOT and says so in one line without it."""
+    import shutil
+    import subprocess
+
+    from tests.readme import ROOT, snippet
+    comfy = tmp_path / 'ComfyUI'
+    (comfy / 'custom_nodes').mkdir(parents=True)
+    subprocess.run(['bash', '-c', snippet('ComfyUI', 'docs/integrations.md', lang='bash')], check=True,
+                   env=dict(os.environ, AMED=ROOT, COMFYUI=str(comfy)))
+    linked = load_as_comfyui_does(str(comfy / 'custom_nodes' / 'amed-solver'))
+    assert set(linked.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    assert linked.NODE_DISPLAY_NAME_MAPPINGS == NODE_DISPLAY_NAME_MAPPINGS
+    copy = comfy / 'custom_nodes' / 'amed-copy'
+    shutil.copytree(os.path.join(ROOT, 'integrations', 'comfyui'), copy)
+    monkeypatch.delenv('AMED_SOLVER_ROOT', raising=False)
+    with pytest.raises(ImportError) as e:
+        load_as_comfyui_does(str(copy))
+    assert 'set AMED_SOLVER_ROOT to the repository folder' in str(e.value) and '\n' not in str(e.value)
+    monkeypatch.setenv('AMED_SOLVER_ROOT', ROOT)
+    assert set(load_as_comfyui_does(str(copy)).NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)

@@ -348,8 +348,20 @@ def test_scheduler_errors_are_one_line(sd):
         scheduler.step(torch.zeros(1, 4, 16, 16), 0, torch.zeros(1, 4, 16, 16))
 
 
-def test_readme_snippet_runs(sd, tmp_path, monkeypatch):
-    """README's diffusers snippet, as written, with the tiny pipeline in place of the model id."""
+MODEL_ID = "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+
+
+def run_as_written(code, folder, doc):
+    assert MODEL_ID in code
+    exec(compile(code.replace(MODEL_ID, repr(folder)), doc, 'exec'), {})
+
+
+@pytest.mark.parametrize('doc,title', [('README.md', 'AMED in diffusers'),
+                                       ('docs/integrations.md', 'diffusers: text to image')])
+def test_readme_snippet_runs(doc, title, sd, tmp_path, monkeypatch):
+    """The diffusers examples of README and docs, as written, with the tiny pipeline in place of the
+    model id: text to image samples what solvers.sample with the card does; the docs' image to image
+    runs on that image."""
     import json
     import shutil
 
@@ -370,12 +382,17 @@ def test_readme_snippet_runs(sd, tmp_path, monkeypatch):
     tokenizer.save_pretrained(os.path.join(folder, 'tokenizer'))
     monkeypatch.chdir(tmp_path)
     C.save_card(sd['card'], 'card.json')
-    code = snippet('AMED in diffusers')
-    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in code
-    exec(compile(code.replace("'stable-diffusion-v1-5/stable-diffusion-v1-5'", repr(folder)), 'README.md', 'exec'), {})
+    run_as_written(snippet(title, doc), folder, doc)
     png = np.asarray(PIL.Image.open('astronaut.png')).astype(int)
     model = sd['model']
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = model.encode_prompts(['a photograph of an astronaut riding a horse'], 'cpu')
     x = solvers.sample(model, z, cond, predictor=C.CardPredictor(sd['card']), **card_kwargs(sd['card']))
     assert np.abs(to_uint8(model.decode(x))[0].astype(int) - png).max() <= 1
+    if doc != 'README.md':
+        index['_class_name'] = 'StableDiffusionImg2ImgPipeline'
+        with open(os.path.join(folder, 'model_index.json'), 'w') as f:
+            json.dump(index, f)
+        run_as_written(snippet('diffusers: image to image', doc), folder, doc)
+        out = np.asarray(PIL.Image.open('astronaut-watercolour.png')).astype(int)
+        assert out.shape == png.shape and np.abs(out - png).max() > 0

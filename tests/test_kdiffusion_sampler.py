@@ -137,8 +137,11 @@ def test_a_k_diffusion_model_wrapper_runs_through_it():
     assert not net.mid._forward_hooks
 
 
-def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
-    """README's k-diffusion snippet, as written, on a card exported from a tiny trained predictor."""
+@pytest.mark.parametrize('doc,title', [('README.md', 'AMED in k-diffusion / ComfyUI'),
+                                       ('docs/integrations.md', 'k-diffusion')])
+def test_readme_snippet_runs(doc, title, tmp_path, monkeypatch, capsys, gmm, single_thread):
+    """The k-diffusion example of README and docs, as written, on a card exported from a tiny trained
+    predictor."""
     from click.testing import CliRunner
 
     from tests.readme import snippet
@@ -151,7 +154,7 @@ def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
     assert result.exit_code == 0, result.output
     capsys.readouterr()
     ns = {}
-    exec(compile(snippet('AMED in k-diffusion / ComfyUI'), 'README.md', 'exec'), ns)
+    exec(compile(snippet(title, doc), doc, 'exec'), ns)
     assert 'RMS difference of the card to its predictor: ' in capsys.readouterr().out
     card = ns['card']
     latents = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
