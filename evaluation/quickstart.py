@@ -36,8 +36,10 @@ RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_REC
 @click.option('--grid', 'grid_path', type=str,
               help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe) '
               '[default: samples/quickstart/grid.png; samples/quickstart-<dataset>/grid.png for the others]')
+@click.option('--check', help='Held-out trajectories of each run\'s end-of-training check (0: none)', type=int,
+              default=64)
 @click.option('--progress/--no-progress', default=False)
-def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
+def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, check, progress):
     """Train, sample a grid, print the error table."""
     start = time.time()
     device = dist.init('cpu')
@@ -62,7 +64,8 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
             t0 = time.time()
             _, predictor, settings = accuracy.train_recipe(recipe, nfe, device, progress=progress,
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
-                                                           tick_kimg=kimg, outdir=outdir, desc='quickstart')
+                                                           tick_kimg=kimg, outdir=outdir, desc='quickstart',
+                                                           check=check)
             values[nfe] = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
                                                 **snapshot.solver_kwargs_from_settings(settings))
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')

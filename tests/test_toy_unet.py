@@ -133,16 +133,16 @@ def test_sample_and_train_run_on_it(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert os.path.isfile('grid/grid.png')
     result = CliRunner().invoke(train.main, ['--dataset_name=toy_unet', '--batch=4', '--total_kimg=0.008',
-                                             '--num_steps=3', '--no-progress', '--outdir=exps'])
+                                             '--num_steps=3', '--no-progress', '--outdir=exps', '--check=4'])
     assert result.exit_code == 0, result.output
-    assert len(os.listdir('exps')) == 1
+    assert len(os.listdir('exps')) == 1 and 'Check on 4 held-out trajectories' in result.output
 
 
 def test_quickstart_prints_the_table_against_the_reference(tmp_path, monkeypatch):
     from evaluation import quickstart
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(quickstart.main, ['--dataset_name=toy_unet', '--kimg=0.008', '--batch=4', '--num=2',
-                                                  '--outdir=exps'])
+                                                  '--outdir=exps', '--check=4'])
     assert result.exit_code == 0, result.output
     assert 'RMS error to reference ODE solution (toy_unet, 2 samples) | NFE 5 |' in result.output
     rows = [line for line in result.output.splitlines() if line.startswith('| ') and 'NFE' not in line]
