@@ -32,11 +32,8 @@ from tqdm.auto import tqdm
 
 import solvers
 from models.base import Denoiser
-from training import snapshot
-
-from .card import CardPredictor, load_card
-
-SOLVER_KWARGS = ('solver', 'afs', *solvers.OPTIONS)
+from predictors import load_predictor
+from predictors.card import CardPredictor, card_solver_settings, load_card
 
 
 class KDiffusionDenoiser(Denoiser):
@@ -69,6 +66,12 @@ def _card_grid(card, grid):
                      f"(integrations.card.kdiffusion_sigmas), optionally with a trailing 0")
 
 
+def _solver_kwargs(settings):
+    """The solver, its options and AFS of a :class:`~predictors.settings.SolverSettings` (the schedule
+    comes from ``sigmas``)."""
+    return dict(settings.solver_options, solver=settings.solver, afs=settings.afs)
+
+
 def _predictor_and_options(card, predictor, options, device):
     """(predictor, solver options, card or None) from the sampler's arguments."""
     given = {k: v for k, v in options.items() if v is not None}
@@ -78,12 +81,14 @@ def _predictor_and_options(card, predictor, options, device):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the solver card; drop it')
         card = load_card(card)
-        return CardPredictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card
+        return CardPredictor(card), _solver_kwargs(card_solver_settings(card)), card
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
-        predictor, settings = snapshot.load_predictor(predictor, device=device)
-        return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None
+        loaded = load_predictor(predictor, device=device)
+        if loaded.source['kind'] == 'card':
+            return loaded.predictor, _solver_kwargs(loaded.solver), loaded.predictor.card
+        return loaded.predictor, _solver_kwargs(loaded.solver), None
     if given.get('solver') is None:
         raise ValueError('a predictor object needs solver= (and the solver options it was trained with)')
     takes_thresholding = 'thresholding' in solvers.solver_class(given['solver']).options
