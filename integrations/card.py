@@ -29,7 +29,8 @@ import solvers
 from models.presets import load_model
 from predictors import load_predictor, snapshot
 from predictors.card import (FORMAT, VERSION, REQUIRED, CardPredictor, build_card, card_settings,  # noqa: F401
-                             card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points)
+                             card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points,
+                             tail_steps)
 from torch_utils.misc import StackedRandomGenerator, parse_seeds
 
 FEATURE_MODES = ('mean', 'mean_feature', 'zero')
