@@ -30,7 +30,7 @@ from evaluation import accuracy  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training import check  # noqa: E402
-from training.snapshot import solver_kwargs_from_settings  # noqa: E402
+from predictors.settings import SolverSettings  # noqa: E402
 
 
 def recipe_options(name):
@@ -87,7 +87,7 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
                                                                total_kimg=kimg, tick_kimg=kimg, outdir=tmp, seed=seed)
                 seconds = time.time() - t0
             err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                        **solver_kwargs_from_settings(settings))
+                                        **SolverSettings.from_dict(settings).sample_kwargs())
             ratios.append(err / ref)
             rec = dict(tag=tag, model=dataset_name, recipe=recipe, overrides=list(overrides), loss=loss, nfe=nfe,
                        kimg=kimg, batch=batch, train_seed=seed, seeds=seed_name, num=len(latents), error=err,
@@ -153,7 +153,7 @@ def check_spread(dataset_name, recipe, nfe, kimg, batch, loss, overrides, sizes,
     check_s = time.time() - t0
     ratio_all, se_all, _ = check.ratio_of(e_pred, e_base)
     latents, cond, exact = seed_set(model, 'evaluation', cache, key=dataset_name)
-    err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor, **solver_kwargs_from_settings(settings))
+    err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor, **SolverSettings.from_dict(settings).sample_kwargs())
     truth = err / ipndm_error(model, latents, cond, exact, nfe)
     rows = []
     for size in [int(s) for s in sizes.split(',')]:

@@ -12,8 +12,8 @@ from evaluation import accuracy
 from models.presets import load_model
 from training import check
 from training.loss import AMEDLoss
-from training.networks import TablePredictor, build_predictor
-from training.snapshot import load_snapshot, save_snapshot
+from predictors.networks import TablePredictor, build_predictor
+from predictors.snapshot import load_snapshot, save_snapshot
 from training.training_loop import draw_inputs, sample_seeds
 from tests.test_train_sample import in_tmp, run_cli, snapshot_of, train_tiny  # noqa: F401
 import train
