@@ -66,39 +66,73 @@ def main():
 @click.option('--batch', type=int, default=32, show_default=True)
 @click.option('--loss', default='trajectory', show_default=True)
 @click.option('--set', 'overrides', multiple=True, help='training option override key=value (JSON value)')
-@click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='validation', show_default=True)
-@click.option('--num', type=int, default=256, show_default=True, help='samples of the seed set')
+@click.option('--seeds', 'seed_names', default='validation', show_default=True,
+              help='seed sets each predictor is measured on: validation, evaluation or both (comma-separated)')
+@click.option('--num', default='256', show_default=True, help='samples of each seed set (comma-separated, one per set)')
 @click.option('--tag', default='', help='a label for the JSON lines')
 @click.option('--out', default='docs/recipes/results.jsonl', show_default=True)
 @click.option('--cache', default='samples/recipes', show_default=True)
-def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, seed_name, num, tag, out, cache):
-    """Train the recipe (plus overrides) at each NFE and training seed; error and ratio to plain iPNDM."""
+def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, seed_names, num, tag, out, cache):
+    """Train the recipe (plus overrides) at each NFE and training seed; error and ratio to plain iPNDM
+    on each seed set."""
     model = load_model(dataset_name)
-    latents, cond, exact = seed_set(model, seed_name, cache, key=dataset_name, num=None if num == 256 else num)
+    names = seed_names.split(',')
+    nums = [int(n) for n in num.split(',')] * (len(names) if ',' not in num else 1)
+    sets = {name: seed_set(model, name, cache, key=dataset_name, num=None if n == 256 else n)
+            for name, n in zip(names, nums)}
     opts = dict(recipe_options(recipe), loss=loss, **parse_overrides(overrides))
     command = 'python benchmarks/recipes.py run ' + ' '.join(sys.argv[2:])
     for nfe in [int(n) for n in nfes.split(',')]:
-        ref = ipndm_error(model, latents, cond, exact, nfe)
-        ratios = []
+        refs = {name: ipndm_error(model, *sets[name], nfe) for name in names}
+        ratios = {name: [] for name in names}
         for seed in [int(s) for s in train_seeds.split(',')]:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.time()
                 _, predictor, settings = accuracy.train_recipe(opts, nfe, dataset_name=dataset_name, batch=batch,
                                                                total_kimg=kimg, tick_kimg=kimg, outdir=tmp, seed=seed)
                 seconds = time.time() - t0
-            err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                        **SolverSettings.from_dict(settings).sample_kwargs())
-            ratios.append(err / ref)
-            rec = dict(tag=tag, model=dataset_name, recipe=recipe, overrides=list(overrides), loss=loss, nfe=nfe,
-                       kimg=kimg, batch=batch, train_seed=seed, seeds=seed_name, num=len(latents), error=err,
-                       ipndm=ref, ratio=err / ref, train_s=seconds, check=settings.get('check'), command=command)
+            for name in names:
+                latents, cond, exact = sets[name]
+                err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
+                                            **SolverSettings.from_dict(settings).sample_kwargs())
+                ratios[name].append(err / refs[name])
+                rec = dict(tag=tag, model=dataset_name, recipe=recipe, overrides=list(overrides), loss=loss, nfe=nfe,
+                           kimg=kimg, batch=batch, train_seed=seed, seeds=name, num=len(latents), error=err,
+                           ipndm=refs[name], ratio=err / refs[name], train_s=seconds, check=settings.get('check'),
+                           command=command)
+                print(json.dumps(rec), flush=True)
+                if out:
+                    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+                    with open(out, 'at') as f:
+                        f.write(json.dumps(rec) + '\n')
+        for name in names:
+            print(f'SUMMARY {dataset_name} NFE {nfe} {recipe} {loss} {" ".join(overrides)}: ratio '
+                  f'{summary(ratios[name])} (iPNDM {refs[name]:.4f}, {name} seeds)', flush=True)
+
+
+@main.command()
+@click.option('--model', 'dataset_name', default='toy', show_default=True)
+@click.option('--nfe', 'nfes', default='3,5,7', show_default=True)
+@click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='evaluation', show_default=True)
+@click.option('--num', type=int, default=256, show_default=True)
+@click.option('--out', default='docs/recipes/baselines.jsonl', show_default=True)
+@click.option('--cache', default='samples/recipes', show_default=True)
+def baselines(dataset_name, nfes, seed_name, num, out, cache):
+    """The plain solvers of the comparison (evaluation.accuracy.BASELINES) on a seed set: error and
+    ratio to plain iPNDM at each NFE, one JSON line each."""
+    model = load_model(dataset_name)
+    latents, cond, exact = seed_set(model, seed_name, cache, key=dataset_name, num=None if num == 256 else num)
+    for nfe in [int(n) for n in nfes.split(',')]:
+        ref = ipndm_error(model, latents, cond, exact, nfe)
+        for label, kwargs in accuracy.BASELINES:
+            steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+            err = accuracy.solver_error(model, latents, exact, cond, num_steps=steps, afs=True, **kwargs)
+            rec = dict(model=dataset_name, solver=label, nfe=nfe, seeds=seed_name, num=len(latents), error=err,
+                       ratio=err / ref, command='python benchmarks/recipes.py baselines ' + ' '.join(sys.argv[2:]))
             print(json.dumps(rec), flush=True)
             if out:
-                os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
                 with open(out, 'at') as f:
                     f.write(json.dumps(rec) + '\n')
-        print(f'SUMMARY {dataset_name} NFE {nfe} {recipe} {loss} {" ".join(overrides)}: ratio {summary(ratios)} '
-              f'(iPNDM {ref:.4f}, {seed_name} seeds)', flush=True)
 
 
 @main.command()
