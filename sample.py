@@ -8,6 +8,8 @@ Examples:
     python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (integrations/card.py)
 """
 
+import sys
+
 import click
 
 import solver_utils
@@ -15,6 +17,7 @@ import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
 from torch_utils.misc import MAX_SEEDS, FiniteFloat
+from torch_utils.stopping import Stopped
 from generation import generate
 
 @click.command(context_settings=dict(show_default=True))
@@ -53,7 +56,11 @@ from generation import generate
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=FiniteFloat())
 def main(device, progress, **options):
-    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
+    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver.
+    --outdir is locked while the run writes it (a second writer is refused). SIGINT/SIGTERM stop
+    after the current batch (exit 128 + the signal number) and a failed write stops at once (exit
+    1): the saved images are complete and listed in manifest.json, and the message says how to
+    continue (--resume)."""
     try:
         dev = dist.init(device)
         plan = generate.plan_sampling(device=dev, **options)
@@ -63,7 +70,13 @@ def main(device, progress, **options):
     dist.print0(plan.describe())
     try:
         generate.generate_images(plan, progress=progress)
+    except Stopped as e:
+        dist.print0(e)
+        sys.exit(e.code)
+    except OSError as e:
+        raise click.ClickException(str(e))
     finally:
+        plan.release()
         dist.shutdown()
     dist.print0('Done.')
 

@@ -11,12 +11,14 @@ import solver_utils
 import solvers
 from models.presets import load_model
 from torch_utils import distributed as dist
+from torch_utils import locks
+from torch_utils.stopping import write_error
 from torch_utils.misc import check_name_length, check_output_dir
 from training import experiments
 from training.networks import AMEDPredictor, check_half_width
 from training.snapshot import STATE_FILE, load_predictor, load_training_state, resolve_run_dir
 from training.loss import LOSSES, AMEDLoss
-from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
+from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted, split_batch, training_loop
 
 #: Defaults of every training option (the brief's parameter table, plus ours). None: the model's
 #: (sigma range) or the solver's (its options, :mod:`solvers`).
@@ -127,28 +129,63 @@ def plan_resume(spec, device):
     training_options.json; the run continues in its folder from its training state (from the
     start when it stopped before the first one was saved)."""
     run_dir = resolve_run_dir(spec)
-    stored = experiments.read_run_options(run_dir)
-    if experiments.incomplete_reason(run_dir) is None:
-        raise ValueError(f'run {run_dir} is complete: nothing to resume')
-    plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
-    state_path = os.path.join(run_dir, STATE_FILE)
-    plan.update(run_dir=run_dir, resume=load_training_state(state_path) if os.path.exists(state_path) else None)
+    # Held from the check that the run is unfinished to its end: a second --resume is refused.
+    lock = locks.lock_on_rank0(run_dir, f'run {run_dir}', wait=1.0)
+    try:
+        stored = experiments.read_run_options(run_dir)
+        if experiments.incomplete_reason(run_dir) is None:
+            raise ValueError(f'run {run_dir} is complete: nothing to resume')
+        plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
+        state_path = os.path.join(run_dir, STATE_FILE)
+        state = load_training_state(state_path) if os.path.exists(state_path) else None
+        experiments.check_state_belongs(state, plan['options'], state_path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    world = stored.get('world_size')
+    if isinstance(world, int) and world != dist.get_world_size():
+        dist.print0(f'Note: {run_dir} was trained on {world} process(es) and resumes on {dist.get_world_size()}: '
+                    f'the result equals an uninterrupted run only up to rounding (about 1e-5); resume on {world} '
+                    f'process(es) for bit-for-bit equality')
+    plan.update(run_dir=run_dir, resume=state, lock=lock)
     return plan
+
+
+def release(plan):
+    """Release the run folder's lock that :func:`plan_resume` or :func:`run_training` took (idempotent)."""
+    lock = plan.get('lock') if plan else None
+    if lock is not None:
+        lock.release()
 
 
 def run_training(plan, progress=True):
     """Create the run folder (rank 0; a resumed plan keeps its own), write training_options.json
     and log.txt, train, and save the snapshot. Returns (run_dir, snapshot path) on rank 0 and
-    (None, None) elsewhere. :class:`TrainingInterrupted` and :class:`TrainingDiverged` are noted
-    in log.txt and passed on."""
+    (None, None) elsewhere. Rank 0 holds the run folder under a lock (:mod:`torch_utils.locks`)
+    until the end; a new run's experiment number is reserved under a lock of ``outdir``.
+    :class:`TrainingInterrupted`, :class:`TrainingDiverged` and :class:`TrainingFailed` (a failed
+    write) are noted in log.txt and passed on."""
+    o = plan['options']
+    run_dir = None
+    try:
+        if dist.is_main():
+            run_dir = plan.get('run_dir')
+            if run_dir is None:
+                run_dir, plan['lock'] = experiments.make_run_dir(o['outdir'], plan['name_fn'])
+                try:
+                    experiments.write_run_options(run_dir, dict(o, run_dir=run_dir, kimg=0, complete=False))
+                except OSError as e:
+                    raise TrainingFailed(f"{write_error(os.path.join(run_dir, experiments.OPTIONS_FILE), e)}; "
+                                         f"nothing was trained") from None
+        return _run(plan, run_dir, progress)
+    finally:
+        release(plan)
+
+
+def _run(plan, run_dir, progress):
     o = plan['options']
     resume = plan.get('resume')
-    run_dir = None
-    if dist.is_main():
-        run_dir = plan.get('run_dir')
-        if run_dir is None:
-            run_dir = experiments.make_run_dir(o['outdir'], plan['name_fn'])
-            experiments.write_run_options(run_dir, dict(o, run_dir=run_dir, kimg=0, complete=False))
     log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
     try:
         s = o['settings']
@@ -166,8 +203,9 @@ def run_training(plan, progress=True):
                                     seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
                                     snap_kimg=o['snap_kimg'], progress=progress, log=log,
                                     init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
-                                    checkpointing=o['checkpointing'], resume=resume)
-        except (TrainingInterrupted, TrainingDiverged) as e:
+                                    checkpointing=o['checkpointing'], resume=resume,
+                                    identity=experiments.run_identity(o))
+        except (TrainingInterrupted, TrainingDiverged, TrainingFailed) as e:
             if dist.is_main():
                 log(str(e), console=False)
             raise
