@@ -42,7 +42,7 @@ from generation import generate
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 # Plain-solver options (only without --predictor_path/--card: they carry their own).
 @click.option('--solver', help=f"Plain solver (no predictor)  [default: {generate.PLAIN_DEFAULTS['solver']}]", type=click.Choice(list(solvers.PLAIN)))
-@click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(min=2))
+@click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(2, solver_utils.MAX_TIME_POINTS))
 @click.option('--schedule_type', help=f'Time schedule  [default: {solver_utils.SCHEDULE_TYPE}]', type=click.Choice(list(solver_utils.SCHEDULES)))
 @click.option('--schedule_rho', help=f'Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)  [default: {solver_utils.SCHEDULE_RHO:g}]', type=FiniteFloat(min=0, min_open=True))
 @click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))

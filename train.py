@@ -87,7 +87,7 @@ class HalfWidth(click.ParamType):
 # Solver options.
 @click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default=D['sampler_stu'])
 @click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default=D['sampler_tea'])
-@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(min=2), default=D['num_steps'])
+@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(2, solver_utils.MAX_TIME_POINTS), default=D['num_steps'])
 @click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=D['M'])
 @click.option('--afs', help='Analytical first step', type=bool, default=D['afs'])
 # Schedule options.

@@ -317,7 +317,7 @@ def write_batches(outdir, batches, produce, total, what, progress=True, unit='ba
                 break
     bar.close()
     parts = dist.gather_objects(str(SeedSet(saved)))
-    written = None
+    written, listed = None, f'listed in {manifest.MANIFEST}'
     if dist.is_main():
         written = SeedSet()
         for part in parts:
@@ -326,13 +326,13 @@ def write_batches(outdir, batches, produce, total, what, progress=True, unit='ba
             try:
                 manifest.record_written(outdir, written)
             except OSError as e:
+                listed = f'not yet listed in {manifest.MANIFEST}: {write_error(manifest.MANIFEST, e)}'
                 failure = failure or write_error(os.path.join(outdir, manifest.MANIFEST), e)
     count = len(written) if written is not None else 0
     if signum or failure:
         cause = f'{signal_name(signum)}: stopped' if signum and not failure else failure
-        raise Stopped(f'{cause}; {count} of the {total} {what} of this run are saved (complete files, listed in '
-                      f'{manifest.MANIFEST}); continue with: {continue_command(add=resume)}', 128 + signum if signum and not
-                      failure else 1)
+        raise Stopped(f'{cause}; {count} of the {total} {what} of this run are saved (complete files, {listed}); '
+                      f'continue with: {continue_command(add=resume)}', 128 + signum if signum and not failure else 1)
     return written
 
 

@@ -43,7 +43,8 @@ import solver_utils
 import solvers
 from dnnlib.util import open_url, sha256_file
 from models.presets import load_model
-from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_seeds
+from torch_utils.locks import Lock
+from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_file, parse_seeds
 from training import snapshot
 
 FORMAT = 'amed-solver-card'
@@ -239,11 +240,21 @@ def load_card(source):
             raise ValueError(f'{where}: {key} must hold {n} numbers, one per interval of t_steps')
     if any(not 0 < v <= 1 for v in card['r']):
         raise ValueError(f'{where}: every r must lie in (0, 1]')
-    sigmas, queries = schedule_points(t, card['r'], card['scale_time'], bool(card['afs']))
+    for key in ('scale_dir', 'scale_time'):
+        if any(v <= 0 for v in card[key]):
+            raise ValueError(f'{where}: every {key} must be positive (a factor near 1), got {min(card[key])}')
+    if not isinstance(card['afs'], bool):
+        raise ValueError(f"{where}: afs must be true or false, got {card['afs']!r}")
+    for key in ('model', 'schedule'):
+        if not isinstance(card.get(key, {}), dict):
+            raise ValueError(f'{where}: {key} must be an object (a JSON dict), got {card[key]!r}')
+    sigmas, queries = schedule_points(t, card['r'], card['scale_time'], card['afs'])
     for key, expected in (('sigmas', sigmas), ('query_sigmas', queries)):
         got = card[key]
+        # 'not <=' so that NaN (for which every comparison is false) is refused too
         if not isinstance(got, list) or len(got) != len(expected) or \
-                any(abs(a - b) > 1e-6 * abs(b) for a, b in zip(got, expected)):
+                any(isinstance(a, bool) or not isinstance(a, (int, float)) or not abs(a - b) <= 1e-6 * abs(b)
+                    for a, b in zip(got, expected)):
             raise ValueError(f'{where}: {key} do not follow from t_steps, r and scale_time')
     return card
 
@@ -314,14 +325,26 @@ def main():
 @click.option('--prompt', help='ms_coco: one prompt for the calibration', type=str)
 @click.option('--prompt_path', help='ms_coco: captions CSV (caption i for calibration seed i)', type=str)
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
-def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device):
-    """Export the solver card of a predictor."""
+@click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
+def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device,
+           overwrite):
+    """Export the solver card of a predictor. --out is checked (and locked) before the calibration;
+    an existing card is replaced only with --overwrite."""
+    lock = None
     try:
+        if device == 'cuda' and not torch.cuda.is_available():
+            raise ValueError('--device=cuda: CUDA is not available here; use --device=cpu')
+        check_output_file(out, '--out', overwrite)
+        lock = Lock(out, f'--out {out}', is_file=True, wait=1.0)
+        check_output_file(out, '--out', overwrite)   # again, now that no one else writes it
         card = export_card(predictor_path, feature, seeds, batch, model_path=model_path,
                            classifier_path=classifier_path, prompt=prompt, prompt_path=prompt_path, device=device)
         save_card(card, out)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    finally:
+        if lock is not None:
+            lock.release(cleanup=True)
     click.echo(f"Wrote {out}: {card['solver']} card, {card['num_steps']} time points, NFE {card['nfe']}, "
                f"feature {feature}")
 

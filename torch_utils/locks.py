@@ -28,7 +28,6 @@ import socket
 import sys
 import time
 
-from torch_utils import distributed as dist
 
 FOLDER_LOCK = '.lock'
 
@@ -109,7 +108,7 @@ class Lock:
                 break
             os.close(fd)   # the holder removed the file between our open and our lock: try again
         self.fd = fd
-        info = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(sys.argv),
+        info = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(['python', *sys.argv])[:300],
                     since=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
         try:
             os.ftruncate(fd, 0)
@@ -166,6 +165,7 @@ def _first_missing(folder):
 def lock_on_rank0(target, what=None, is_file=False, wait=0.0):
     """:class:`Lock` taken by rank 0 only (None on the other ranks); a refusal (one-line
     ValueError or OSError) is raised on every rank, so no rank goes on to write."""
+    from torch_utils import distributed as dist  # pylint: disable=import-outside-toplevel  (holders need no torch)
     lock, err = None, None
     if dist.is_main():
         try:

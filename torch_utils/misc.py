@@ -250,6 +250,11 @@ def check_output_file(path, option='--dest', overwrite=True):
 def _check_folder(folder, what):
     """The part of :func:`check_output_dir` after the folder itself is known not to be a file."""
     probe = _nearest_existing(folder)
+    if probe != os.path.abspath(folder):
+        dangling = os.path.join(probe, os.path.relpath(folder, probe).split(os.sep)[0])
+        if os.path.lexists(dangling):
+            raise ValueError(f'{what}: {dangling} is a symbolic link that leads nowhere (a loop or a missing '
+                             f'target)')
     if not os.path.isdir(probe):
         raise ValueError(f'{what} lies under {probe}, which is a file')
     missing = os.path.relpath(folder, probe)

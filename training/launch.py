@@ -49,6 +49,34 @@ class Logger:
             self.file.close()
 
 
+_INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1)
+_FLOATS = dict(total_kimg=True, lr=True, tick_kimg=True, snap_kimg=False, scale_dir=False, scale_time=False,
+               schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, guidance_rate=None)
+_BOOLS = ('afs', 'checkpointing', 'use_fp16', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
+_OPTIONAL = ('batch_gpu', 'max_order', 'sigma_min', 'sigma_max', 'guidance_rate', 'predict_x0', 'lower_order_final',
+             'thresholding', 'corrected_3m')
+
+
+def check_option_types(o):
+    """ValueError (one line naming the option) when an option has the wrong type: what the CLI's
+    option types ensure, for options that come from elsewhere (a stored training_options.json,
+    the library): integers, finite numbers (positive where a zero makes no sense), booleans."""
+    for name, value in o.items():
+        if value is None and name in _OPTIONAL:
+            continue
+        if name in _INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < _INTS[name]:
+                raise ValueError(f'{name} must be an integer of at least {_INTS[name]}, got {value!r}')
+        elif name in _FLOATS:
+            positive = _FLOATS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (positive is not None and (value <= 0 if positive else value < 0)):
+                kind = 'a finite number' + {True: ' > 0', False: ' >= 0', None: ''}[positive]
+                raise ValueError(f'{name} must be {kind}, got {value!r}')
+        elif name in _BOOLS and not isinstance(value, bool):
+            raise ValueError(f'{name} must be true or false, got {value!r}')
+
+
 def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
@@ -57,6 +85,7 @@ def plan_training(options, device):
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_option_types(o)
     for opt in ('scale_dir', 'scale_time'):
         check_half_width(opt, o[opt])
     if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
@@ -135,6 +164,10 @@ def plan_resume(spec, device):
         stored = experiments.read_run_options(run_dir)
         if experiments.incomplete_reason(run_dir) is None:
             raise ValueError(f'run {run_dir} is complete: nothing to resume')
+        try:
+            check_option_types({k: stored[k] for k in DEFAULTS if k in stored})
+        except ValueError as e:
+            raise ValueError(f'{os.path.join(run_dir, experiments.OPTIONS_FILE)}: {e}') from None
         plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
         state_path = os.path.join(run_dir, STATE_FILE)
         state = load_training_state(state_path) if os.path.exists(state_path) else None

@@ -20,7 +20,9 @@ An unfinished run also holds ``training-state.pt`` (:func:`save_training_state`)
 ``train.py --resume`` continues.
 """
 
+import io
 import json
+import math
 import os
 import pickle
 import re
@@ -29,6 +31,7 @@ import zipfile
 
 import torch
 
+import solver_utils
 import solvers
 from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_problem
 
@@ -67,9 +70,12 @@ def _plain(name, value):
 
 def _save_torch(path, data):
     """``torch.save`` ``data`` to ``path`` atomically (:func:`~torch_utils.misc.atomic_write`)."""
+    buffer = io.BytesIO()   # serialised first: torch's writer turns a failed write into a RuntimeError
+    torch.save(data, buffer)
+
     def write(tmp):
         with open(tmp, 'wb') as f:
-            torch.save(data, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
     atomic_write(path, write)
@@ -165,6 +171,24 @@ def load_snapshot(path, device='cpu'):
     return predictor.to(device), settings
 
 
+def settings_problem(settings):
+    """What is wrong with the types of a predictor's solver settings, in words, or None: booleans
+    that are not true/false (a string 'no' would read as true), a time-point count that is not an
+    integer in range, numbers that are not finite."""
+    for key in ('afs', *(o for o in solvers.OPTIONS if o != 'max_order')):
+        if key in settings and settings[key] is not None and not isinstance(settings[key], bool):
+            return f'{key} must be true or false, got {settings[key]!r}'
+    n = settings.get('num_steps')
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= solver_utils.MAX_TIME_POINTS:
+        return f'num_steps must be an integer in [2, {solver_utils.MAX_TIME_POINTS}], got {n!r}'
+    for key in ('schedule_rho', 'sigma_min', 'sigma_max'):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                  not math.isfinite(value) or value <= 0):
+            return f'{key} must be a finite number > 0, got {value!r}'
+    return None
+
+
 def solver_kwargs_from_settings(settings):
     """The sampling options stored in a predictor's (or card's) ``settings``: the arguments of
     :func:`solvers.sample` besides the predictor."""
@@ -213,6 +237,9 @@ def find_run(run_id, search_dirs=SEARCH_DIRS):
     FileNotFoundError / ValueError when no run or more than one matches."""
     matches = []
     for d in search_dirs:
+        if os.path.lexists(d) and not os.path.exists(d):
+            raise ValueError(f'./{d} is a symbolic link that leads nowhere (a loop or a missing target): '
+                             f'fix it, or give the run folder')
         if os.path.isdir(d):
             for entry in sorted(os.listdir(d)):
                 m = re.match(r'^(\d+)-', entry)
@@ -274,6 +301,9 @@ def load_predictor(spec, device='cpu'):
         if missing:
             raise ValueError(f"{path}: the snapshot's settings lack {', '.join(missing)} (written by another "
                              f"program, or edited)")
+        problem = settings_problem(settings)
+        if problem:
+            raise ValueError(f"{path}: the snapshot's settings are corrupt: {problem}")
     bad = sum(int((~torch.isfinite(v)).sum()) for v in predictor.state_dict().values() if v.is_floating_point())
     if bad:
         raise ValueError(f'{path}: {bad} of the predictor\'s weights are NaN or infinite (its training diverged); '
