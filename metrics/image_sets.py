@@ -110,6 +110,11 @@ class ImageSet:
         else:
             raise MetricError(f'{self.path} does not exist')
         self.files = sorted(files)
+        if self.kind == 'dir':   # a writer may hold a subfolder (sample.py --outdir=<images>/a)
+            for name in self.files:
+                if name.split('/')[-1] == locks.FOLDER_LOCK and '/' in name:
+                    folder = os.path.join(self.path, name.rpartition('/')[0])
+                    refusal_as_metric_error(locks.check_not_being_written, folder)
         names = [n for n in self.files if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not is_hidden(n)]
         total = len(names)
         if num is not None:

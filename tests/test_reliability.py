@@ -208,8 +208,8 @@ def test_sample_sigterm_then_resume_cleans_up_and_completes(in_tmp):
     # No image scan takes them for images, and --resume removes them.
     for name in ('.000590.png.abcd1234.tmp', '.000591.png.abcd1234.png'):
         shutil.copy(f's/000000/{done[0]:06d}.png', f's/000000/{name}')
-    code, out = run(fid.main, ['calc', '--images=s', '--ref=nothing.npz'] + PIXEL)
-    assert code != 0 and 'nothing.npz' in out           # refused for the missing reference, not the folder
+    code, calc_out = run(fid.main, ['calc', '--images=s', '--ref=nothing.npz'] + PIXEL)
+    assert code != 0 and 'nothing.npz' in calc_out      # refused for the missing reference, not the folder
     cmd = out.splitlines()[-1].split('continue with: ')[1].split()
     assert cmd[:2] == ['python', os.path.join(ROOT, 'sample.py')] and cmd[-1] == '--resume'
     result = cli('sample.py', cmd[2:], in_tmp)
