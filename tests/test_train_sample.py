@@ -16,6 +16,7 @@ import sample
 import train
 import solvers
 from models.presets import load_model
+from tests.torchrun import torchrun as launch
 from training.snapshot import load_predictor, load_snapshot, solver_kwargs_from_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,10 +163,7 @@ def test_sample_bad_input(in_tmp):
 
 
 def torchrun(script, args, cwd, nproc=2):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(ROOT, script)] + args
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = launch([os.path.join(ROOT, script), *args], cwd, nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
