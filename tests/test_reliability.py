@@ -15,7 +15,6 @@ import time
 import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner

@@ -3,8 +3,6 @@ determinism, gradient accumulation, torchrun with two processes, and bad input."
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
