@@ -103,8 +103,7 @@ def assert_float_close(ours, ref):
 
 
 def card_kwargs(card, **override):
-    keys = ('solver', 't_steps', 'afs', 'max_order', 'predict_x0', 'lower_order_final', 'thresholding')
-    return dict({k: v for k, v in C.card_settings(card).items() if k in keys}, **override)
+    return dict(C.card_solver_settings(C.load_card(card)).sample_kwargs(), **override)
 
 
 def test_mappings_follow_comfyui_conventions():

@@ -14,7 +14,7 @@ The sampler receives the denoiser and the scaled noise, as every k-diffusion sam
 
 import os
 
-from integrations.card import kdiffusion_sigmas, load_card
+from predictors.card import kdiffusion_sigmas, load_card
 from integrations.kdiffusion import sample_amed
 
 CATEGORY = 'sampling/custom_sampling/AMED'
