@@ -9,8 +9,9 @@ sample.py (and ``fid.py toydata``) writes ``manifest.json`` beside the images be
 
 ``config`` is everything that decides the images and where they lie: the predictor file and its
 sha256 (or the card's, or "plain"), the model (preset, model file, guidance, prompts), the solver
-with every option and the exact schedule ``t_steps``, AFS, and the file layout (grid, 1000-seed
-subfolders, trajectories). ``asked`` are the seeds asked for (the union over runs into the folder);
+settings (:class:`predictors.settings.SolverSettings`: every option resolved, the exact schedule
+``t_steps`` and AFS; older manifests' ``{name, options, afs, t_steps}`` read as the same), and the
+file layout (grid, 1000-seed subfolders, trajectories). ``asked`` are the seeds asked for (the union over runs into the folder);
 ``seeds`` those whose files a run finished writing (written when a run ends, stops on a signal or
 fails to write; a run killed outright leaves the previous value): the manifest never lists a seed
 that was not written. Manifests without ``asked`` (older ones) asked for their ``seeds``. Seed sets
@@ -34,6 +35,7 @@ import zipfile
 
 import PIL.Image
 
+from predictors.settings import SolverSettings
 from torch_utils.misc import SeedSet, atomic_write, check_output_dir
 
 MANIFEST = 'manifest.json'
@@ -77,6 +79,12 @@ def parse_manifest(text, path):
         raise ValueError(f'{path}: not a sample manifest (no format tag {FORMAT!r})')
     if data.get('version') != VERSION:
         raise ValueError(f'{path}: unsupported sample manifest version {data.get("version")!r}')
+    solver = data['config'].get('solver')
+    if isinstance(solver, dict) and 'settings_version' not in solver:   # written by older code: read it as now
+        try:
+            data['config']['solver'] = SolverSettings.from_dict(solver).to_dict()
+        except ValueError as e:
+            raise ValueError(f'{path}: bad solver settings in the sample manifest ({e})') from None
     for key in ('seeds', 'asked'):
         if key in data and not isinstance(data[key], str):
             raise ValueError(f'{path}: bad {key} in the sample manifest: not a seed list string')
@@ -117,9 +125,10 @@ def asked_seeds(manifest):
 
 
 def first_difference(a, b, prefix=''):
-    """The dotted name of the first field where the JSON data ``a`` and ``b`` differ, None if equal."""
+    """The dotted name of the first field where the JSON data ``a`` and ``b`` differ, None if equal
+    (in the order of ``b``'s keys, then ``a``'s others)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in [*b, *(k for k in a if k not in b)]:
             diff = first_difference(a.get(key), b.get(key), f'{prefix}{key}.')
             if diff:
                 return diff

@@ -26,8 +26,8 @@ from integrations import card
 from generation import manifest
 from torch_utils.locks import Lock, LockHeld
 from torch_utils.misc import SeedSet
-from training import experiments
-from training.snapshot import save_training_state
+from predictors import experiments
+from training.state import save_training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
@@ -150,7 +150,7 @@ def test_every_writer_refuses_a_held_output(in_tmp):
 def test_experiment_numbers_are_reserved_atomically(tmp_path):
     code = textwrap.dedent('''
         import sys
-        from training.experiments import make_run_dir
+        from predictors.experiments import make_run_dir
         for i in range(6):
             path, lock = make_run_dir('exps', lambda n: f'{n:05d}-{sys.argv[1]}')
             lock.release()
