@@ -114,6 +114,11 @@ def load_card(source):
         raise ValueError(f"{where}: solver {card['solver']!r} is not an AMED student ({', '.join(solvers.STUDENTS)})")
     if not isinstance(card['solver_options'], dict):
         raise ValueError(f'{where}: solver_options must be a dict of the options of solver {card["solver"]!r}')
+    if not isinstance(card['afs'], bool):
+        raise ValueError(f"{where}: afs must be true or false, got {card['afs']!r}")
+    for key in ('model', 'schedule'):
+        if not isinstance(card.get(key, {}), dict):
+            raise ValueError(f'{where}: {key} must be an object (a JSON dict), got {card[key]!r}')
     try:
         card_solver_settings(card)
     except ValueError as e:
@@ -132,11 +137,6 @@ def load_card(source):
     for key in ('scale_dir', 'scale_time'):
         if any(v <= 0 for v in card[key]):
             raise ValueError(f'{where}: every {key} must be positive (a factor near 1), got {min(card[key])}')
-    if not isinstance(card['afs'], bool):
-        raise ValueError(f"{where}: afs must be true or false, got {card['afs']!r}")
-    for key in ('model', 'schedule'):
-        if not isinstance(card.get(key, {}), dict):
-            raise ValueError(f'{where}: {key} must be an object (a JSON dict), got {card[key]!r}')
     sigmas, queries = schedule_points(t, card['r'], card['scale_time'], card['afs'])
     for key, expected in (('sigmas', sigmas), ('query_sigmas', queries)):
         got = card[key]
