@@ -78,7 +78,7 @@ class SolverSettings:
                 set_(key, _SCHEDULE_DEFAULTS[key])
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, float)) or \
                 int(self.num_steps) != self.num_steps or not 2 <= self.num_steps <= solver_utils.MAX_TIME_POINTS:
-            raise ValueError(f'num_steps must be an integer in [2, {solver_utils.MAX_TIME_POINTS}], '
+            raise ValueError(f'num_steps must be an integer >= 2 and at most {solver_utils.MAX_TIME_POINTS}, '
                              f'got {self.num_steps!r}')
         set_('num_steps', int(self.num_steps))
         if not isinstance(self.afs, (bool, int)) or self.afs not in (0, 1):   # a string 'no' would read as true
