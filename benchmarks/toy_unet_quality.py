@@ -1,5 +1,5 @@
 """How good a stand-in for a real image network the built-in learned model ``toy_unet`` is: the
-README's quality table.
+quality table of docs/findings.md.
 
     python benchmarks/toy_unet_quality.py --out=docs/toy_unet/quality.json
 

@@ -467,7 +467,7 @@ def test_fid_matches_torchmetrics(in_tmp, one_thread):
     FID = distance(statistics(features)); both halves are checked: the statistics of ``fid.py ref``
     against torchmetrics' accumulated ones (2048-d), and our distance against torchmetrics' on 256-d
     statistics (a 2048-d matrix square root costs 10-20 s on this machine; the full 2048-d comparison
-    is in the README, measured once)."""
+    is in docs/metrics.md, measured once)."""
     peer = peer_python('torchmetrics', 'torch_fidelity')
     net = random_inception(seed=2)
     torch.save(net.state_dict(), 'ours.pth')

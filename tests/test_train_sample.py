@@ -129,6 +129,14 @@ def test_sample_images_depend_only_on_seed(in_tmp):
     code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid', '--outdir=g', '--no-progress'])
     assert code == 0 and sorted(os.listdir('g')) == ['grid.png', 'manifest.json']
     assert read_png('g/grid.png').shape == (64, 96, 3)
+    # The official form: --grid=True equals --grid; --grid=False writes one PNG per seed.
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid=True', '--outdir=g3', '--no-progress'])
+    assert code == 0, out
+    assert np.array_equal(read_png('g3/grid.png'), read_png('g/grid.png'))
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid=False', '--outdir=g4', '--no-progress'])
+    assert code == 0 and sorted(os.listdir('g4/000000')) == [f'{seed:06d}.png' for seed in range(5)], out
+    code, out = run_cli(sample.main, ['--predictor_path=0', '--seeds=0-4', '--grid=maybe', '--outdir=g5'])
+    assert code != 0 and 'maybe' in out and not os.path.exists('g5')
 
 
 def test_sample_plain_solver_baseline(in_tmp):
