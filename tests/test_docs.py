@@ -77,6 +77,7 @@ HELP_COMMANDS = [
     ('fid.py toydata', ['fid.py', 'toydata']),
     ('fid.py clip', ['fid.py', 'clip']),
     ('python -m evaluation.quickstart', ['-m', 'evaluation.quickstart']),
+    ('python -m evaluation.plots training', ['-m', 'evaluation.plots', 'training']),
     ('python -m integrations.card export', ['-m', 'integrations.card', 'export']),
 ]
 HELP_PAGE = os.path.join(ROOT, 'docs', 'help.md')
