@@ -49,7 +49,7 @@ SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_mi
                *solvers.OPTIONS)
 #: What every predictor's settings say (the published pickles' too, :mod:`training.legacy`).
 PREDICTOR_SETTINGS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'dataset_name')
-SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
+SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the official README puts the published predictors)
 
 
 def _plain(name, value):
