@@ -2,6 +2,7 @@
 curves of a run folder.
 
     python -m evaluation.plots training exps/00000-toy-4-5-ipndm-ipndm-2-poly7.0-afs   # -> training.png there
+    python -m evaluation.plots strip --dataset_name=toy_unet --nfe=5 --out=strip.png [--predictor_path=0 ...]
 
 The plots need matplotlib (``pip install -r requirements-plots.txt``); without it they are skipped
 with one line. The strip is drawn with PIL and needs nothing more.
@@ -144,6 +145,43 @@ def plot_training(run_dir, path=None):
 @click.group()
 def main():
     """Pictures of training runs (the quickstart draws its own)."""
+
+
+@main.command(context_settings=dict(show_default=True))
+@click.option('--dataset_name', help='Built-in model', type=click.Choice(['toy', 'toy_cond', 'toy_unet']),
+              default='toy_unet')
+@click.option('--nfe', help='NFE of every solver (odd: AFS is used)', type=click.IntRange(min=3), default=5)
+@click.option('--seeds', help='Number of seeds (columns), from seed 0', type=click.IntRange(1, 64), default=8)
+@click.option('--predictor_path', 'predictors', help='AMED predictors to add as rows (snapshot, run folder or '
+              'experiment number; trained at --nfe on this model)', multiple=True)
+@click.option('--out', help='PNG to write', type=str, default='strip.png')
+def strip(dataset_name, nfe, seeds, predictors, out):
+    """A strip of the same seeds: the reference ODE solution, then every plain solver of the
+    quickstart's table (and each --predictor_path) at --nfe, contrast-stretched per column."""
+    import solvers
+    from evaluation import accuracy
+    from models.presets import load_model
+    from training.snapshot import load_predictor, solver_kwargs_from_settings
+    if nfe % 2 == 0:
+        raise click.ClickException('--nfe must be odd (AFS saves one evaluation)')
+    model = load_model(dataset_name)
+    latents, cond, reference = accuracy.reference_set(model, range(seeds))
+    rows = []
+    for spec in predictors:
+        try:
+            predictor, settings = load_predictor(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+        its_nfe = solvers.count_nfe(settings['solver'], settings['num_steps'], settings['afs'], True)
+        if its_nfe != nfe:
+            raise click.ClickException(f'{spec} samples at NFE {its_nfe}, not --nfe={nfe}')
+        x = accuracy.sample_all(model, latents, cond, predictor=predictor, **solver_kwargs_from_settings(settings))
+        rows.append((f'AMED ({settings["solver"]}, predictor {spec}), NFE {nfe}', x))
+    for label, kwargs in accuracy.BASELINES:
+        num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+        rows.append((f'{label}, NFE {nfe}', accuracy.sample_all(model, latents, cond, num_steps=num_steps, afs=True,
+                                                                **kwargs)))
+    print(f'Strip (contrast-stretched): {sample_strip(rows, reference.float(), out)}')
 
 
 @main.command()

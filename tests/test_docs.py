@@ -78,6 +78,7 @@ HELP_COMMANDS = [
     ('fid.py clip', ['fid.py', 'clip']),
     ('python -m evaluation.quickstart', ['-m', 'evaluation.quickstart']),
     ('python -m evaluation.plots training', ['-m', 'evaluation.plots', 'training']),
+    ('python -m evaluation.plots strip', ['-m', 'evaluation.plots', 'strip']),
     ('python -m integrations.card export', ['-m', 'integrations.card', 'export']),
 ]
 HELP_PAGE = os.path.join(ROOT, 'docs', 'help.md')
