@@ -161,7 +161,7 @@ def strip(dataset_name, nfe, seeds, predictors, out):
     import solvers
     from evaluation import accuracy
     from models.presets import load_model
-    from training.snapshot import load_predictor, solver_kwargs_from_settings
+    from predictors import load_predictor
     if nfe % 2 == 0:
         raise click.ClickException('--nfe must be odd (AFS saves one evaluation)')
     model = load_model(dataset_name)
@@ -169,14 +169,15 @@ def strip(dataset_name, nfe, seeds, predictors, out):
     rows = []
     for spec in predictors:
         try:
-            predictor, settings = load_predictor(spec)
+            loaded = load_predictor(spec)
         except (ValueError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from None
-        its_nfe = solvers.count_nfe(settings['solver'], settings['num_steps'], settings['afs'], True)
+        s = loaded.solver
+        its_nfe = solvers.count_nfe(s.solver, s.num_steps, s.afs, True)
         if its_nfe != nfe:
             raise click.ClickException(f'{spec} samples at NFE {its_nfe}, not --nfe={nfe}')
-        x = accuracy.sample_all(model, latents, cond, predictor=predictor, **solver_kwargs_from_settings(settings))
-        rows.append((f'AMED ({settings["solver"]}, predictor {spec}), NFE {nfe}', x))
+        x = accuracy.sample_all(model, latents, cond, predictor=loaded.predictor, **s.sample_kwargs())
+        rows.append((f'AMED ({s.solver}, predictor {spec}), NFE {nfe}', x))
     for label, kwargs in accuracy.BASELINES:
         num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
         rows.append((f'{label}, NFE {nfe}', accuracy.sample_all(model, latents, cond, num_steps=num_steps, afs=True,

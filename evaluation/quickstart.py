@@ -28,7 +28,7 @@ from generation import generate
 from models.presets import load_model
 from models.toy import AnalyticDenoiser
 from torch_utils import distributed as dist
-from training import snapshot
+from predictors.settings import SolverSettings
 
 #: The two AMED recipes of the paper (CIFAR-10), with AFS, each trained with the official
 #: per-interval loss and with the trajectory loss.
@@ -120,7 +120,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, cache_dir, grid_path, pro
             _, predictor, settings = accuracy.train_recipe(recipe, nfe, device, progress=progress,
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
                                                            tick_kimg=kimg, outdir=outdir, desc='quickstart')
-            values[nfe] = measure(label, nfe, predictor, **snapshot.solver_kwargs_from_settings(settings))
+            values[nfe] = measure(label, nfe, predictor, **SolverSettings.from_dict(settings).sample_kwargs())
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
                 grid_run = predictor, settings
@@ -134,7 +134,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, cache_dir, grid_path, pro
 
     if grid_run is not None:
         predictor, settings = grid_run
-        plan = generate.build_plan(model, range(64), folder, snapshot.solver_kwargs_from_settings(settings), predictor,
+        plan = generate.build_plan(model, range(64), folder, settings, predictor,
                                    settings, grid=True)
         generate.generate_images(plan, progress=False)
         if os.path.basename(grid_path) != 'grid.png':
