@@ -108,5 +108,6 @@ def test_help_page_in_step_with_the_code():
 if __name__ == '__main__':
     import sys
     if sys.argv[1:] == ['--write-help']:
+        page = help_page()          # all of it first: a failing script leaves the old page
         with open(HELP_PAGE, 'w', encoding='utf-8') as f:
-            f.write(help_page())
+            f.write(page)
