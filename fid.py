@@ -23,6 +23,7 @@ Examples:
 """
 
 import functools
+import sys
 
 import click
 
@@ -30,6 +31,7 @@ from metrics import clip_score
 from models import clip as clip_models
 from torch_utils import distributed as dist
 from torch_utils.misc import SEED_LIMIT
+from torch_utils.stopping import Stopped
 from generation import generate
 from metrics import frechet
 from metrics.image_sets import start
@@ -42,8 +44,11 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             raise click.ClickException(str(e)) from None
+        except Stopped as e:
+            dist.print0(e)
+            sys.exit(e.code)
         finally:
             dist.shutdown()
     return wrapper
@@ -55,11 +60,11 @@ def _apply(fn, options):
     return fn
 
 
-def _run_options(min_num):
+def _run_options(min_num, num_help='default: all'):
     """Options of every command that reads an image set: --num, --seed, --batch, --workers, --device, --progress."""
     return [
-        click.option('--num', '--num_images', 'num', help='Use a seeded random subset of this many images '
-                     '(default: all; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
+        click.option('--num', '--num_images', 'num', help=f'Use a seeded random subset of this many images '
+                     f'({num_help}; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
         click.option('--seed', help='Seed of the --num subset', type=click.IntRange(0, SEED_LIMIT - 1), default=0),
         click.option('--batch', help='Images per batch and process', type=click.IntRange(min=1), default=64),
         click.option('--workers', help='Image-loading worker processes per process (0: load in-process)',
@@ -70,14 +75,14 @@ def _run_options(min_num):
     ]
 
 
-def _stats_options(fn):
+def _stats_options(fn, num_help='default: all'):
     """Options shared by calc and ref."""
     return _apply(fn, [
         click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
                      'no download)', type=click.Choice(list(frechet.METRICS)), default='fid'),
         click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
                      'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
-        *_run_options(min_num=2),
+        *_run_options(min_num=2, num_help=num_help),
     ])
 
 
@@ -95,14 +100,16 @@ def main():
 @main.command(context_settings=dict(show_default=True))
 @click.option('--images', help='Images: folder (recursive) or zip of PNG/JPEG', type=str, required=True)
 @click.option('--ref', help='Reference statistics (.npz), path or URL', type=str, required=True)
-@_stats_options
+@functools.partial(_stats_options, num_help=f'default: {frechet.STANDARD_NUM}, as EDM; when fewer are found, all '
+                   'of them, with a warning in the output and in metrics.jsonl')
 @_METRICS_FILE
 @_one_line_errors
 def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress, metrics_file):
     """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g'),
     also appended with its provenance to the metrics file."""
     frechet.compute_fd(images, ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
-                       device=device, workers=workers, progress=progress, metrics_file=metrics_file)
+                       device=device, workers=workers, progress=progress, metrics_file=metrics_file,
+                       expected=frechet.STANDARD_NUM if num is None else None)
 
 
 @main.command(context_settings=dict(show_default=True))
@@ -151,7 +158,8 @@ def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, devi
 def toydata(dest, num, seed, dataset_name, overwrite, progress):
     """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`),
     with a manifest.json: a --dest holding images of another seed or model, or images without a
-    manifest, is refused unless --overwrite."""
+    manifest, is refused unless --overwrite. --dest is locked while it is written; SIGINT/SIGTERM
+    stop after the current chunk (exit 128 + the signal number) and say how to continue."""
     start('cpu')
     generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress, overwrite=overwrite)
 

@@ -132,8 +132,8 @@ def is_main():
 
 
 def print0(*args, **kwargs):
-    """`print` on rank 0 only."""
-    if is_main():
+    """`print` on rank 0 only; also after :func:`shutdown`, by torchrun's RANK variable."""
+    if is_main() and (_active() or os.environ.get('RANK', '0') == '0'):
         print(*args, **kwargs)
 
 
@@ -183,6 +183,22 @@ def gather_objects(obj):
     out = [None] * get_world_size() if is_main() else None
     tdist.gather_object(obj, out, dst=0)
     return out
+
+
+def raise_on_any(err, exc_type=ValueError):
+    """Raise ``exc_type(message)`` on every rank when ``err`` (a one-line message or None) is set
+    on any rank; the first rank's message wins. One small all-reduce per call (the messages travel
+    only when something failed); for world size 1 simply raises when ``err`` is set."""
+    if get_world_size() == 1:
+        if err:
+            raise exc_type(err)
+        return
+    flag = torch.tensor([1.0 if err else 0.0], dtype=torch.float64)
+    if float(all_reduce_sum(flag)[0]) == 0:
+        return
+    messages = [None] * get_world_size()
+    tdist.all_gather_object(messages, err)
+    raise exc_type(next(m for m in messages if m))
 
 
 def barrier():

@@ -3,7 +3,7 @@
 The student step is :func:`solvers.step`, the same function sampling uses, so a predictor samples
 exactly as it was trained. The teacher solves the same schedule refined by M inserted points per
 student interval; by the schedules' refinement property its grid contains the student's grid at
-every (M+1)-th point, and those points are the targets (REFERENCE.md section 5).
+every (M+1)-th point, and those points are the targets (the official code).
 
 Two losses share the targets (``train.py --loss``):
 
@@ -64,6 +64,10 @@ class AMEDLoss:
                  schedule_rho=solver_utils.SCHEDULE_RHO, sigma_min=None, sigma_max=None, afs=False, **options):
         if int(M) != M or M < 1:
             raise ValueError(f'M must be a positive integer, got {M}')
+        solver_utils.check_schedule_args(num_steps, 1.0, 2.0, 'polynomial', 1.0)   # num_steps first, then M
+        if (M + 1) * (num_steps - 1) + 1 > solver_utils.MAX_TIME_POINTS:
+            raise ValueError(f'M {M} is too large for num_steps {num_steps}: the teacher grid would have '
+                             f'{(M + 1) * (num_steps - 1) + 1} time points, at most {solver_utils.MAX_TIME_POINTS}')
         self.model = model
         self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
         self.student, self.teacher = build_solvers(model, sampler_stu, sampler_tea, **options)
