@@ -21,6 +21,7 @@ from torch_utils.misc import SEED_LIMIT, FiniteFloat
 from training.launch import DEFAULTS as D, plan_resume, plan_training, release, run_training
 from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 from training.loss import LOSSES
+from training.recipes import RECIPES, recipe_help
 from predictors.networks import check_half_width
 
 
@@ -53,6 +54,8 @@ class HalfWidth(click.ParamType):
 
 @click.command(context_settings=dict(show_default=True))
 # General options.
+@click.option('--recipe', help=f'Option defaults of a named recipe (options given here override it): {recipe_help()}',
+              type=click.Choice(list(RECIPES)))
 @click.option('--dataset_name', help=f"Model preset: {', '.join(dataset_names())} [required unless --resume]", type=str)
 @click.option('--model_path', help='Model file or URL overriding the preset', type=str)
 @click.option('--predictor_path', help='Start from this predictor (ours or published): file, run folder or experiment number', type=str)
@@ -129,7 +132,10 @@ def main(ctx, dry_run, progress, device, resume, **opts):
              if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
     if resume is not None and given:
         raise click.ClickException(f"--resume takes the run's stored options; remove {', '.join(given)}")
-    if resume is None and opts['dataset_name'] is None:
+    if opts['recipe'] is not None:     # the recipe's values, then the options given explicitly
+        explicit = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT}
+        opts = {k: v for k, v in opts.items() if k in explicit}
+    if resume is None and opts.get('dataset_name') is None:
         raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     try:
         dev = dist.init(device)

@@ -12,6 +12,7 @@ from evaluation import accuracy
 from models.presets import load_model
 from training import check
 from training.loss import AMEDLoss
+from training.recipes import RECIPES, recipe_options
 from predictors.networks import TablePredictor, build_predictor
 from predictors.snapshot import load_snapshot, save_snapshot
 from training.training_loop import draw_inputs, sample_seeds
@@ -131,3 +132,30 @@ def test_table_training_samples_as_trained(in_tmp, toy):
     trained = [s for b in range(2) for s in sample_seeds(0, b, 8)]
     again = check.check_predictor(loss_fn, predictor, check.held_out_seeds(0, 8, trained))
     assert again['ratio'] == pytest.approx(settings['check']['ratio'], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes (train.py --recipe).
+
+def test_recipe_sets_defaults_and_explicit_options_override(in_tmp):
+    code, out = run_cli(train.main, ['--dataset_name=toy', '--recipe=recommended', '--num_steps=4', '--lr=0.04',
+                                     '--tick=0.5', '--dry-run'])
+    assert code == 0, out
+    opts = json.loads(out[:out.rindex('}') + 1])
+    for key, value in RECIPES['recommended'].items():
+        assert opts[key] == (0.04 if key == 'lr' else value), key
+    assert opts['recipe'] == 'recommended' and opts['tick_kimg'] == 0.5 and opts['num_steps'] == 4
+    code, out = run_cli(train.main, ['--dataset_name=toy', '--recipe=fast', '--dry-run'])
+    assert code == 2 and "Invalid value for '--recipe': 'fast'" in out
+    help_text = ' '.join(run_cli(train.main, ['--help'])[1].split())
+    assert all(f'--{k}={v}' in help_text for k, v in RECIPES['recommended'].items())
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        recipe_options('fast')
+
+
+def test_recommended_recipe_trains_a_table(in_tmp):
+    run = train_tiny('exps', '--recipe=recommended', '--check=8')
+    predictor, settings = load_snapshot(snapshot_of(run))
+    assert isinstance(predictor, TablePredictor) and settings['solver'] == 'ipndm' and settings['M'] == 5
+    assert settings['loss'] == 'trajectory' and settings['check']['num'] == 8
+    assert json.load(open(os.path.join(run, 'training_options.json')))['batch'] == 8    # TINY's, given explicitly

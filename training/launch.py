@@ -21,6 +21,7 @@ from predictors.settings import SolverSettings
 from predictors.snapshot import resolve_run_dir
 from training.state import STATE_FILE, load_training_state
 from training.loss import LOSSES, AMEDLoss
+from training.recipes import recipe_options
 from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted, split_batch, training_loop
 
 #: Defaults of every training option (the official README's parameter table, plus ours). None: the model's
@@ -31,7 +32,8 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64, predictor='network')
+    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64, predictor='network',
+    recipe=None)
 
 
 class Logger:
@@ -84,7 +86,7 @@ def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
     function. Writes nothing."""
-    o = dict(DEFAULTS, **options)
+    o = {**DEFAULTS, **recipe_options(options.get('recipe')), **options}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
