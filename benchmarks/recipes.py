@@ -29,7 +29,7 @@ from benchmarks.loss_study import SEED_SETS, parse_overrides, seed_set  # noqa: 
 from evaluation import accuracy  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import check  # noqa: E402
+from training import check, plan_training  # noqa: E402
 from predictors.settings import SolverSettings  # noqa: E402
 
 
@@ -178,7 +178,6 @@ def check_spread(dataset_name, recipe, nfe, kimg, batch, loss, overrides, sizes,
         path, predictor, settings = accuracy.train_recipe(opts, nfe, dataset_name=dataset_name, batch=batch,
                                                           total_kimg=kimg, tick_kimg=kimg, outdir=tmp, check=0)
         train_s = time.time() - t0
-    from training.launch import plan_training
     loss_fn = plan_training(dict(opts, dataset_name=dataset_name, afs=True, num_steps=settings['num_steps'],
                                  outdir=tempfile.gettempdir()), torch.device('cpu'))['loss_fn']
     seeds = check.held_out_seeds(12345, total)
