@@ -8,6 +8,8 @@ so an image depends only on its seed: not on the batch size, not on the number o
 
 import dataclasses
 import hashlib
+import json
+import math
 import os
 
 import numpy as np
@@ -27,8 +29,9 @@ from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
 from training import experiments, snapshot
 
-#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
-SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
+#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options); an explicit
+#: ``t_steps`` replaces the others.
+SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 't_steps')
 
 TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
 
@@ -55,7 +58,36 @@ def make_grid(images, ncol=None):
 
 
 #: Defaults of a plain-solver run of sample.py (no predictor); the schedule's are solver_utils'.
-PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False)
+PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False, denoise_to_zero=False)
+
+
+def parse_t_steps(text):
+    """An explicit schedule from the command line: a JSON file holding a list of noise levels (or an
+    object with a ``t_steps`` list, as a solver card), or the levels themselves, comma-separated
+    (brackets allowed). ValueError (one line) otherwise; the levels are checked by
+    :func:`solvers.check_t_steps`."""
+    text = str(text).strip()
+    if os.path.isfile(text):
+        try:
+            with open(text) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f'--t_steps {text}: not a JSON list of noise levels ({e})') from None
+        if isinstance(data, dict):
+            data = data.get('t_steps')
+        where = f'--t_steps {text}'
+    else:
+        try:
+            data = [float(v) for v in text.strip('[]').split(',') if v.strip()]
+        except ValueError:
+            raise ValueError(f'--t_steps {text!r}: neither a file nor a comma-separated list of noise levels') from None
+        where = '--t_steps'
+    if not isinstance(data, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in data):
+        raise ValueError(f'{where}: expected a list of finite noise levels')
+    try:
+        return solvers.check_t_steps(data).tolist()
+    except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
 
 
 @dataclasses.dataclass
@@ -70,6 +102,7 @@ class SamplingPlan:
     solver: solvers.Solver
     t_steps: torch.Tensor
     afs: bool = False
+    denoise_to_zero: bool = False
     predictor: object = None
     settings: dict = dataclasses.field(default_factory=dict)
     solver_options: dict = dataclasses.field(default_factory=dict)
@@ -90,8 +123,10 @@ class SamplingPlan:
         skipped = len(self.seeds) - len(self.todo) if self.todo is not None else 0
         count = f'{len(self.todo)} images ({skipped} of {len(self.seeds)} seeds already done)' if skipped else \
             f'{len(self.seeds)} images'
+        opts = self.solver_options
+        schedule = opts.get('schedule_type', 'explicit' if 't_steps' in opts else solver_utils.SCHEDULE_TYPE)
         return (f"Sampling {count} with {self.label} ({self.nfe} NFE, {len(self.t_steps)} time points, "
-                f"{self.solver_options.get('schedule_type', solver_utils.SCHEDULE_TYPE)} schedule) on "
+                f"{schedule} schedule) on "
                 f"{dist.get_world_size()} process(es) -> {self.outdir}")
 
 
@@ -143,7 +178,14 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
         run_options = snapshot.solver_kwargs_from_settings(settings)
         guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
     else:
+        if 't_steps' in given:
+            given['t_steps'] = parse_t_steps(given['t_steps'])
+            clash = [k for k in SCHEDULE_OPTIONS if k in given and k != 't_steps']
+            if clash:
+                raise ValueError(f'--t_steps sets the whole schedule: drop --{clash[0]}')
         run_options = dict(PLAIN_DEFAULTS, **given)
+        if 't_steps' in run_options:
+            del run_options['num_steps']
         solver_utils.check_rho_used(run_options.get('schedule_type'), run_options.get('schedule_rho'))
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
                        prompt_path=prompt_path, use_fp16=use_fp16, device=device, prompt=prompt)
@@ -183,8 +225,11 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     if resume and grid:
         raise ValueError('--resume continues per-seed PNGs; it does not apply to --grid')
     afs = bool(run_options.get('afs', False))
-    spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in run_options.items() if k != 'afs'})
-    nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
+    denoise_to_zero = bool(run_options.get('denoise_to_zero', False))
+    spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in run_options.items()
+                                                                   if k not in ('afs', 'denoise_to_zero')})
+    nfe = solvers.count_nfe(spec, len(t_steps), afs, predictor is not None, denoise_to_zero,
+                            calls_per_eval=model.calls_per_eval)
     label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
     origin = origin or (None if predictor is None else dict(kind='predictor object', sha256=_weights_sha256(predictor)))
     label += '-card' if origin and origin['kind'] == 'card' else ''
@@ -196,7 +241,8 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
                   solver=dict(name=spec.name, options=solvers.options_of(spec), afs=afs,
-                              t_steps=[float(t) for t in t_steps]),
+                              t_steps=[float(t) for t in t_steps],
+                              **(dict(denoise_to_zero=True) if denoise_to_zero else {})),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
     existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
     todo = None
@@ -205,7 +251,7 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
         todo = [s for s in seeds if s not in done]
     solvers.warn_sigma_range(model, t_steps)
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
-                        predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
+                        denoise_to_zero=denoise_to_zero, predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
                         config=config, existing=existing, overwrite=overwrite, todo=todo)
 
@@ -242,6 +288,8 @@ def _settings_tag(spec, t_steps, run_options, afs):
     parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
     if afs:
         parts.append('afs')
+    if run_options.get('denoise_to_zero'):
+        parts.append('dtz')
     parts += [f'{opt}{value}' for opt, value in solvers.options_of(spec).items()]
     return '-'.join(parts)
 
@@ -266,6 +314,7 @@ def generate_images(plan, progress=True):
     batches = dist.rank_seeds(plan.seeds if plan.todo is None else plan.todo, plan.batch)
     collected = []
     written = 0
+    sigmas = np.append(plan.t_steps.numpy(), [0.0] * plan.denoise_to_zero)   # the denoised sample last
     bar = tqdm(batches, unit='batch', disable=not (progress and dist.is_main()), dynamic_ncols=True)
     for batch_seeds in bar:
         if len(batch_seeds) == 0:
@@ -275,7 +324,8 @@ def generate_images(plan, progress=True):
         latents = rnd.randn([len(seeds_list), *model.img_shape])
         cond = model.sample_cond(rnd, len(seeds_list))
         out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
-                             predictor=plan.predictor, return_inters=plan.return_inters)
+                             predictor=plan.predictor, denoise_to_zero=plan.denoise_to_zero,
+                             return_inters=plan.return_inters)
         x = out[-1] if plan.return_inters else out
         images = to_uint8(model.decode(x))
         for j, seed in enumerate(seeds_list):
@@ -286,7 +336,7 @@ def generate_images(plan, progress=True):
             if plan.return_inters:
                 traj = out[:, j].float().cpu().numpy()
                 atomic_write(seed_path(outdir, seed, 'npz', plan.subdirs),
-                             lambda p: np.savez(p, trajectory=traj, sigmas=plan.t_steps.numpy()))
+                             lambda p: np.savez(p, trajectory=traj, sigmas=sigmas))
             written += 1
     if plan.grid:
         gathered = dist.gather_objects(collected)
