@@ -43,7 +43,7 @@ import solvers
 from models.base import Denoiser
 from training import snapshot
 
-from .card import CardPredictor, load_card
+from .card import card_predictor, load_card
 
 SOLVER_KWARGS = ('solver', 'afs', *solvers.OPTIONS)
 
@@ -134,7 +134,7 @@ def _predictor_and_options(card, predictor, options, device):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the solver card; drop it')
         card = load_card(card)
-        return CardPredictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card, None
+        return card_predictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card, None
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
@@ -171,7 +171,7 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         t_steps = [float(v) for v in grid]
         if settings is not None:
             check_trained_schedule(settings, t_steps, strict=foreign_sigmas == 'error')
-    if getattr(predictor, 'needs_feature', True) and feature_module is None:
+    if predictor is not None and getattr(predictor, 'needs_feature', True) and feature_module is None:
         raise ValueError('this predictor reads the model feature: pass feature_module (the module of the '
                          'network whose (B, C, 8, 8) output it reads), or use a solver card')
     denoiser = KDiffusionDenoiser(model, extra_args, feature_module, feature_fn)
