@@ -98,15 +98,16 @@ def run(model, dataset_name, model_path=None, nfes=(3, 5, 7, 9), seeds=range(64)
             log(f'{label}: done ({time.time() - started:.0f} s)')
     if 'gits' in methods:
         t0 = time.time()
-        costs = gits.cost_matrix(model, progress=progress, **(gits_options or {}))
+        cost_options = {k: v for k, v in (gits_options or {}).items() if k != 'coeff'}
+        coeff = (gits_options or {}).get('coeff', gits.DEFAULTS['coeff'])
+        costs = gits.cost_matrix(model, progress=progress, **cost_options)
         info['gits'] = dict(seconds_cost_matrix=round(time.time() - t0, 1), seeds=format_int_list(costs['seeds']),
                             **{k: v for k, v in dict(gits.DEFAULTS, **(gits_options or {})).items()
                                if k not in ('seeds_start', 'seeds')}, schedules={})
         for label, opts in GITS:
             spec = solvers.make_solver(opts['solver'], **_solver_opts(opts))
             for nfe in nfes:
-                t_steps, indices = gits.schedule_from_costs(model, costs, spec, nfe,
-                                                            coeff=(gits_options or {}).get('coeff', gits.DEFAULTS['coeff']))
+                t_steps, _ = gits.schedule_from_costs(model, costs, spec, nfe, coeff=coeff)
                 info['gits']['schedules'][f'{label} NFE {nfe}'] = [round(t, 6) for t in t_steps]
                 record(label, nfe, [evaluate(solver=spec, t_steps=t_steps)])
         log(f'GITS: done ({time.time() - started:.0f} s; cost matrix {info["gits"]["seconds_cost_matrix"]} s)')

@@ -132,11 +132,12 @@ def test_compare_every_method_with_training_seeds(tmp_path, toy, monkeypatch):
 
 def test_compare_command_writes_json(tmp_path):
     out = tmp_path / 'c.json'
-    res = CliRunner().invoke(compare.main, ['--dataset_name=toy', '--methods=plain', '--nfe=3', '--seeds=0-1',
-                                            f'--out={out}'])
+    res = CliRunner().invoke(compare.main, ['--dataset_name=toy', '--methods=plain,gits', '--nfe=3', '--seeds=0-1',
+                                            '--num_warmup=2', '--num_steps_tea=9', '--coeff=1.0', f'--out={out}'])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert set(data['results']) == {label for label, _ in compare.PLAIN}
+    assert set(data['results']) == {label for label, _ in compare.PLAIN + compare.GITS}
+    assert data['info']['gits']['coeff'] == 1.0 and data['info']['gits']['num_steps_tea'] == 9
     assert data['command'].startswith('python -m evaluation.compare')
     res = CliRunner().invoke(compare.main, ['--dataset_name=toy', '--metrics=fid9', f'--out={tmp_path}/y.json'])
     assert res.exit_code != 0 and 'fid9' in res.output and not (tmp_path / 'y.json').exists()
