@@ -653,10 +653,12 @@ def sample(model, latents, cond=None, *, solver='euler', t_steps=None, afs=False
             * ``sigma_min``, ``sigma_max``: noise range (default: the model's);
             * ``schedule_type``, ``schedule_rho``: polynomial | logsnr | time_uniform | discrete, and
               its exponent (defaults :data:`solver_utils.SCHEDULE_TYPE`, :data:`solver_utils.SCHEDULE_RHO`);
-            * the solver's own options (``Solver.options``): ``max_order`` (iPNDM 1-4, DPM-Solver++
-              1-3), ``predict_x0``, ``lower_order_final``, ``thresholding`` (default predict_x0 on
-              pixel models, off on latent models) and ``corrected_3m`` (third-order-accurate 3M
-              update; off: the official, second-order update) for DPM-Solver++.
+            * the solver's own options (``Solver.options``): ``max_order`` (iPNDM, iPNDM_v, DEIS 1-4,
+              DPM-Solver++ and UniPC 1-3), ``predict_x0``, ``lower_order_final``, ``thresholding``
+              (default predict_x0 on pixel models, off on latent models) for DPM-Solver++ and UniPC,
+              ``corrected_3m`` (third-order-accurate 3M update; off: the official, second-order
+              update) for DPM-Solver++, ``variant`` (bh1, bh2) for UniPC, ``deis_mode`` (tab, rhoab,
+              logrho) for DEIS.
         t_steps: an explicit descending schedule (overrides num_steps and the schedule options).
         afs: analytical first step (saves the first model call).
         predictor: an AMED predictor ``(feature (B,8,8), t_cur, t_next) -> (r, scale_dir, scale_time)``
