@@ -7,7 +7,7 @@ Examples:
     python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
     python sample.py --dataset_name=toy --solver=unipc --num_steps=6 --schedule_type=logsnr --afs=True --seeds=0-63
     python sample.py --dataset_name=toy --solver=deis --t_steps=80,10,2,0.5,0.1,0.002 --seeds=0-63
-    python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (integrations/card.py)
+    python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (predictors/card.py)
 """
 
 import click

@@ -18,20 +18,18 @@ AMED-Plugin (trained on the spot with the paper's recipes, over several training
 """
 
 import json
-import math
 import os
 import sys
 import time
 
 import click
 import numpy as np
-import torch
 
 import solvers
 from evaluation import accuracy, gits
 from models.presets import dataset_names, load_model
+from predictors import SolverSettings, load_predictor
 from torch_utils.misc import atomic_write, format_int_list, parse_int_list, parse_seeds
-from training import snapshot
 
 #: The plain solvers on their paper schedules (the official toolbox's recommended settings).
 PLAIN = [
@@ -127,11 +125,9 @@ def run(model, dataset_name, model_path=None, nfes=(3, 5, 7, 9), seeds=range(64)
                 record(label, nfe, values)
             log(f'{label}: done ({time.time() - started:.0f} s)')
     for path in predictors:
-        predictor, settings = snapshot.load_predictor(snapshot.resolve_predictor_path(path))
-        kwargs = _run_kwargs(settings)
-        spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in kwargs.items() if k != 'afs'})
-        nfe = solvers.count_nfe(spec, len(t_steps), kwargs.get('afs', False), True)
-        record(f'given: {path}', nfe, [evaluate(predictor, **kwargs)])
+        loaded = load_predictor(path)
+        nfe = loaded.solver.nfe(loaded.predictor is not None)
+        record(f'given: {path}', nfe, [evaluate(loaded.predictor, **loaded.solver.sample_kwargs())])
     info['seconds'] = round(time.time() - started, 1)
     return dict(model=dataset_name, info=info, results=rows)
 
@@ -141,7 +137,7 @@ def _solver_opts(opts):
 
 
 def _run_kwargs(settings):
-    return {k: v for k, v in snapshot.solver_kwargs_from_settings(settings).items() if v is not None}
+    return SolverSettings.from_dict(settings).sample_kwargs()
 
 
 def table(result, metric='rms'):

@@ -1,6 +1,6 @@
 """GITS: a time schedule for a given model, solver and NFE, searched by dynamic programming over a
 cost matrix of teacher trajectories (Chen et al., "On the Trajectory Regularity of ODE-based
-Diffusion Sampling", ICML 2024), written as a schedule card (:mod:`integrations.card`)::
+Diffusion Sampling", ICML 2024), written as a schedule card (:mod:`predictors.card`)::
 
     python -m evaluation.gits --dataset_name=toy --solver=ipndm --nfe=5 --out=gits-ipndm-nfe5.json
     python sample.py --card=gits-ipndm-nfe5.json --seeds=0-63 --grid
@@ -36,8 +36,8 @@ from tqdm import tqdm
 import solver_utils
 import solvers
 from evaluation.accuracy import seeded_inputs
-from integrations import card as C
 from models.presets import dataset_names, load_model
+from predictors import card as C
 from torch_utils.misc import format_int_list, parse_seeds
 
 METRICS = ('dev', 'l1', 'l2')

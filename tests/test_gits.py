@@ -11,9 +11,9 @@ from click.testing import CliRunner
 import sample
 import solvers
 from evaluation import compare, gits
-from integrations import card as C
 from integrations.kdiffusion import sample_amed
 from models.presets import load_model
+from predictors import card as C
 
 SMALL = dict(num_warmup=6, num_steps_tea=13, batch=3)
 
