@@ -58,6 +58,14 @@ class UNetSpec:
     def command(self):
         return f'python -m models.{self.name}'
 
+    def load(self, path=None):
+        """The shipped (or another) checkpoint of this model: see :func:`load`."""
+        return load(self, path)
+
+    def train(self, out, kimg=None, progress=True, command=None):
+        """Train this model's checkpoint from scratch: see :func:`train`."""
+        return train(self, out, kimg=kimg, progress=progress, command=command)
+
 
 def sidecar_path(weights):
     return os.path.splitext(weights)[0] + '.json'

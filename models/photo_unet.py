@@ -100,22 +100,13 @@ SPEC = builtin_unet.UNetSpec(
     name='photo_unet', config=CONFIG,
     feature_block='8x8_block0',   # the last encoder block at 8x8 (the bottleneck's input), 32 channels
     recipe=dict(kimg=64, batch=64, lr=2e-3, warmup_kimg=8, ema_halflife_kimg=8, P_mean=-1.2, P_std=1.2,
-                seed=0, threads=2, data='skimage photographs: ' + ', '.join(TRAIN_PHOTOS)),
+                seed=0, threads=1, data='skimage photographs: ' + ', '.join(TRAIN_PHOTOS)),
     steps_per_unit=8,
     make_data=PhotoCrops)
 
 WEIGHTS = SPEC.weights
-
-
-def load(path=None):
-    """The shipped (or another) photo U-Net checkpoint: see :func:`models.builtin_unet.load`."""
-    return builtin_unet.load(SPEC, path)
-
-
-def train(out, kimg=None, progress=True, command=None):
-    """Train the photo U-Net: see :func:`models.builtin_unet.train`."""
-    return builtin_unet.train(SPEC, out, kimg=kimg, progress=progress, command=command)
-
+load = SPEC.load
+train = SPEC.train
 
 main = builtin_unet.training_cli(SPEC)
 
