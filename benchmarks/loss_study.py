@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import click
-import numpy as np
 import psutil
 import torch
 
@@ -28,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from evaluation import accuracy  # noqa: E402
-from generation import generate  # noqa: E402
 from metrics import frechet  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training import snapshot  # noqa: E402
@@ -186,9 +184,7 @@ def merge(files):
 
 def pixel_stats(images):
     """FD-pixel8 statistics (mu, sigma) of [-1, 1] images, quantised to uint8 as a PNG would be."""
-    u8 = torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)
-    f = frechet.PixelFeatures()(u8).numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
+    return frechet.image_stats(images, 'pixel')
 
 
 @main.command()
