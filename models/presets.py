@@ -102,6 +102,29 @@ PRESETS = {
 }
 
 
+def _toy_data():
+    from models.toy import GaussianMixture
+    return GaussianMixture(seed=0)
+
+
+def _photo_data():
+    from models.photo_unet import PhotoCrops
+    return PhotoCrops()
+
+
+#: The data each built-in model was trained on (or is, for the analytic one): what a distribution
+#: metric compares its samples with, as FID compares with the training set. Each entry builds an
+#: object whose ``sample(n, generator=...)`` draws (n, 3, 32, 32) images in [-1, 1].
+TRAINING_DATA = {'toy': _toy_data, 'toy_unet': _toy_data, 'photo_unet': _photo_data}
+
+
+def training_data(dataset_name):
+    """The data source of a built-in model (see :data:`TRAINING_DATA`); ValueError for other models."""
+    if dataset_name not in TRAINING_DATA:
+        raise ValueError(f"no built-in data for {dataset_name!r} (choose one of {', '.join(sorted(TRAINING_DATA))})")
+    return TRAINING_DATA[dataset_name]()
+
+
 def dataset_names():
     return sorted(PRESETS)
 
