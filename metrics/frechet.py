@@ -13,7 +13,7 @@ Two metrics, each with its own label, and statistics files that say which one ma
   removes what few-step samplers get wrong first, residual noise and blur.
 * ``'spectrum'`` (label ``FD-spectrum``): no network, nothing to download. Per image and channel,
   the log of the power spectrum (images in [0, 1], Hann-windowed, unitary 2-D FFT) averaged over
-  half-octave bands of radial frequency from 1/32 cycle per pixel up to the corners (9 bands,
+  half-octave bands of radial frequency from 1/32 cycle per pixel to 1/2, and the corners (9 bands,
   3*9 = 27 dims; images of at least 32x32). Noise raises the top bands and blur lowers them, which
   FD-pixel8 cannot see; chosen among candidates by measurement (docs/metrics.md).
 
@@ -86,8 +86,8 @@ class PixelFeatures(torch.nn.Module):
 
 
 #: Edges of the 'spectrum' metric's radial frequency bands in cycles per pixel: half octaves from
-#: 1/32 up to beyond the corner frequency sqrt(1/2) (the DC term is left out).
-SPECTRUM_EDGES = tuple(2.0 ** (k / 2 - 5) for k in range(10)) + (1.0,)
+#: 1/32 to 1/2, and one band from 1/2 to the corners (the DC term is left out).
+SPECTRUM_EDGES = tuple(2.0 ** (k / 2 - 5) for k in range(9)) + (1.0,)
 #: Added to each band's mean power before the log: the power of uint8 quantisation noise, 1/(12 * 255^2).
 SPECTRUM_FLOOR = 1 / (12 * 255 ** 2)
 

@@ -37,8 +37,8 @@ def test_white_noise_has_its_variance_in_every_band():
 
 @pytest.mark.parametrize('cycles', [2, 5, 11])
 def test_a_sinusoid_lands_in_its_band(cycles):
-    """cos(2 pi k x / 32) without window: all its power (amplitude^2 / 4 per peak, two peaks, spread
-    over the band's frequencies) sits in the band holding k/32 cycles per pixel."""
+    """cos(2 pi k x / 32) without window: all its power (two peaks, averaged over the band's
+    frequencies) sits in the band holding k/32 cycles per pixel."""
     a = 0.2
     x = 0.5 + a * torch.cos(2 * math.pi * cycles * torch.arange(32, dtype=torch.float64) / 32)
     image = x[None, None, None, :].expand(1, 1, 32, 32)
@@ -48,7 +48,7 @@ def test_a_sinusoid_lands_in_its_band(cycles):
     fy, fx = torch.fft.fftfreq(32, dtype=torch.float64), torch.fft.fftfreq(32, dtype=torch.float64)
     radius = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt()
     count = ((radius >= frechet.SPECTRUM_EDGES[k]) & (radius < frechet.SPECTRUM_EDGES[k + 1])).sum().item()
-    expected = 2 * (a * 32 / 2) ** 2 / (32 * 32) / count   # |F|^2 of each peak, unitary FFT, band mean
+    expected = 2 * (a * 32 / 2) ** 2 / count   # two peaks of |F|^2 = (a sqrt(H W) / 2)^2 (unitary FFT), band mean
     assert power[k].item() == pytest.approx(expected, rel=1e-9)
     assert (power[torch.arange(len(power)) != k] < 1e-20).all()
 
