@@ -286,10 +286,26 @@ def load_card_predictor(source):
     return predictor, card_settings(predictor.card)
 
 
-def kdiffusion_sigmas(card, append_zero=True):
-    """The card's ``t_steps`` as a k-diffusion / ComfyUI SIGMAS tensor (float32), with the trailing 0
-    (the final Euler step to 0, one more model call) unless ``append_zero`` is False."""
-    t = list(load_card(card)['t_steps']) + ([0.0] if append_zero else [])
+def tail_steps(card, denoise=1.0):
+    """The card's last round(``denoise`` x intervals) intervals, as its noise levels (a tail of
+    ``t_steps``): img2img from a noised image, as ComfyUI's ``denoise`` and diffusers' ``strength``.
+    ``denoise`` 1 is the whole card. ValueError (one line) when no interval is left."""
+    t = list(load_card(card)['t_steps'])
+    n = len(t) - 1
+    if not 0 < denoise <= 1:
+        raise ValueError(f'denoise must lie in (0, 1], not {denoise:g}')
+    keep = int(denoise * n + 0.5)
+    if keep < 1:
+        raise ValueError(f'denoise {denoise:g} keeps no interval of the {n}-interval solver card (the smallest '
+                         f'is {1 / n:.3g}, one interval)')
+    return t[n - keep:]
+
+
+def kdiffusion_sigmas(card, append_zero=True, denoise=1.0):
+    """The card's ``t_steps`` (or their tail for ``denoise`` < 1, :func:`tail_steps`) as a k-diffusion /
+    ComfyUI SIGMAS tensor (float32), with the trailing 0 (the final Euler step to 0, one more model
+    call) unless ``append_zero`` is False."""
+    t = tail_steps(card, denoise) + ([0.0] if append_zero else [])
     return torch.tensor(t, dtype=torch.float32)
 
 

@@ -10,14 +10,20 @@ What drives the AMED plugin, one of:
 
 * ``card``: a solver card (path or dict, :mod:`integrations.card`). ``sigmas`` are then the card's
   ``t_steps`` (:func:`integrations.card.kdiffusion_sigmas`) or its full ``sigmas`` with the inserted
-  points, each with or without a trailing 0; the solver and its options come from the card.
+  points, each with or without a trailing 0; the solver and its options come from the card. A
+  **tail** of its ``t_steps`` (:func:`integrations.card.tail_steps`) runs the card's last intervals
+  from a noised image (img2img, ComfyUI's ``denoise`` < 1): the multistep history starts anew there
+  and AFS is off (its first-step guess holds only for pure noise).
 * ``predictor``: an AMED predictor, dynamic. A path, run folder or experiment number carries its
   solver options; a predictor object takes them as keyword arguments (``solver``, ``afs``,
   ``max_order``, ...; dynamic thresholding is off unless ``thresholding=True``). A feature-reading
   predictor needs ``feature_module``, the module of the wrapped network whose output (B, C, 8, 8)
   it reads (hooked for each call at t_n, the hook is always removed); ``feature_fn`` reduces that
   output to (B, 8, 8) (default: the channel mean; pass one that picks the conditional half when the
-  model runs classifier-free guidance on a doubled batch).
+  model runs classifier-free guidance on a doubled batch). A predictor given by path, run folder or
+  number knows its training schedule: ``sigmas`` that are not those noise levels are refused with
+  one line saying what it was trained on and what it got (``foreign_sigmas='warn'`` runs them with a
+  warning). A predictor object carries no such record and is not checked.
 
 k-diffusion conventions: ``callback({'x', 'i', 'sigma', 'sigma_hat', 'denoised'})`` once per
 interval with the state at sigmas[i] and D there (from AFS on an AFS step), and ``disable`` turns
@@ -27,9 +33,12 @@ NFE; ``solvers.sample(..., denoise_to_zero=True)`` does the same). Without it th
 sigma_{N-1}, as ``solvers.sample``.
 """
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
+import solver_utils
 import solvers
 from models.base import Denoiser
 from training import snapshot
@@ -59,18 +68,65 @@ class KDiffusionDenoiser(Denoiser):
 
 
 def _card_grid(card, grid):
-    """The card's t_steps when ``grid`` (trailing 0 removed) is its t_steps or its full sigmas."""
+    """The card's t_steps when ``grid`` (trailing 0 removed) is its t_steps or its full sigmas, or a
+    tail of its t_steps (img2img, ComfyUI's denoise < 1: :func:`integrations.card.tail_steps`).
+    Returns (t_steps, whole run)."""
     values = [float(v) for v in grid]
     for key in ('t_steps', 'sigmas'):
         ref = card[key]
-        if len(values) == len(ref) and all(abs(a - b) <= 1e-6 * b for a, b in zip(values, ref)):
-            return list(card['t_steps'])
-    raise ValueError(f"sigmas do not match the solver card: pass its t_steps {card['t_steps']} or its sigmas "
-                     f"(integrations.card.kdiffusion_sigmas), optionally with a trailing 0")
+        if len(values) == len(ref) and _same(values, ref):
+            return list(card['t_steps']), True
+    t = card['t_steps']
+    if 2 <= len(values) < len(t) and _same(values, t[-len(values):]):
+        return list(t[-len(values):]), False
+    raise ValueError(f"sigmas do not match the solver card: pass its t_steps {card['t_steps']}, a tail of them, or "
+                     f"its sigmas (integrations.card.kdiffusion_sigmas), optionally with a trailing 0")
+
+
+def _same(values, reference):
+    return all(abs(a - b) <= 1e-6 * b for a, b in zip(values, reference))
+
+
+def trained_schedule(settings):
+    """(description, noise levels or None) of the schedule a predictor was trained on, from its
+    settings: the levels when they can be computed without the model (not the ``discrete``
+    schedule, which needs the model's time maps), else None and only the count and range are known."""
+    n, kind, rho = settings.get('num_steps'), settings.get('schedule_type'), settings.get('schedule_rho')
+    lo, hi = settings.get('sigma_min'), settings.get('sigma_max')
+    if settings.get('t_steps') is not None:
+        levels = [float(v) for v in settings['t_steps']]
+    elif lo is not None and hi is not None and kind != 'discrete':
+        levels = solver_utils.get_schedule(int(n), lo, hi, kind, rho).tolist()
+    else:
+        levels = None
+    where = f' from {float(hi):g} to {float(lo):g}' if lo is not None and hi is not None else ''
+    return f'{n} {kind} (rho {rho:g}) noise levels{where}' if rho is not None else f'{n} {kind} noise levels{where}', levels
+
+
+def check_trained_schedule(settings, t_steps, strict=True):
+    """Refuse (ValueError, ``strict``) or warn (one line) when ``t_steps`` are not the noise levels the
+    predictor with ``settings`` was trained on: a predictor has learned its (r, scale_dir,
+    scale_time) for its own intervals only. Returns True when they match."""
+    what, levels = trained_schedule(settings)
+    t = [float(v) for v in t_steps]
+    n, lo, hi = settings.get('num_steps'), settings.get('sigma_min'), settings.get('sigma_max')
+    if levels is not None:
+        ok = len(t) == len(levels) and all(abs(a - b) <= 1e-5 * b for a, b in zip(t, levels))
+    else:
+        ok = (n is None or len(t) == int(n)) and all(
+            ref is None or abs(v - float(ref)) <= 1e-5 * float(ref) for v, ref in ((t[0], hi), (t[-1], lo)))
+    if not ok:
+        message = (f'the predictor was trained on {what}; these sigmas are {len(t)} levels from {t[0]:g} to '
+                   f'{t[-1]:g} (pass its own schedule, or export a solver card)')
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+    return ok
 
 
 def _predictor_and_options(card, predictor, options, device):
-    """(predictor, solver options, card or None) from the sampler's arguments."""
+    """(predictor, solver options, card or None, the predictor's settings or None) from the sampler's
+    arguments."""
     given = {k: v for k, v in options.items() if v is not None}
     if (card is None) == (predictor is None):
         raise ValueError('sample_amed needs either a solver card or a predictor')
@@ -78,22 +134,22 @@ def _predictor_and_options(card, predictor, options, device):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the solver card; drop it')
         card = load_card(card)
-        return CardPredictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card
+        return CardPredictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card, None
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
         predictor, settings = snapshot.load_predictor(predictor, device=device)
-        return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None
+        return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None, settings
     if given.get('solver') is None:
         raise ValueError('a predictor object needs solver= (and the solver options it was trained with)')
     takes_thresholding = 'thresholding' in solvers.solver_class(given['solver']).options
     defaults = dict(afs=False, thresholding=False if takes_thresholding else None)
-    return predictor, dict(defaults, **given), None
+    return predictor, dict(defaults, **given), None, None
 
 
 def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, card=None, predictor=None,
                 feature_module=None, feature_fn=None, solver=None, afs=None, max_order=None, predict_x0=None,
-                lower_order_final=None, thresholding=None):
+                lower_order_final=None, thresholding=None, foreign_sigmas='error'):
     """Sample with AMED from ``x`` (noise scaled to sigmas[0]) along ``sigmas``; see the module docstring.
 
     Returns the sample at sigmas[-1] (the Euler step to 0 included when sigmas end with 0)."""
@@ -104,8 +160,17 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     grid = sigmas[:-1] if to_zero else sigmas
     options = dict(solver=solver, afs=afs, max_order=max_order, predict_x0=predict_x0,
                    lower_order_final=lower_order_final, thresholding=thresholding)
-    predictor, options, card = _predictor_and_options(card, predictor, options, x.device)
-    t_steps = _card_grid(card, grid) if card is not None else [float(v) for v in grid]
+    if foreign_sigmas not in ('error', 'warn'):
+        raise ValueError(f"foreign_sigmas must be 'error' or 'warn', not {foreign_sigmas!r}")
+    predictor, options, card, settings = _predictor_and_options(card, predictor, options, x.device)
+    if card is not None:
+        t_steps, whole = _card_grid(card, grid)
+        if not whole:
+            options['afs'] = False   # a tail starts from a noised image: AFS's guess holds only for pure noise
+    else:
+        t_steps = [float(v) for v in grid]
+        if settings is not None:
+            check_trained_schedule(settings, t_steps, strict=foreign_sigmas == 'error')
     if getattr(predictor, 'needs_feature', True) and feature_module is None:
         raise ValueError('this predictor reads the model feature: pass feature_module (the module of the '
                          'network whose (B, C, 8, 8) output it reads), or use a solver card')

@@ -56,3 +56,31 @@ def peer_python(*packages):
         if not glob.glob(os.path.join(PEER_VENV, 'lib', 'python*', 'site-packages', package)):
             pytest.skip(f'the peer venv lacks {package}: run tests/run.sh (the README test command)')
     return python
+
+
+COMFYUI_PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.comfyui-peer')
+
+
+def comfyui(module='comfy.samplers'):
+    """Import ``module`` of ComfyUI (the PyPI ``comfyui`` package, installed with --no-deps into
+    ``.comfyui-peer`` by tests/run.sh, or into the environment), or skip saying why. ComfyUI's own
+    modules run as they are: nothing is stubbed."""
+    if importlib.util.find_spec('comfy') is None and os.path.isdir(COMFYUI_PEER):
+        sys.path.append(COMFYUI_PEER)    # appended: its top-level ``tests`` must not shadow ours
+    if importlib.util.find_spec('comfy') is None:
+        pytest.skip('ComfyUI (PyPI comfyui) is not installed: tests/run.sh puts it in .comfyui-peer')
+    cwd = os.getcwd()
+    os.chdir(_comfyui_home())   # ComfyUI makes its input/ folder in the working folder at import
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.skip(f'ComfyUI is installed but {module} does not import here: {e}')
+    finally:
+        os.chdir(cwd)
+
+
+def _comfyui_home(home=[]):  # noqa: B006 (one folder per test session)
+    if not home:
+        import tempfile  # pylint: disable=import-outside-toplevel
+        home.append(tempfile.mkdtemp(prefix='comfyui-home-'))
+    return home[0]

@@ -1,16 +1,20 @@
-"""The runnable snippets of README.md, for the tests that run them."""
+"""The runnable snippets of README.md and the docs pages, for the tests that run them."""
 
 import os
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, 'README.md')
 
 
-def snippet(title):
-    """The first ```python block of the README section ``## <title>``."""
-    with open(README, encoding='utf-8') as f:
+def snippet(title, doc=README, lang='python'):
+    """The first ```<lang> block of the section ``## <title>`` of ``doc`` (README.md, or a path
+    relative to the repository such as docs/integrations.md)."""
+    path = os.path.join(ROOT, doc)
+    with open(path, encoding='utf-8') as f:
         text = f.read()
+    name = os.path.relpath(path, ROOT)
     head = f'\n## {title}\n'
-    assert head in text, f'README has no section {title!r}'
+    assert head in text, f'{name} has no section {title!r}'
     section = text.split(head, 1)[1].split('\n## ', 1)[0]
-    assert '```python\n' in section, f'README section {title!r} has no python snippet'
-    return section.split('```python\n', 1)[1].split('\n```', 1)[0]
+    assert f'```{lang}\n' in section, f'{name} section {title!r} has no {lang} snippet'
+    return section.split(f'```{lang}\n', 1)[1].split('\n```', 1)[0]

@@ -13,6 +13,13 @@ python -m pip install -r requirements-test.txt
 python -m pip install -r requirements-latent.txt
 # Test peers without their dependencies (k-diffusion's list pulls torchvision/CUDA).
 python -m pip install --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2
+# ComfyUI's sampler code for the ComfyUI nodes' tests: the PyPI comfyui package (its only release,
+# 0.0.1, marked yanked as a development release) without its dependency list (it pulls torchvision and
+# CUDA builds), plus the two pure-Python modules comfy.samplers imports that we lack. Into its own
+# folder, not the environment: the package also installs a top-level `tests`.
+if ! [ -d .comfyui-peer/comfy ]; then
+    python -m pip install --no-deps --target .comfyui-peer comfyui==0.0.1 ConfigArgParse==1.9.0 einops==0.8.2
+fi
 
 # Peers in their own virtual environment: pytorch-fid (our Inception-v3), torchmetrics with
 # torch-fidelity (a second FID) and open_clip (the CLIP score). pytorch-fid and open_clip import

@@ -137,8 +137,11 @@ def test_a_k_diffusion_model_wrapper_runs_through_it():
     assert not net.mid._forward_hooks
 
 
-def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
-    """README's k-diffusion snippet, as written, on a card exported from a tiny trained predictor."""
+@pytest.mark.parametrize('doc,title', [('README.md', 'AMED in k-diffusion / ComfyUI'),
+                                       ('docs/integrations.md', 'k-diffusion')])
+def test_readme_snippet_runs(doc, title, tmp_path, monkeypatch, capsys, gmm, single_thread):
+    """The k-diffusion example of README and docs, as written, on a card exported from a tiny trained
+    predictor."""
     from click.testing import CliRunner
 
     from tests.readme import snippet
@@ -151,7 +154,7 @@ def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
     assert result.exit_code == 0, result.output
     capsys.readouterr()
     ns = {}
-    exec(compile(snippet('AMED in k-diffusion / ComfyUI'), 'README.md', 'exec'), ns)
+    exec(compile(snippet(title, doc), doc, 'exec'), ns)
     assert 'RMS difference of the card to its predictor: ' in capsys.readouterr().out
     card = ns['card']
     latents = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -159,3 +162,51 @@ def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, gmm, single_thread):
                          afs=True, max_order=4, denoise_to_zero=True)
     torch.testing.assert_close(ns['static'], ref, rtol=1e-6, atol=1e-6)
     assert 0 < (ns['static'] - ns['dynamic']).abs().max() < 0.5
+
+
+def test_a_predictor_refuses_sigmas_it_was_not_trained_on(gmm, tmp_path, single_thread):
+    """A trained predictor (4 polynomial levels) on 9 Karras sigmas: one line saying what it was
+    trained on and what it got; foreign_sigmas='warn' runs them with that line as a warning. Its
+    own schedule (with a trailing 0) runs."""
+    import warnings
+
+    from training.launch import plan_training, run_training
+    run_dir, _ = run_training(plan_training(dict(dataset_name='toy', sampler_stu='ipndm', sampler_tea='ipndm', M=1,
+                                                 afs=True, num_steps=4, batch=4, total_kimg=0.004, tick_kimg=1,
+                                                 outdir=str(tmp_path / 'exps')), 'cpu'), progress=False)
+    kd = k_diffusion_sampling()
+    karras = kd.get_sigmas_karras(9, 0.002, 80.0)
+    z = noise(1) * 80.0
+    kw = dict(predictor=run_dir, feature_module=gmm.feature_module, disable=True)
+    with pytest.raises(ValueError) as e:
+        sample_amed(k_model(gmm), z, karras, **kw)
+    message = str(e.value)
+    assert message.startswith('the predictor was trained on 4 polynomial (rho 7) noise levels from 80 to 0.002; '
+                              'these sigmas are 9 levels from 80 to 0.002') and '\n' not in message
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        out = sample_amed(k_model(gmm), z, karras, foreign_sigmas='warn', **kw)
+    assert [str(w.message) for w in caught] == [message] and torch.isfinite(out).all()
+    own = solvers.get_model_schedule(gmm, 4, schedule_type='polynomial', schedule_rho=7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        sample_amed(k_model(gmm), z, torch.cat([own.float(), torch.zeros(1)]), **kw)
+
+
+def test_a_tail_of_the_card_is_img2img(gmm):
+    """A tail of the card's t_steps (C.tail_steps, denoise 0.5) from a noised image: the card's last
+    intervals with the multistep history restarting and AFS off, as solvers.sample on that tail."""
+    t = solvers.get_model_schedule(gmm, 5, schedule_type='polynomial', schedule_rho=7.0)
+    spec, _ = solvers.prepare(gmm, 'ipndm', t_steps=t)
+    card = C.build_card(gmm, spec, t, True, *C.static_steps(gmm, spec, t, predictor(2), True, feature='zero'))
+    tail = C.tail_steps(card, 0.5)
+    assert tail == card['t_steps'][2:] and C.tail_steps(card, 1.0) == card['t_steps']
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 0.5
+    z = noise(2)
+    ref = solvers.sample(gmm, z + image / tail[0], solver='ipndm', t_steps=tail, afs=False, max_order=4,
+                         predictor=C.CardPredictor(card))
+    out = sample_amed(k_model(gmm), image + z * tail[0], C.kdiffusion_sigmas(card, append_zero=False, denoise=0.5),
+                      card=card, disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match='keeps no interval of the 4-interval solver card'):
+        C.tail_steps(card, 0.1)
