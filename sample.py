@@ -5,7 +5,7 @@ Examples:
 
     python sample.py --predictor_path=0 --seeds=0-63 --grid             # experiment 0 in ./exps
     python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
-    python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (integrations/card.py)
+    python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (predictors/card.py)
 """
 
 import click

@@ -21,7 +21,7 @@ from torch_utils.misc import SEED_LIMIT, FiniteFloat
 from training.launch import DEFAULTS as D, plan_resume, plan_training, run_training
 from training.training_loop import TrainingDiverged, TrainingInterrupted
 from training.loss import LOSSES
-from training.networks import check_half_width
+from predictors.networks import check_half_width
 
 
 class HalfWidth(click.ParamType):

@@ -25,7 +25,7 @@ from torch_utils import distributed as dist  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from evaluation.quickstart import RECIPES  # noqa: E402
 from torch_utils.misc import parse_int_list  # noqa: E402
-from training import snapshot  # noqa: E402
+from predictors.settings import SolverSettings  # noqa: E402
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -54,11 +54,11 @@ def main(nfes, kimg, batch, calib_seeds, val_seeds, eval_seeds, outdir, losses):
             path, predictor, settings = accuracy.train_recipe(recipe, nfe, device, dataset_name='toy', batch=batch,
                                                               total_kimg=kimg, tick_kimg=kimg, outdir=outdir,
                                                               desc='cardbench')
-            kw = snapshot.solver_kwargs_from_settings(settings)
+            kw = SolverSettings.from_dict(settings).sample_kwargs()
             runs = {'dynamic': (predictor, kw)}
             for mode in C.FEATURE_MODES:
                 card = C.export_card(path, feature=mode, seeds=calib_seeds, model=model)
-                runs[f'card ({mode})'] = (C.CardPredictor(card), snapshot.solver_kwargs_from_settings(C.card_settings(card)))
+                runs[f'card ({mode})'] = (C.CardPredictor(card), SolverSettings.from_dict(C.card_settings(card)).sample_kwargs())
             for name, (latents, cond, exact) in sets.items():
                 outs = {key: torch.cat([accuracy.solvers.sample(model, latents[i:i + 64], None if cond is None else
                                                                 cond[i:i + 64], predictor=p, **k)

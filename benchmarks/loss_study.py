@@ -29,7 +29,7 @@ from models.presets import load_model, training_data  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from metrics import frechet  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import snapshot  # noqa: E402
+from predictors.settings import SolverSettings  # noqa: E402
 
 SEED_SETS = {'validation': range(200000, 200256), 'evaluation': range(100000, 100256)}
 FD_SEEDS = range(300000, 310000)
@@ -110,7 +110,7 @@ def table(recipes, losses, nfes, kimg, batch, seed, seed_name, overrides, out, c
                 for nfe in nfes:
                     predictor, settings, seconds = train(recipe, nfe, loss, overrides, kimg, batch, seed, tmp)
                     err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                                **snapshot.solver_kwargs_from_settings(settings))
+                                                **SolverSettings.from_dict(settings).sample_kwargs())
                     values[nfe] = err
                     results.append(dict(recipe=recipe, loss=loss, nfe=nfe, error=err, train_seconds=seconds))
                     print(f'{recipe} {loss} NFE {nfe}: {err:.4f} (trained in {seconds:.1f} s)', flush=True)
@@ -145,7 +145,7 @@ def explore(recipe, nfes, kimg, batch, seed, overrides, cache):
         for nfe in [int(n) for n in nfes.split(',')]:
             predictor, settings, seconds = train(recipe, nfe, loss, ov, kimg, batch, seed, tmp)
             err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                        **snapshot.solver_kwargs_from_settings(settings))
+                                        **SolverSettings.from_dict(settings).sample_kwargs())
             base = dict(accuracy.BASELINES)['iPNDM']
             ref = accuracy.solver_error(model, latents, exact, cond, afs=True, **base,
                                         num_steps=accuracy.steps_for_nfe('ipndm', nfe, True, False))
@@ -215,7 +215,7 @@ def fd(recipes, losses, nfe, kimg, batch, seed, out):
         for recipe in [r for r in recipes.split(',') if r]:
             for loss in losses.split(','):
                 predictor, settings, _ = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp)
-                value = fd_of(predictor, **snapshot.solver_kwargs_from_settings(settings))
+                value = fd_of(predictor, **SolverSettings.from_dict(settings).sample_kwargs())
                 results.append(dict(label=f'{accuracy.AMED_LABELS[recipe]}, {loss} loss', fd=value))
                 print(results[-1], flush=True)
     for label, kwargs in accuracy.BASELINES:
@@ -262,8 +262,8 @@ def memory(batch, num_steps, variant):
         return
     from models.edm import EDMDenoiser
     from models.networks_edm import build_from_config
-    from training.loss import AMEDLoss
-    from training.networks import AMEDPredictor
+    from training import AMEDLoss
+    from predictors.networks import AMEDPredictor
     torch.manual_seed(0)
     model = EDMDenoiser(build_from_config(CIFAR10_CONFIG, device='cpu'))
     loss_fn = AMEDLoss(model, 'ipndm', 'ipndm', num_steps=num_steps, M=1, afs=True)

@@ -69,7 +69,7 @@ from evaluation import accuracy                     # noqa: E402
 from models.base import Denoiser                     # noqa: E402
 from models.edm import EDMDenoiser                   # noqa: E402
 from models.networks_edm import build_from_config   # noqa: E402
-from training.networks import AMEDPredictor         # noqa: E402
+from predictors.networks import AMEDPredictor         # noqa: E402
 
 # EDM's official CIFAR-10 network (edm-cifar10-32x32-uncond-vp.pkl): the constructor arguments
 # stored in that pickle (DDPM++ backbone, VP preconditioning; 55.7M parameters).

@@ -37,7 +37,7 @@ from evaluation import accuracy  # noqa: E402
 from metrics import frechet  # noqa: E402
 from models.presets import load_model, training_data  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import snapshot  # noqa: E402
+from predictors.settings import SolverSettings  # noqa: E402
 
 EVAL_SEEDS = range(100000, 100064)
 FD_SEED0 = 300000
@@ -159,7 +159,7 @@ def main(dataset_name, num, fd_num, fd_solver, kimg, out):
                                                                batch=32, total_kimg=kimg, tick_kimg=kimg, outdir=tmp)
                 label = accuracy.AMED_LABELS[recipe]
                 rows[label] = accuracy.solver_error(model, lat, exact, c, predictor=predictor,
-                                                    **snapshot.solver_kwargs_from_settings(settings))
+                                                    **SolverSettings.from_dict(settings).sample_kwargs())
                 print(f'{name} {label}: {rows[label]:.4f} (trained in {time.time() - t0:.0f} s)', flush=True)
         res['nfe5'][name] = rows
         print(name, rows, flush=True)

@@ -48,6 +48,13 @@ def sha256_file(path, chunk=1 << 24):
     return digest.hexdigest()
 
 
+def file_identity(spec):
+    """Where a path or URL is read from and what it holds: ``{'path': spec, 'file': the local file
+    (a URL's copy in the download cache, fetched if needed), 'sha256': ...}``."""
+    local = os.path.abspath(open_url(spec, return_filename=True, verbose=False))
+    return dict(path=str(spec), file=local, sha256=sha256_file(local))
+
+
 def create_temp(folder, prefix, suffix=''):
     """``tempfile.mkstemp`` whose file gets the mode a plain ``open(path, 'w')`` would give (0666
     less the umask) instead of mkstemp's 0600, so files written through it follow the umask.

@@ -9,8 +9,8 @@ import torch
 
 import solvers
 from torch_utils.misc import StackedRandomGenerator
-from training.launch import plan_training, run_training
-from training.snapshot import load_snapshot
+from training import plan_training, run_training
+from predictors import load_predictor
 
 #: The comparison of the quickstart: (label, solver options) of the baselines, as in DESIGN.md and
 #: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
@@ -93,7 +93,7 @@ def train_recipe(recipe, nfe, device=torch.device('cpu'), progress=False, **opti
     opts = dict(recipe, afs=True, **options)
     opts['num_steps'] = steps_for_nfe(opts['sampler_stu'], nfe, afs=True, with_predictor=True)
     _, path = run_training(plan_training(opts, device), progress=progress)
-    predictor, settings = load_snapshot(path)
+    predictor, settings = load_predictor(path)[:2]
     return path, predictor, settings
 
 

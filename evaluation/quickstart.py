@@ -18,7 +18,7 @@ from generation import generate
 from models.presets import load_model
 from models.toy import AnalyticDenoiser
 from torch_utils import distributed as dist
-from training import snapshot
+from predictors.settings import SolverSettings
 
 #: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
 #: with the official per-interval loss and with the trajectory loss.
@@ -64,7 +64,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
                                                            tick_kimg=kimg, outdir=outdir, desc='quickstart')
             values[nfe] = accuracy.solver_error(model, latents, exact, cond, predictor=predictor,
-                                                **snapshot.solver_kwargs_from_settings(settings))
+                                                **SolverSettings.from_dict(settings).sample_kwargs())
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:
                 grid_run = predictor, settings
@@ -79,7 +79,7 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     if grid_run is not None:
         predictor, settings = grid_run
         folder = os.path.dirname(grid_path) or '.'
-        plan = generate.build_plan(model, range(64), folder, snapshot.solver_kwargs_from_settings(settings), predictor,
+        plan = generate.build_plan(model, range(64), folder, settings, predictor,
                                    settings, grid=True)
         generate.generate_images(plan, progress=False)
         if os.path.basename(grid_path) != 'grid.png':

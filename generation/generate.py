@@ -17,15 +17,14 @@ from tqdm import tqdm
 
 import solver_utils
 import solvers
-from integrations.card import load_card_predictor
 from models import toy
 from models.presets import load_model
 from generation import manifest
 from generation.manifest import seed_path
-from metrics import provenance
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
-from training import experiments, snapshot
+from predictors import experiments, load_predictor, snapshot
+from predictors.settings import SolverSettings
 
 #: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
 SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
@@ -63,7 +62,7 @@ class SamplingPlan:
     """Everything a sampling run needs, validated: what :func:`plan_sampling` returns and
     :func:`generate_images` runs. ``solver`` and ``t_steps`` are the built solver and its schedule
     (:func:`solvers.prepare`), ``settings`` the predictor's or card's settings (empty for a plain
-    solver) and ``solver_options`` the sampling options they came from."""
+    solver) and ``run_settings`` the :class:`~predictors.settings.SolverSettings` they came from."""
     model: torch.nn.Module
     seeds: list
     outdir: str
@@ -72,7 +71,7 @@ class SamplingPlan:
     afs: bool = False
     predictor: object = None
     settings: dict = dataclasses.field(default_factory=dict)
-    solver_options: dict = dataclasses.field(default_factory=dict)
+    run_settings: SolverSettings = None
     label: str = ''
     nfe: int = 0
     grid: bool = False
@@ -91,7 +90,7 @@ class SamplingPlan:
         count = f'{len(self.todo)} images ({skipped} of {len(self.seeds)} seeds already done)' if skipped else \
             f'{len(self.seeds)} images'
         return (f"Sampling {count} with {self.label} ({self.nfe} NFE, {len(self.t_steps)} time points, "
-                f"{self.solver_options.get('schedule_type', solver_utils.SCHEDULE_TYPE)} schedule) on "
+                f"{'explicit' if self.run_settings.t_steps is not None else self.run_settings.schedule_type} schedule) on "
                 f"{dist.get_world_size()} process(es) -> {self.outdir}")
 
 
@@ -103,8 +102,8 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     FileNotFoundError) with one line naming the problem.
 
     The run samples with a predictor (``predictor_path``: snapshot, run folder, experiment number
-    or published pickle, :func:`training.snapshot.load_predictor`), a solver card (``card``,
-    :mod:`integrations.card`), or a plain solver on ``dataset_name`` with ``solver_options``
+    or published pickle, :func:`predictors.load_predictor`), a solver card (``card``,
+    :mod:`predictors.card`), or a plain solver on ``dataset_name`` with ``solver_options``
     (solver, num_steps, the schedule options, afs and the solver's options; defaults
     :data:`PLAIN_DEFAULTS`). A predictor or card carries its own solver settings, model and guidance:
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
@@ -129,45 +128,43 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
         check_output_dir(outdir)
 
     predictor, settings, origin = None, {}, None
-    if card is not None:
-        predictor, settings = load_card_predictor(card)
-        origin = dict(kind='card', given=str(card), **_file_identity(card))
-    elif predictor_path is not None:
-        path = snapshot.resolve_predictor_path(predictor_path)
-        predictor, settings = snapshot.load_predictor(path, device=device)
-        origin = dict(kind='predictor', given=str(predictor_path), **_file_identity(path))
     if source is not None:
+        loaded = load_predictor(card if card is not None else predictor_path, device=device)
+        if card is not None and loaded.source['kind'] != 'card':
+            raise ValueError(f'--card {card} is not a solver card (a .json file); give a predictor as --predictor_path')
+        predictor, settings, run_settings = loaded.predictor, loaded.settings, loaded.solver
+        origin = {k: loaded.source[k] for k in ('kind', 'given', 'sha256', 'file')}
         dataset_name = dataset_name or settings.get('dataset_name')
         if dataset_name is None:
             raise ValueError(f'the {source} names no model: give --dataset_name')
-        run_options = snapshot.solver_kwargs_from_settings(settings)
         guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
     else:
-        run_options = dict(PLAIN_DEFAULTS, **given)
-        solver_utils.check_rho_used(run_options.get('schedule_type'), run_options.get('schedule_rho'))
+        solver_utils.check_rho_used(given.get('schedule_type'), given.get('schedule_rho'))
+        run_settings = plain_settings(given)
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
                        prompt_path=prompt_path, use_fp16=use_fp16, device=device, prompt=prompt)
     model_identity = dict(dataset_name=dataset_name, model_path=model_path, guidance_type=guidance_type,
                           guidance_rate=guidance_rate, classifier_path=classifier_path, prompt=prompt,
                           prompt_path=prompt_path, use_fp16=bool(use_fp16))
-    return build_plan(model, seed_list, outdir, run_options, predictor, settings, origin=origin,
+    return build_plan(model, seed_list, outdir, run_settings, predictor, settings, origin=origin,
                       model_identity=model_identity, grid=grid, subdirs=subdirs, return_inters=return_inters,
                       batch=batch, device=device, overwrite=overwrite, resume=resume)
 
 
-def _file_identity(path):
-    """The sha256 of a predictor or card file (the part of a sample manifest that says which one it
-    was) and where it was read from (``file``, for the reader only)."""
-    record = provenance.file_record(path)
-    return dict(sha256=record['sha256'], file=record['file'])
+def plain_settings(options):
+    """The :class:`SolverSettings` of a plain run from the options given (None: the default;
+    :data:`PLAIN_DEFAULTS`, then the schedule's and the solver's)."""
+    o = dict(PLAIN_DEFAULTS, **{k: v for k, v in options.items() if v is not None})
+    opts = {k: o.pop(k) for k in solvers.OPTIONS if k in o}
+    return SolverSettings(options=opts, **o)
 
 
-def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None, origin=None, model_identity=None,
+def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None, origin=None, model_identity=None,
                grid=False, subdirs=True, return_inters=False, batch=64, device=torch.device('cpu'), overwrite=False,
                resume=False):
-    """The :class:`SamplingPlan` of a loaded ``model`` with ``run_options`` (solver, schedule, afs
-    and solver options: :func:`training.snapshot.solver_kwargs_from_settings` of a predictor's
-    ``settings``, or a plain solver's), validated once, before anything is written.
+    """The :class:`SamplingPlan` of a loaded ``model`` with ``run_settings`` (a
+    :class:`~predictors.settings.SolverSettings`, or a dict it reads: a predictor's ``settings``),
+    validated once, before anything is written.
 
     ``origin`` says where ``predictor`` came from (kind, sha256 of its file); without it a predictor
     module is identified by the sha256 of its weights. ``outdir`` None means the default folder, which
@@ -182,8 +179,10 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     model.check_seeds(seeds)
     if resume and grid:
         raise ValueError('--resume continues per-seed PNGs; it does not apply to --grid')
-    afs = bool(run_options.get('afs', False))
-    spec, t_steps = solvers.prepare(model, predictor=predictor, **{k: v for k, v in run_options.items() if k != 'afs'})
+    if not isinstance(run_settings, SolverSettings):
+        run_settings = SolverSettings.from_dict(run_settings)
+    afs = run_settings.afs
+    spec, t_steps = run_settings.prepare(model, predictor)
     nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
     label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
     origin = origin or (None if predictor is None else dict(kind='predictor object', sha256=_weights_sha256(predictor)))
@@ -191,12 +190,11 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
     dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
     if outdir is None:
         name = _origin_folder(origin) if origin and 'file' in origin else \
-            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_options, afs)
+            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_settings)
         outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, name)
     identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
-                  solver=dict(name=spec.name, options=solvers.options_of(spec), afs=afs,
-                              t_steps=[float(t) for t in t_steps]),
+                  solver=SolverSettings.resolved(spec, t_steps, afs).to_dict(),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
     existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
     todo = None
@@ -205,7 +203,7 @@ def build_plan(model, seeds, outdir, run_options, predictor=None, settings=None,
         todo = [s for s in seeds if s not in done]
     solvers.warn_sigma_range(model, t_steps)
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
-                        predictor=predictor, settings=settings, solver_options=dict(run_options), label=label, nfe=nfe,
+                        predictor=predictor, settings=settings, run_settings=run_settings, label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
                         config=config, existing=existing, overwrite=overwrite, todo=todo)
 
@@ -230,17 +228,16 @@ def _origin_folder(origin):
     return os.path.join(run, stem) if run else stem
 
 
-def _settings_tag(spec, t_steps, run_options, afs):
+def _settings_tag(spec, t_steps, run_settings):
     """A plain solver's full settings as a folder name part: time points, schedule, sigma range,
     AFS and every solver option (e.g. ``n6-poly7.0-sigma0.002-80-afs-max_order4``)."""
     parts = [f'n{len(t_steps)}']
-    if 't_steps' in run_options:
+    if run_settings.t_steps is not None:
         parts.append('explicit')
     else:
-        parts.append(experiments.schedule_tag(run_options.get('schedule_type', solver_utils.SCHEDULE_TYPE),
-                                              run_options.get('schedule_rho', solver_utils.SCHEDULE_RHO)))
+        parts.append(experiments.schedule_tag(run_settings.schedule_type, run_settings.schedule_rho))
     parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
-    if afs:
+    if run_settings.afs:
         parts.append('afs')
     parts += [f'{opt}{value}' for opt, value in solvers.options_of(spec).items()]
     return '-'.join(parts)

@@ -9,7 +9,8 @@ sample.py writes ``manifest.json`` beside the images before it samples::
 
 ``config`` is everything that decides the images and where they lie: the predictor file and its
 sha256 (or the card's, or "plain"), the model (preset, model file, guidance, prompts), the solver
-with every option and the exact schedule ``t_steps``, AFS, and the file layout (grid, 1000-seed
+settings (:class:`predictors.settings.SolverSettings`: every option resolved, the exact schedule
+``t_steps`` and AFS; older manifests' ``{name, options, afs, t_steps}`` read as the same), and the file layout (grid, 1000-seed
 subfolders, trajectories). ``seeds`` are the seeds asked for (the union over runs into the folder).
 
 * Writing into a folder whose manifest has another ``config`` is refused (one line naming the first
@@ -27,6 +28,7 @@ import re
 
 import PIL.Image
 
+from predictors.settings import SolverSettings
 from torch_utils.misc import atomic_write, check_output_dir, format_int_list, parse_int_list
 
 MANIFEST = 'manifest.json'
@@ -58,6 +60,12 @@ def read_manifest(path):
         raise ValueError(f'{path}: not a sample manifest (no format tag {FORMAT!r})')
     if data.get('version') != VERSION:
         raise ValueError(f'{path}: unsupported sample manifest version {data.get("version")!r}')
+    solver = data['config'].get('solver')
+    if isinstance(solver, dict) and 'settings_version' not in solver:   # written by older code: read it as now
+        try:
+            data['config']['solver'] = SolverSettings.from_dict(solver).to_dict()
+        except ValueError as e:
+            raise ValueError(f'{path}: bad solver settings in the sample manifest ({e})') from None
     try:
         parse_int_list(data.get('seeds', ''))
     except ValueError as e:
@@ -70,9 +78,10 @@ def manifest_seeds(manifest):
 
 
 def first_difference(a, b, prefix=''):
-    """The dotted name of the first field where the JSON data ``a`` and ``b`` differ, None if equal."""
+    """The dotted name of the first field where the JSON data ``a`` and ``b`` differ, None if equal
+    (in the order of ``b``'s keys, then ``a``'s others)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in [*b, *(k for k in a if k not in b)]:
             diff = first_difference(a.get(key), b.get(key), f'{prefix}{key}.')
             if diff:
                 return diff

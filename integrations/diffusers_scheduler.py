@@ -67,7 +67,7 @@ import solvers
 from models.base import Denoiser
 from models.latent import DiscreteEpsDenoiser
 
-from .card import CardPredictor, load_card
+from predictors.card import CardPredictor, card_solver_settings, load_card
 
 #: The config key of the card: private (a leading ``_``), so that diffusers' other schedulers loading
 #: this config (``DPMSolverMultistepScheduler.from_config(amed.config)``) pass it over silently and
@@ -199,8 +199,7 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
                                  f"noise schedule has {ours:g}")
         self._card = card
         self._predictor = CardPredictor(card)
-        self._spec, t_steps = solvers.prepare(_Replay([]), solver=card['solver'], predictor=self._predictor,
-                                              t_steps=card['t_steps'], **card['solver_options'])
+        self._spec, t_steps = card_solver_settings(card).prepare(_Replay([]), self._predictor)
         self._t_steps = t_steps.tolist()
         self.query_sigmas = torch.tensor(card['query_sigmas'], dtype=torch.float32)
         self._timesteps = self.maps.timestep(self.query_sigmas.double()).float()

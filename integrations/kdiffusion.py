@@ -41,11 +41,8 @@ from tqdm.auto import tqdm
 import solver_utils
 import solvers
 from models.base import Denoiser
-from training import snapshot
-
-from .card import CardPredictor, load_card
-
-SOLVER_KWARGS = ('solver', 'afs', *solvers.OPTIONS)
+from predictors import load_predictor
+from predictors.card import CardPredictor, card_solver_settings, load_card
 
 
 class KDiffusionDenoiser(Denoiser):
@@ -89,18 +86,22 @@ def _same(values, reference):
 
 def trained_schedule(settings):
     """(description, noise levels or None) of the schedule a predictor was trained on, from its
-    settings: the levels when they can be computed without the model (not the ``discrete``
-    schedule, which needs the model's time maps), else None and only the count and range are known."""
-    n, kind, rho = settings.get('num_steps'), settings.get('schedule_type'), settings.get('schedule_rho')
-    lo, hi = settings.get('sigma_min'), settings.get('sigma_max')
-    if settings.get('t_steps') is not None:
-        levels = [float(v) for v in settings['t_steps']]
-    elif lo is not None and hi is not None and kind != 'discrete':
-        levels = solver_utils.get_schedule(int(n), lo, hi, kind, rho).tolist()
+    :class:`~predictors.settings.SolverSettings`: the levels when they can be computed without the
+    model (not the ``discrete`` schedule, which needs the model's time maps), else None and only the
+    count and range are known."""
+    n, kind, rho = settings.num_steps, settings.schedule_type, settings.schedule_rho
+    lo, hi = settings.sigma_min, settings.sigma_max
+    if settings.t_steps is not None:
+        levels = list(settings.t_steps)
+        lo, hi = levels[-1], levels[0]
+        return f'{n} explicit noise levels from {hi:g} to {lo:g}', levels
+    if lo is not None and hi is not None and kind != 'discrete':
+        levels = solver_utils.get_schedule(n, lo, hi, kind, rho).tolist()
     else:
         levels = None
-    where = f' from {float(hi):g} to {float(lo):g}' if lo is not None and hi is not None else ''
-    return f'{n} {kind} (rho {rho:g}) noise levels{where}' if rho is not None else f'{n} {kind} noise levels{where}', levels
+    where = f' from {hi:g} to {lo:g}' if lo is not None and hi is not None else ''
+    shape = f' (rho {rho:g})' if rho is not None and kind != 'logsnr' else ''   # logsnr takes no rho
+    return f'{n} {kind}{shape} noise levels{where}', levels
 
 
 def check_trained_schedule(settings, t_steps, strict=True):
@@ -109,12 +110,12 @@ def check_trained_schedule(settings, t_steps, strict=True):
     scale_time) for its own intervals only. Returns True when they match."""
     what, levels = trained_schedule(settings)
     t = [float(v) for v in t_steps]
-    n, lo, hi = settings.get('num_steps'), settings.get('sigma_min'), settings.get('sigma_max')
+    n, lo, hi = settings.num_steps, settings.sigma_min, settings.sigma_max
     if levels is not None:
         ok = len(t) == len(levels) and all(abs(a - b) <= 1e-5 * b for a, b in zip(t, levels))
     else:
         ok = (n is None or len(t) == int(n)) and all(
-            ref is None or abs(v - float(ref)) <= 1e-5 * float(ref) for v, ref in ((t[0], hi), (t[-1], lo)))
+            ref is None or abs(v - ref) <= 1e-5 * ref for v, ref in ((t[0], hi), (t[-1], lo)))
     if not ok:
         message = (f'the predictor was trained on {what}; these sigmas are {len(t)} levels from {t[0]:g} to '
                    f'{t[-1]:g} (pass its own schedule, or export a solver card)')
@@ -122,6 +123,12 @@ def check_trained_schedule(settings, t_steps, strict=True):
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)
     return ok
+
+
+def _solver_kwargs(settings):
+    """The solver, its options and AFS of a :class:`~predictors.settings.SolverSettings` (the schedule
+    comes from ``sigmas``)."""
+    return dict(settings.solver_options, solver=settings.solver, afs=settings.afs)
 
 
 def _predictor_and_options(card, predictor, options, device):
@@ -134,12 +141,14 @@ def _predictor_and_options(card, predictor, options, device):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the solver card; drop it')
         card = load_card(card)
-        return CardPredictor(card), dict(solver=card['solver'], afs=card['afs'], **card['solver_options']), card, None
+        return CardPredictor(card), _solver_kwargs(card_solver_settings(card)), card, None
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
-        predictor, settings = snapshot.load_predictor(predictor, device=device)
-        return predictor, {k: settings.get(k) for k in SOLVER_KWARGS}, None, settings
+        loaded = load_predictor(predictor, device=device)
+        if loaded.source['kind'] == 'card':
+            return loaded.predictor, _solver_kwargs(loaded.solver), loaded.predictor.card, None
+        return loaded.predictor, _solver_kwargs(loaded.solver), None, loaded.solver
     if given.get('solver') is None:
         raise ValueError('a predictor object needs solver= (and the solver options it was trained with)')
     takes_thresholding = 'thresholding' in solvers.solver_class(given['solver']).options

@@ -29,8 +29,7 @@ import subprocess
 import sys
 import zipfile
 
-import dnnlib
-from dnnlib.util import sha256_file
+from dnnlib.util import file_identity, sha256_file
 from torch_utils import distributed as dist
 from generation.manifest import MANIFEST
 from torch_utils.misc import check_output_file, format_int_list
@@ -40,10 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def file_record(spec, **extra):
-    """``{'path': spec, 'file': local path, 'sha256': ...}`` of a path or URL (a URL is read from
-    the dnnlib download cache, where loading it put it)."""
-    local = os.path.abspath(dnnlib.util.open_url(spec, return_filename=True, verbose=False))
-    return dict(path=str(spec), file=local, sha256=sha256_file(local), **extra)
+    """``{'path': spec, 'file': local path, 'sha256': ...}`` of a path or URL
+    (:func:`dnnlib.util.file_identity`), plus ``extra``."""
+    return dict(file_identity(spec), **extra)
 
 
 def seeds_of_names(names):

@@ -15,7 +15,7 @@ import solvers
 import train
 from models.networks_adm import create_adm_classifier, create_adm_unet, create_cm_unet
 from models.presets import load_model
-from training.networks import AMEDPredictor
+from predictors.networks import AMEDPredictor
 
 TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, num_heads=4, num_heads_upsample=-1,
                  num_head_channels=16, attention_resolutions='16,8', channel_mult='1,2,2', dropout=0.0,

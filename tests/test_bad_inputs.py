@@ -23,8 +23,8 @@ from generation.generate import write_toy_data
 from metrics import frechet
 from metrics.image_sets import ImageSet, MetricError
 from torch_utils.misc import StackedRandomGenerator, parse_seeds
-from training.networks import AMEDPredictor
-from training.snapshot import save_snapshot
+from predictors.networks import AMEDPredictor
+from predictors.snapshot import save_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {'train': train.main, 'sample': sample.main, 'fid': fid.main}

@@ -18,7 +18,7 @@ from integrations import card as C
 from models.toy import GaussianMixture
 from torch_utils.misc import StackedRandomGenerator
 from training.launch import plan_training, run_training
-from training.snapshot import load_snapshot, save_snapshot
+from predictors.snapshot import load_snapshot, save_snapshot
 
 
 @pytest.fixture(scope='module')

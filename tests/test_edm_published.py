@@ -77,7 +77,7 @@ import json, sys, torch
 from models.edm import EDMDenoiser, load_edm_pickle
 import solvers
 from solvers import FixedPredictor
-from training.networks import AMEDPredictor
+from predictors.networks import AMEDPredictor
 assert 'models.networks_edm' not in sys.modules
 net = load_edm_pickle('net.pkl')
 assert 'models.networks_edm' not in sys.modules, 'our network classes were imported'
@@ -104,7 +104,7 @@ print(json.dumps(dict(diff=diff, module=type(net).__module__, finite=finite)))
 def make_published_predictor(folder, legacy=False, scale_dir=0.01, scale_time=0.0, sampler='ipndm', seed=0):
     """A predictor pickle in the published layout, made with an official-style class."""
     from tests.legacy import official_networks
-    from training.legacy import legacy_modules
+    from predictors.legacy import legacy_modules
     official_networks.LEGACY = legacy
     torch.manual_seed(seed)
     with legacy_modules():
@@ -135,7 +135,7 @@ def test_legacy_predictor_outputs(tmp_path, legacy, scale_dir, scale_time):
     raw = net(feats, torch.tensor([9.7]), torch.tensor([0.47]))
     code = f"""
 import json, torch
-from training.legacy import load_published_predictor
+from predictors.legacy import load_published_predictor
 pred, settings = load_published_predictor({str(path)!r})
 feats = torch.load('feats.pt')
 outs = {{b: [v.tolist() for v in pred(feats[:b], 9.7, 0.47)] for b in (1, 2, 3)}}
@@ -162,9 +162,9 @@ print(json.dumps(dict(outs=outs, settings=settings)))
 def published_and_snapshot(folder):
     """In ``folder``: edm.pkl (tiny EDM network), a published-format predictor as experiment 0 in
     ./exp, and the same weights as our snapshot ours.pt. Returns the pickle's path."""
-    from training.legacy import settings_of
-    from training.networks import AMEDPredictor
-    from training.snapshot import save_snapshot
+    from predictors.legacy import settings_of
+    from predictors.networks import AMEDPredictor
+    from predictors.snapshot import save_snapshot
     make_edm_pickle(folder / 'edm.pkl', TINY_SONG)
     pkl, net = make_published_predictor(folder / 'exp' / '00000-cifar10-4-5-ipndm-ipndm-2-poly7.0-afs',
                                         scale_dir=0.01, scale_time=0.2)
@@ -204,7 +204,7 @@ def test_edm_preset_errors(tmp_path, monkeypatch):
 def test_train_starts_from_published_predictor(tmp_path, monkeypatch):
     """train.py --predictor_path takes a published predictor (by experiment number in ./exp)."""
     import train
-    from training.snapshot import load_snapshot
+    from predictors.snapshot import load_snapshot
     monkeypatch.chdir(tmp_path)
     make_edm_pickle(tmp_path / 'edm.pkl', TINY_SONG)
     make_published_predictor(tmp_path / 'exp' / '00003-cifar10-4-5-ipndm-ipndm-2-poly7.0-afs', scale_time=0.2)
@@ -215,7 +215,7 @@ def test_train_starts_from_published_predictor(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     run = os.path.join('exps', os.listdir('exps')[0])
     trained, _ = load_snapshot(os.path.join(run, 'network-snapshot-000000.pt'))
-    from training.legacy import load_published_predictor
+    from predictors.legacy import load_published_predictor
     published, _ = load_published_predictor(os.path.join('exp', os.listdir('exp')[0], 'network-snapshot-000010.pkl'))
     for k, v in published.net.state_dict().items():
         assert torch.allclose(trained.state_dict()[k], v, atol=1e-6), k

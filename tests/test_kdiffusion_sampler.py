@@ -10,7 +10,7 @@ from integrations import card as C
 from integrations.kdiffusion import sample_amed
 from models.toy import GaussianMixture
 from tests.peers import k_diffusion_external, k_diffusion_sampling
-from training.networks import AMEDPredictor
+from predictors.networks import AMEDPredictor
 
 
 @pytest.fixture(scope='module')

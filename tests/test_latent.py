@@ -21,7 +21,7 @@ import train  # noqa: E402
 from models.latent import DiscreteEpsDenoiser, linear_alphas_cumprod  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils.misc import StackedRandomGenerator  # noqa: E402
-from training.networks import AMEDPredictor  # noqa: E402
+from predictors.networks import AMEDPredictor  # noqa: E402
 
 CAPTIONS = ['a red cat', 'two dogs on a bed', 'a bedroom', 'zebra 7', 'an empty room']
 STUDENTS = [('euler', {}), ('ipndm', {}), ('dpm', {}), ('dpmpp', dict(predict_x0=False, max_order=2)),

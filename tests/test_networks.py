@@ -1,4 +1,4 @@
-"""The AMED predictor network (training/networks.py) and its snapshot format (training/snapshot.py)."""
+"""The AMED predictor network (predictors/networks.py) and its snapshot format (predictors/snapshot.py)."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import solvers
-from training.networks import AMEDPredictor, PositionalEmbedding
-from training.snapshot import load_snapshot, save_snapshot
+from predictors.networks import AMEDPredictor, PositionalEmbedding
+from predictors.snapshot import load_snapshot, save_snapshot
 
 HEADS = [(0.0, 0.0), (0.01, 0.0), (0.0, 0.02), (0.01, 0.02)]
 

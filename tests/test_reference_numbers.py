@@ -18,8 +18,9 @@ from models.presets import load_model
 from torch_utils.misc import StackedRandomGenerator
 from training.launch import plan_training, run_training
 from training.loss import AMEDLoss
-from training.networks import AMEDPredictor
-from training.snapshot import load_snapshot, solver_kwargs_from_settings
+from predictors.networks import AMEDPredictor
+from predictors.settings import SolverSettings
+from predictors.snapshot import load_snapshot
 from training.training_loop import build_predictor
 
 
@@ -140,5 +141,5 @@ def test_end_to_end_reference_numbers(toy, tmp_path, monkeypatch, student, teach
     monkeypatch.chdir(tmp_path)
     predictor, settings = _train(student, teacher, 5, kimg=0.064, batch=16, scale_time=0.2, **dict(extra))
     latents, cond, exact = accuracy.reference_set(toy, range(16), steps_per_unit=16)
-    error = accuracy.solver_error(toy, latents, exact, predictor=predictor, **solver_kwargs_from_settings(settings))
+    error = accuracy.solver_error(toy, latents, exact, predictor=predictor, **SolverSettings.from_dict(settings).sample_kwargs())
     assert abs(error - REFERENCE[(student, teacher, extra)]) <= 5e-5, (student, error)

@@ -16,7 +16,9 @@ import sample
 import train
 from tests.test_train_sample import TINY, in_tmp, run_cli  # noqa: F401 (in_tmp: a fixture)
 from training import training_loop
-from training.snapshot import STATE_FILE, load_predictor, load_snapshot, load_training_state
+from predictors import load_predictor
+from predictors.snapshot import load_snapshot
+from training.state import STATE_FILE, load_training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 12 batches of 8, a stats line after each; --snap=0.032: a snapshot every 4 batches.
@@ -63,7 +65,7 @@ def options_of(run_dir):
 
 
 def final_state(run_dir):
-    predictor, _ = load_predictor(run_dir)
+    predictor = load_predictor(run_dir).predictor
     return predictor.state_dict()
 
 
@@ -209,7 +211,7 @@ def test_nan_guard_non_finite_weights(in_tmp):
 def test_periodic_snapshots(in_tmp, monkeypatch):
     """--snap=0.016 with batches of 8: a partial snapshot and the state after batches 2 and 4, the
     final one after batch 5; training_options.json follows."""
-    from training import experiments
+    from predictors import experiments
     marks, snapshots = [], []
     mark_run, save_snapshot = experiments.mark_run, training_loop.save_snapshot
 

@@ -71,13 +71,31 @@ def test_manifest_records_the_configuration(in_tmp):
     assert code == 0, out
     m = json.load(open('s/manifest.json'))
     assert m['format'] == 'amed-samples' and m['seeds'] == '3-5'
-    assert m['config']['solver']['name'] == 'ipndm' and m['config']['solver']['options'] == {'max_order': 2}
+    assert m['config']['solver']['solver'] == 'ipndm' and m['config']['solver']['max_order'] == 2
     assert len(m['config']['solver']['t_steps']) == 3 and m['config']['model']['dataset_name'] == 'toy'
     assert m['config']['source'] == {'kind': 'plain'}
 
 
+def test_a_manifest_of_older_code_still_matches(in_tmp):
+    """Manifests written before the solver settings became one value ({name, options, afs,
+    t_steps}) read as the same configuration: --resume continues such a folder."""
+    args = PLAIN + ['--seeds=3-5', '--outdir=s', '--solver=ipndm', '--max_order=2']
+    assert run(sample.main, args)[0] == 0
+    m = json.load(open('s/manifest.json'))
+    new = m['config']['solver']
+    m['config']['solver'] = dict(name='ipndm', options={'max_order': 2}, afs=False, t_steps=new['t_steps'])
+    json.dump(m, open('s/manifest.json', 'w'))
+    os.remove('s/000000/000004.png')
+    code, out = run(sample.main, args + ['--resume'])
+    assert code == 0 and '1 images (2 of 3 seeds already done)' in out, out
+    m['config']['solver']['options'] = {'max_order': 3}
+    json.dump(m, open('s/manifest.json', 'w'))
+    code, out = run(sample.main, args + ['--resume'])
+    assert code != 0 and 'differs in solver.max_order' in out, out
+
+
 @pytest.mark.parametrize('second,word', [
-    (['--solver=euler'], 'solver.name'),
+    (['--solver=euler'], 'solver.solver'),
     (['--schedule_rho=3'], 'solver.t_steps'),
     (['--afs=True'], 'solver.afs'),
     (['--no-subdirs'], 'layout.subdirs'),
@@ -160,7 +178,7 @@ def test_fid_calc_reads_the_manifests(in_tmp):
     code, out = run(sample.main, PLAIN + ['--seeds=0-5', '--outdir=runs/b', '--solver=euler'])
     assert code == 0, out
     code, out = run(fid.main, calc + ['--images=runs'])
-    assert code != 0 and 'mixes samples of two configurations' in out and 'solver.name' in out
+    assert code != 0 and 'mixes samples of two configurations' in out and 'solver.solver' in out
     # An image that no manifest lists.
     PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save('runs/a/000000/000042.png')
     code, out = run(fid.main, calc + ['--images=runs/a'])

@@ -16,7 +16,9 @@ import sample
 import train
 import solvers
 from models.presets import load_model
-from training.snapshot import load_predictor, load_snapshot, solver_kwargs_from_settings
+from predictors import load_predictor
+from predictors.settings import SolverSettings
+from predictors.snapshot import load_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset_name=toy', '--batch=8', '--total_kimg=0.016', '--no-progress', '--num_steps=3']
@@ -214,10 +216,10 @@ def test_class_conditional_builtin_model(in_tmp):
     assert len(os.listdir('c/000000')) == 3
     # The labels reach the model: the same noise with other labels gives other images, the same labels the same.
     model = load_model('toy_cond')
-    predictor, settings = load_predictor('0')
+    predictor, settings = load_predictor("0")[:2]
     latents = torch.randn([3, *model.img_shape], generator=torch.Generator().manual_seed(0))
     labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), model.label_dim).float()
-    kw = solver_kwargs_from_settings(settings)
+    kw = SolverSettings.from_dict(settings).sample_kwargs()
     with torch.no_grad():
         out, same, other = (solvers.sample(model, latents, c, predictor=predictor, **kw)
                             for c in (labels, labels.clone(), labels.roll(1, 0)))

@@ -10,7 +10,7 @@ from models.toy import GaussianMixture
 from torch_utils.misc import StackedRandomGenerator
 from evaluation import accuracy
 from training.loss import AMEDLoss
-from training.networks import AMEDPredictor
+from predictors.networks import AMEDPredictor
 
 
 class ConstantR(torch.nn.Module):

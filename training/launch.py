@@ -12,9 +12,12 @@ import solvers
 from models.presets import load_model
 from torch_utils import distributed as dist
 from torch_utils.misc import check_name_length, check_output_dir
-from training import experiments
-from training.networks import AMEDPredictor, check_half_width
-from training.snapshot import STATE_FILE, load_predictor, load_training_state, resolve_run_dir
+from predictors import experiments
+from predictors.networks import AMEDPredictor, check_half_width
+from predictors import load_predictor
+from predictors.settings import SolverSettings
+from predictors.snapshot import resolve_run_dir
+from training.state import STATE_FILE, load_training_state
 from training.loss import LOSSES, AMEDLoss
 from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
 
@@ -89,12 +92,13 @@ def plan_training(options, device):
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
 
     student = loss_fn.student
+    solver_settings = SolverSettings(o['sampler_stu'], num_steps=o['num_steps'], options=solvers.options_of(student),
+                                     schedule_type=o['schedule_type'], schedule_rho=o['schedule_rho'],
+                                     sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0], afs=o['afs'])
     settings = dict(
-        solver=o['sampler_stu'], num_steps=o['num_steps'], schedule_type=o['schedule_type'],
-        schedule_rho=o['schedule_rho'], sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0],
-        afs=o['afs'], **solvers.options_of(student), sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe, guidance_type=o['guidance_type'],
-        guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'], model_path=o['model_path'],
-        img_shape=list(model.img_shape), label_dim=int(model.label_dim))
+        solver_settings.to_dict(), sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe,
+        guidance_type=o['guidance_type'], guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'],
+        model_path=o['model_path'], img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
     init_state = None
     if o['predictor_path'] is not None:
@@ -109,7 +113,7 @@ def plan_training(options, device):
 def initial_weights(spec, settings, predictor_kwargs):
     """Weights to start training from: a predictor (ours or published; path, run folder or
     experiment number) trained for the same student, number of steps and model."""
-    predictor, loaded = load_predictor(spec)
+    predictor, loaded, _, _ = load_predictor(spec)
     for key in ('solver', 'num_steps', 'dataset_name'):
         if loaded.get(key) != settings[key]:
             raise ValueError(f"--predictor_path was trained with {key}={loaded.get(key)!r}, this run uses {settings[key]!r}")

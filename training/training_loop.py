@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
-from training import experiments
-from training.networks import AMEDPredictor
-from training.snapshot import STATE_FILE, save_snapshot, save_training_state
+from predictors import experiments
+from predictors.networks import AMEDPredictor
+from predictors.snapshot import save_snapshot
+from training.state import STATE_FILE, save_training_state
 
 #: Consecutive batches with a non-finite loss or predictor output after which training stops (a
 #: single one is tolerated: its gradients are sanitised, as in the official code).
@@ -261,8 +262,8 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
     log.txt); ``init_state`` is an optional predictor state dict to start from.
 
     Every ``snap_kimg`` (0: never) and on SIGINT/SIGTERM (after the current batch) a snapshot marked
-    partial and the training state (:data:`training.snapshot.STATE_FILE`) are saved; ``resume``,
-    such a state (:func:`training.snapshot.load_training_state`), continues from it, with the
+    partial and the training state (:data:`training.state.STATE_FILE`) are saved; ``resume``,
+    such a state (:func:`training.state.load_training_state`), continues from it, with the
     result of an uninterrupted run. The run folder's training_options.json records the kimg saved
     and, at the end, ``complete``. A signal raises :class:`TrainingInterrupted` after saving;
     :data:`PATIENCE` consecutive batches with a non-finite loss or predictor output (or such a

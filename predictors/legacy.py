@@ -19,6 +19,7 @@ import types
 import torch
 
 import solvers
+from predictors.settings import SolverSettings
 from torch_utils import persistence
 
 LEGACY_SAMPLERS = tuple(cls.legacy_name for cls in solvers.REGISTRY.values())
@@ -87,23 +88,25 @@ class LegacyPredictor(torch.nn.Module):
         return r.reshape(b), c.reshape(b), a.reshape(b)
 
 
+def solver_settings_of(net):
+    """The :class:`~predictors.settings.SolverSettings` of an official predictor, from its attributes
+    (``sampler_stu``, ``num_steps``, the schedule, ``afs`` and the options its solver takes)."""
+    takes = solvers.solver_class(net.sampler_stu, 'sampler_stu').options
+    official = dict(max_order=lambda v: None if v is None else int(v), predict_x0=bool, lower_order_final=bool)
+    options = {k: convert(getattr(net, k)) for k, convert in official.items() if k in takes}
+    return SolverSettings(net.sampler_stu, num_steps=int(net.num_steps), options=options,
+                          schedule_type=net.schedule_type, schedule_rho=float(net.schedule_rho), afs=bool(net.afs))
+
+
 def settings_of(net):
-    """Our sampler settings from the config attributes of an official predictor."""
-    solver = net.sampler_stu
-    settings = dict(solver=solver, num_steps=int(net.num_steps), schedule_type=net.schedule_type,
-                    schedule_rho=float(net.schedule_rho), afs=bool(net.afs), dataset_name=net.dataset_name,
-                    guidance_type=getattr(net, 'guidance_type', None), guidance_rate=getattr(net, 'guidance_rate', None),
-                    sampler_tea=getattr(net, 'sampler_tea', None), M=getattr(net, 'M', None))
-    takes = solvers.solver_class(solver, 'sampler_stu').options
-    if 'max_order' in takes:
-        settings['max_order'] = int(net.max_order) if net.max_order is not None else None
-    for opt in ('predict_x0', 'lower_order_final'):
-        if opt in takes:
-            settings[opt] = bool(getattr(net, opt))
-    if settings['guidance_type'] in ('None', None):
-        settings['guidance_type'] = None
-        settings['guidance_rate'] = None
-    return settings
+    """Our predictor settings from the config attributes of an official predictor: its solver
+    settings (:func:`solver_settings_of`), the model and the training recipe."""
+    guidance_type = getattr(net, 'guidance_type', None)
+    guided = guidance_type not in ('None', None)
+    return dict(solver_settings_of(net).to_dict(), dataset_name=net.dataset_name,
+                guidance_type=guidance_type if guided else None,
+                guidance_rate=getattr(net, 'guidance_rate', None) if guided else None,
+                sampler_tea=getattr(net, 'sampler_tea', None), M=getattr(net, 'M', None))
 
 
 def load_published_predictor(path, device='cpu', verbose=True):

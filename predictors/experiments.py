@@ -1,6 +1,6 @@
 """Experiment folders: naming and creating new runs, and their training_options.json, which also
 says whether the run is complete (finding a run's predictor is
-:func:`training.snapshot.resolve_predictor_path`).
+:func:`predictors.snapshot.resolve_predictor_path`).
 
 A run lives in ``<outdir>/NNNNN-<dataset>-<num_steps>-<nfe>-<student>-<teacher>-<M>-<schedule>[-afs][-<desc>]``
 (REFERENCE.md section 5; unlike the official code, ``--desc`` is joined with a '-').

@@ -1,6 +1,5 @@
-"""Predictor files: our code-free snapshot format, and the one entry point that reads any
-predictor (:func:`load_predictor`: a snapshot, a run folder, an experiment number, or a published
-NVIDIA-persistence pickle through :mod:`training.legacy`).
+"""Predictor files: our code-free snapshot format, and finding a run's snapshot (a run folder or an
+experiment number). Reading any predictor is :func:`predictors.load_predictor`.
 
 A snapshot is a ``torch.save``'d dict of plain data and tensors only::
 
@@ -12,11 +11,11 @@ A snapshot is a ``torch.save``'d dict of plain data and tensors only::
 
 so :func:`load_snapshot` reads it with ``torch.load(weights_only=True)`` and executes no code.
 NVIDIA-persistence pickles (the official ``.pkl`` predictors) are a different format that embeds
-source code; :func:`load_snapshot` refuses them and :func:`load_predictor` hands them to
-:func:`training.legacy.load_published_predictor`. A run folder or experiment number resolves to
+source code; :func:`load_snapshot` refuses them and :func:`predictors.load_predictor` hands them to
+:func:`predictors.legacy.load_published_predictor`. A run folder or experiment number resolves to
 the run's latest snapshot only once the run is complete (:func:`run_snapshot`).
 
-An unfinished run also holds ``training-state.pt`` (:func:`save_training_state`), from which
+An unfinished run also holds ``training-state.pt`` (:mod:`training.state`), from which
 ``train.py --resume`` continues.
 """
 
@@ -29,25 +28,18 @@ import zipfile
 
 import torch
 
-import solvers
 from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_problem
 
-from training import experiments
-from training.legacy import load_published_predictor
-from training.networks import AMEDPredictor
+from predictors import experiments
+from predictors.networks import AMEDPredictor
 
-__all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'load_predictor', 'resolve_predictor_path',
-           'latest_snapshot', 'find_run', 'resolve_run_dir', 'run_snapshot', 'check_compatible',
-           'solver_kwargs_from_settings', 'STATE_FILE', 'save_training_state', 'load_training_state']
+__all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'resolve_predictor_path', 'latest_snapshot',
+           'find_run', 'resolve_run_dir', 'run_snapshot', 'check_compatible', 'save_torch']
 
 FORMAT = 'amed-predictor'
-STATE_FORMAT = 'amed-training-state'
 VERSION = 1
-STATE_FILE = 'training-state.pt'   # in the folder of a run that has not finished
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
-SOLVER_KEYS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 'afs', 't_steps',
-               *solvers.OPTIONS)
-#: What every predictor's settings say (the published pickles' too, :mod:`training.legacy`).
+#: What every predictor's settings say (the published pickles' too, :mod:`predictors.legacy`).
 PREDICTOR_SETTINGS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'dataset_name')
 SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the brief puts the published predictors)
 
@@ -65,7 +57,7 @@ def _plain(name, value):
         raise ValueError(f'{name} is not JSON-serialisable: {e}') from None
 
 
-def _save_torch(path, data):
+def save_torch(path, data):
     """``torch.save`` ``data`` to ``path`` atomically (:func:`~torch_utils.misc.atomic_write`)."""
     def write(tmp):
         with open(tmp, 'wb') as f:
@@ -80,7 +72,7 @@ def save_snapshot(path, predictor, settings, progress=None):
 
     Args:
         path: destination file (conventionally ``*.pt``); its folder must exist.
-        predictor: an :class:`~training.networks.AMEDPredictor` (or a wrapper such as DDP whose
+        predictor: an :class:`~predictors.networks.AMEDPredictor` (or a wrapper such as DDP whose
             ``.module`` is one).
         settings: JSON-serialisable dict chosen by the caller (solver, num_steps, schedule, afs,
             ...); stored as plain data (tuples come back as lists).
@@ -102,14 +94,14 @@ def save_snapshot(path, predictor, settings, progress=None):
     }
     if progress is not None:
         data['progress'] = _plain('progress', progress)
-    _save_torch(path, data)
+    save_torch(path, data)
 
 
 def load_snapshot(path, device='cpu'):
     """Load a snapshot written by :func:`save_snapshot`; executes no code from the file.
 
     Returns:
-        ``(predictor, settings)``: the :class:`~training.networks.AMEDPredictor` in eval mode with
+        ``(predictor, settings)``: the :class:`~predictors.networks.AMEDPredictor` in eval mode with
         ``requires_grad=False`` on ``device``, and the settings dict.
 
     Raises:
@@ -163,34 +155,6 @@ def load_snapshot(path, device='cpu'):
     predictor.load_state_dict(state, strict=True)
     predictor.eval().requires_grad_(False)
     return predictor.to(device), settings
-
-
-def solver_kwargs_from_settings(settings):
-    """The sampling options stored in a predictor's (or card's) ``settings``: the arguments of
-    :func:`solvers.sample` besides the predictor."""
-    return {k: settings[k] for k in SOLVER_KEYS if k in settings}
-
-
-# ----------------------------------------------------------------------------------------------
-# The training state beside the snapshots of an unfinished run: what --resume needs besides the
-# options (plain data and tensors: the predictor and Adam state dicts, the loop position and the
-# statistics of the current tick).
-
-def save_training_state(path, state):
-    """Write the training-loop ``state`` (a dict of plain data and tensors) to ``path`` atomically."""
-    _save_torch(path, dict(format=STATE_FORMAT, version=VERSION, **state))
-
-
-def load_training_state(path):
-    """Read a file of :func:`save_training_state` (``torch.load(weights_only=True)``: runs no
-    code); ValueError (one line, naming the file) when it is not one."""
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:      # torch gives a bare OSError for a truncated file: name the file and the cause
-        raise ValueError(f'{path} is not an AMED training state ({torch_file_problem(path)})') from None
-    if not isinstance(data, dict) or data.get('format') != STATE_FORMAT or data.get('version') != VERSION:
-        raise ValueError(f'{path} is not an AMED training state (no format tag {STATE_FORMAT!r}, version {VERSION})')
-    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,31 +218,9 @@ def resolve_predictor_path(spec, search_dirs=SEARCH_DIRS):
     if '://' in spec:
         return spec
     if not os.path.exists(spec):
-        raise FileNotFoundError(f'predictor file not found: {spec}')
+        what = 'solver card' if spec.endswith('.json') else 'predictor file'
+        raise FileNotFoundError(f'{what} not found: {spec}')
     return spec
-
-
-def load_predictor(spec, device='cpu'):
-    """Load any predictor: our snapshot (.pt) or a published pickle (.pkl), given as a file, URL,
-    run folder or experiment number (:func:`resolve_predictor_path`).
-
-    Returns (predictor, settings) where settings hold everything the sampler needs. ValueError (one
-    line naming the file) when our snapshot's settings lack one of :data:`PREDICTOR_SETTINGS`, or
-    when a weight is NaN or infinite (a diverged training: it would sample black images)."""
-    path = resolve_predictor_path(spec)
-    if path.endswith('.pkl'):
-        predictor, settings = load_published_predictor(path, device=device)
-    else:
-        predictor, settings = load_snapshot(path, device=device)
-        missing = [k for k in PREDICTOR_SETTINGS if k not in settings]
-        if missing:
-            raise ValueError(f"{path}: the snapshot's settings lack {', '.join(missing)} (written by another "
-                             f"program, or edited)")
-    bad = sum(int((~torch.isfinite(v)).sum()) for v in predictor.state_dict().values() if v.is_floating_point())
-    if bad:
-        raise ValueError(f'{path}: {bad} of the predictor\'s weights are NaN or infinite (its training diverged); '
-                         f'it cannot sample')
-    return predictor, settings
 
 
 def check_compatible(settings, model):
