@@ -376,7 +376,7 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
                         predictor, settings, seconds = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp,
                                                              dataset_name=dataset_name)
                         record(label, nfe, seed, predictor=predictor, extra=dict(kimg=kimg, batch=batch,
-                               train_seconds=seconds), **snapshot.solver_kwargs_from_settings(settings))
+                               train_seconds=seconds), **SolverSettings.from_dict(settings).sample_kwargs())
 
 
 def _cell(values, fmt):
