@@ -359,8 +359,8 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
                           **{f'fd_{m}': frechet.image_fd(other, ref_stats[m], m) for m in DIST_METRICS}))
     nfes = [int(n) for n in nfes.split(',')]
     if plain:
-        for label, kwargs in plain_rows():
-            for nfe in nfes:
+        for nfe in nfes:   # in the order given: the first NFE's rows complete first
+            for label, kwargs in plain_rows():
                 if (dataset_name, label, nfe, None) not in done:
                     num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
                     record(label, nfe, None, num_steps=num_steps, afs=True, **kwargs)
