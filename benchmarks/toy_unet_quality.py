@@ -1,5 +1,6 @@
 """How good a stand-in for a real image network a built-in learned model (``toy_unet``, or with
-``--model=photo_unet`` the model of photographs) is: the quality tables of docs/findings.md.
+``--model=photo_unet`` the model of photographs) is: the quality tables of docs/findings.md and
+docs/photo_unet.md.
 
     python benchmarks/toy_unet_quality.py --out=docs/toy_unet/quality.json
     python benchmarks/toy_unet_quality.py --model=photo_unet --num=16 --fd_num=2000 --kimg=0 --out=docs/photo_unet/quality.json
@@ -42,7 +43,7 @@ from predictors.settings import SolverSettings  # noqa: E402
 EVAL_SEEDS = range(100000, 100064)
 FD_SEED0 = 300000
 SIGMAS = (0.002, 0.02, 0.1, 0.5, 1.0, 2.0, 10.0, 80.0)
-#: The paper's CIFAR-10 FID at NFE 5 (REFERENCE.md section 15).
+#: The paper's CIFAR-10 FID at NFE 5 (the official README).
 PAPER_CIFAR10 = {'AMED-Plugin (iPNDM)': 6.61, 'AMED-Solver': 7.59, 'iPNDM': 13.59, 'DPM-Solver++(3M)': 24.97,
                  'Euler': 49.66, 'DPM-Solver-2': 57.30}
 

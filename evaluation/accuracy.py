@@ -12,7 +12,7 @@ from torch_utils.misc import StackedRandomGenerator
 from training import plan_training, run_training
 from predictors import load_predictor
 
-#: The comparison of the quickstart: (label, solver options) of the baselines, as in DESIGN.md and
+#: The comparison of the quickstart: (label, solver options) of the baselines, as in
 #: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
 #: DPM-Solver++(3M) on logSNR).
 BASELINES = [
@@ -22,7 +22,7 @@ BASELINES = [
     ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
 ]
 
-#: The AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10; used with AFS), by student, and
+#: The AMED recipes of the paper (the official launch script, CIFAR-10; used with AFS), by student, and
 #: the DPM-Solver++ plugin on the baseline's logSNR schedule with the iPNDM recipe's other settings.
 AMED_RECIPES = {
     'amed': dict(sampler_stu='amed', sampler_tea='heun', M=1, schedule_type='time_uniform', schedule_rho=1.0,

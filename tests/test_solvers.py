@@ -146,7 +146,7 @@ def test_model_calls_match_nfe_formula(gmm, name, opts, with_predictor, afs):
                    predictor=pred, **opts)
     assert model.calls == solvers.count_nfe(name, num_steps, afs, with_predictor)
     if with_predictor:
-        assert model.calls == 2 * (num_steps - 1) - int(afs)   # REFERENCE.md 3.3
+        assert model.calls == 2 * (num_steps - 1) - int(afs)   # as the official code counts
 
 
 def test_teacher_calls_and_denoise_to_zero(gmm):
