@@ -328,9 +328,11 @@ def _append(path, record):
 @click.option('--fd_num', type=click.IntRange(2, len(FD_SEEDS)), default=1000, show_default=True,
               help='evaluation seeds 300000.. for the distribution metrics')
 @click.option('--plain/--no-plain', default=True, show_default=True, help='the plain solvers\' rows')
+@click.option('--solvers', default=None, help='only these plain solvers (labels, comma-separated; default: all)')
 @click.option('--out', type=str, help='append one JSON line per cell here (cells already there are skipped)')
 @click.option('--cache', type=str, default='samples/loss_study', show_default=True)
-def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, batch, num, fd_num, plain, out, cache):
+def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, batch, num, fd_num, plain, solvers, out,
+            cache):
     """Plain solvers and AMED (each recipe, loss and training seed) on one built-in model: RMS error to
     the reference ODE solution and FD-pixel8 / FD-spectrum against the model's training data."""
     model = load_model(dataset_name)
@@ -361,7 +363,7 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
     if plain:
         for nfe in nfes:   # in the order given: the first NFE's rows complete first
             for label, kwargs in plain_rows():
-                if (dataset_name, label, nfe, None) not in done:
+                if (dataset_name, label, nfe, None) not in done and (solvers is None or label in solvers.split(',')):
                     num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
                     record(label, nfe, None, num_steps=num_steps, afs=True, **kwargs)
     amed_nfes = [int(n) for n in (amed_nfe or ','.join(map(str, nfes))).split(',')]
