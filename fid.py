@@ -23,6 +23,7 @@ Examples:
 """
 
 import functools
+import sys
 
 import click
 
@@ -30,6 +31,7 @@ from metrics import clip_score
 from models import clip as clip_models
 from torch_utils import distributed as dist
 from torch_utils.misc import SEED_LIMIT
+from torch_utils.stopping import Stopped
 from generation import generate
 from metrics import frechet
 from metrics.image_sets import start
@@ -42,8 +44,11 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             raise click.ClickException(str(e)) from None
+        except Stopped as e:
+            dist.print0(e)
+            sys.exit(e.code)
         finally:
             dist.shutdown()
     return wrapper
@@ -154,7 +159,8 @@ def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, devi
 def toydata(dest, num, seed, dataset_name, overwrite, progress):
     """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`),
     with a manifest.json: a --dest holding images of another seed or model, or images without a
-    manifest, is refused unless --overwrite."""
+    manifest, is refused unless --overwrite. --dest is locked while it is written; SIGINT/SIGTERM
+    stop after the current chunk (exit 128 + the signal number) and say how to continue."""
     start('cpu')
     generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress, overwrite=overwrite)
 

@@ -8,6 +8,8 @@ Examples:
     python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (predictors/card.py)
 """
 
+import sys
+
 import click
 
 import solver_utils
@@ -15,6 +17,7 @@ import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
 from torch_utils.misc import MAX_SEEDS, FiniteFloat
+from torch_utils.stopping import Stopped
 from generation import generate
 
 @click.command(context_settings=dict(show_default=True))
@@ -41,7 +44,7 @@ from generation import generate
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 # Plain-solver options (only without --predictor_path/--card: they carry their own).
 @click.option('--solver', help=f"Plain solver (no predictor)  [default: {generate.PLAIN_DEFAULTS['solver']}]", type=click.Choice(list(solvers.PLAIN)))
-@click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(min=2))
+@click.option('--num_steps', help=f"Time points N  [default: {generate.PLAIN_DEFAULTS['num_steps']}]", type=click.IntRange(2, solver_utils.MAX_TIME_POINTS))
 @click.option('--schedule_type', help=f'Time schedule  [default: {solver_utils.SCHEDULE_TYPE}]', type=click.Choice(list(solver_utils.SCHEDULES)))
 @click.option('--schedule_rho', help=f'Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)  [default: {solver_utils.SCHEDULE_RHO:g}]', type=FiniteFloat(min=0, min_open=True))
 @click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))
@@ -55,7 +58,11 @@ from generation import generate
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=FiniteFloat())
 def main(device, progress, **options):
-    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
+    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver.
+    --outdir is locked while the run writes it (a second writer is refused). SIGINT/SIGTERM stop
+    after the current batch (exit 128 + the signal number) and a failed write stops at once (exit
+    1): the saved images are complete and listed in manifest.json, and the message says how to
+    continue (--resume)."""
     try:
         dev = dist.init(device)
         plan = generate.plan_sampling(device=dev, **options)
@@ -65,7 +72,13 @@ def main(device, progress, **options):
     dist.print0(plan.describe())
     try:
         generate.generate_images(plan, progress=progress)
+    except Stopped as e:
+        dist.print0(e)
+        sys.exit(e.code)
+    except OSError as e:
+        raise click.ClickException(str(e))
     finally:
+        plan.release()
         dist.shutdown()
     dist.print0('Done.')
 

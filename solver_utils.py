@@ -74,12 +74,20 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type=SCHEDULE_TYPE, s
     return t
 
 
+#: The most time points a schedule may have (student or teacher grid): a bound on what a run
+#: allocates, far above any useful few-step or teacher solver.
+MAX_TIME_POINTS = 10000
+
+
 def check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho):
     """Raise ValueError (naming the option) for schedule arguments that make no sense."""
     if schedule_type not in SCHEDULES:
         raise ValueError(f"unknown schedule_type {schedule_type!r} (choose one of {', '.join(SCHEDULES)})")
-    if int(num_steps) != num_steps or num_steps < 2:
-        raise ValueError(f'num_steps must be an integer of at least 2, got {num_steps}')
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, float)) or int(num_steps) != num_steps \
+            or num_steps < 2:
+        raise ValueError(f'num_steps must be an integer of at least 2, got {num_steps!r}')
+    if num_steps > MAX_TIME_POINTS:
+        raise ValueError(f'num_steps {int(num_steps)} is too large: a schedule has at most {MAX_TIME_POINTS} time points')
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f'sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max})')
     if schedule_type != 'logsnr' and not (schedule_rho > 0 and math.isfinite(schedule_rho)):

@@ -18,8 +18,8 @@ import solvers
 from models.presets import dataset_names
 from torch_utils import distributed as dist
 from torch_utils.misc import SEED_LIMIT, FiniteFloat
-from training.launch import DEFAULTS as D, plan_resume, plan_training, run_training
-from training.training_loop import TrainingDiverged, TrainingInterrupted
+from training.launch import DEFAULTS as D, plan_resume, plan_training, release, run_training
+from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 from training.loss import LOSSES
 from predictors.networks import check_half_width
 
@@ -87,7 +87,7 @@ class HalfWidth(click.ParamType):
 # Solver options.
 @click.option('--sampler_stu', help='Student solver', type=click.Choice(list(solvers.STUDENTS)), default=D['sampler_stu'])
 @click.option('--sampler_tea', help='Teacher solver', type=click.Choice(list(solvers.TEACHERS)), default=D['sampler_tea'])
-@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(min=2), default=D['num_steps'])
+@click.option('--num_steps', help='Student time points N (NFE 2(N-1), minus 1 with AFS)', type=click.IntRange(2, solver_utils.MAX_TIME_POINTS), default=D['num_steps'])
 @click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=D['M'])
 @click.option('--afs', help='Analytical first step', type=bool, default=D['afs'])
 # Schedule options.
@@ -117,7 +117,8 @@ class HalfWidth(click.ParamType):
 def main(ctx, dry_run, progress, device, resume, **opts):
     """Train an AMED predictor; the run lands in a new folder of --outdir (with --resume: the run's
     own folder). Exits with 128 + the signal number after SIGINT/SIGTERM, once the partial snapshot
-    and the training state are saved."""
+    and the training state are saved. The run folder is locked while the run writes it: a second
+    --resume of a running run is refused."""
     given = [p.opts[0] for p in ctx.command.params
              if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
     if resume is not None and given:
@@ -133,6 +134,7 @@ def main(ctx, dry_run, progress, device, resume, **opts):
     if dry_run:
         dist.print0(json.dumps(plan['options'], indent=2))
         dist.print0('Dry run; exiting.')
+        release(plan)
         dist.shutdown()
         return
     try:
@@ -140,9 +142,10 @@ def main(ctx, dry_run, progress, device, resume, **opts):
     except TrainingInterrupted as e:
         dist.print0(e)
         sys.exit(128 + e.signum)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, TrainingFailed, OSError) as e:
         raise click.ClickException(str(e))
     finally:
+        release(plan)
         dist.shutdown()
 
 

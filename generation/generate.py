@@ -22,7 +22,9 @@ from models.presets import load_model
 from generation import manifest
 from generation.manifest import seed_path
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils import locks
+from torch_utils.misc import SeedSet, StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils.stopping import StopSignals, Stopped, agree_stop, continue_command, signal_name, write_error
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
 
@@ -36,9 +38,22 @@ def to_uint8(images):
     return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(path, image):
+def png_writer(image):
+    """``write(path)`` that saves the uint8 (H, W, C) ``image`` as a PNG (for :func:`atomic_write`)."""
     img = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, 'L' if image.shape[2] == 1 else 'RGB')
-    atomic_write(path, lambda p: img.save(p, format='PNG'))
+    return lambda p: img.save(p, format='PNG')
+
+
+def npz_writer(**arrays):
+    """``write(path)`` that saves ``arrays`` as an .npz under exactly that name (for :func:`atomic_write`)."""
+    def write(p):
+        with open(p, 'wb') as f:
+            np.savez(f, **arrays)
+    return write
+
+
+def save_png(path, image):
+    atomic_write(path, png_writer(image))
 
 
 def make_grid(images, ncol=None):
@@ -83,6 +98,12 @@ class SamplingPlan:
     existing: dict = None
     overwrite: bool = False
     todo: list = None
+    lock: object = None
+
+    def release(self, cleanup=False):
+        """Release the lock on ``outdir`` (rank 0 holds it from the folder check to the end)."""
+        if self.lock is not None:
+            self.lock.release(cleanup=cleanup)
 
     def describe(self):
         """One line: what is sampled, how and where."""
@@ -196,16 +217,24 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
                   solver=SolverSettings.resolved(spec, t_steps, afs).to_dict(),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
-    existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
-    todo = None
-    if resume:
-        done = set(manifest.complete_seeds(outdir, seeds, subdirs)) if existing is not None else set()
-        todo = [s for s in seeds if s not in done]
-    solvers.warn_sigma_range(model, t_steps)
+    check_output_dir(outdir)
+    lock = locks.lock_on_rank0(outdir, f'--outdir {outdir}', wait=1.0)
+    try:
+        existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
+        todo = None
+        if resume:
+            done = set(manifest.complete_seeds(outdir, seeds, subdirs, return_inters)) if existing is not None \
+                else set()
+            todo = [s for s in seeds if s not in done]
+        solvers.warn_sigma_range(model, t_steps)
+    except BaseException:
+        if lock is not None:
+            lock.release(cleanup=True)
+        raise
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
                         predictor=predictor, settings=settings, run_settings=run_settings, label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
-                        config=config, existing=existing, overwrite=overwrite, todo=todo)
+                        config=config, existing=existing, overwrite=overwrite, todo=todo, lock=lock)
 
 
 def _weights_sha256(predictor):
@@ -243,30 +272,95 @@ def _settings_tag(spec, t_steps, run_settings):
     return '-'.join(parts)
 
 
+def _prepare(outdir, config, seeds, existing, overwrite):
+    """Rank 0 prepares the folder (:func:`generation.manifest.prepare_folder`); a failed write is
+    one line on every rank."""
+    err = None
+    if dist.is_main():
+        try:
+            manifest.prepare_folder(outdir, config, seeds, existing, overwrite)
+        except OSError as e:
+            err = write_error(os.path.join(outdir, manifest.MANIFEST), e) + '; nothing was sampled'
+    dist.raise_on_any(err, OSError)
+
+
+def write_batches(outdir, batches, produce, total, what, progress=True, unit='batch', resume=('--resume',)):
+    """The writing loop of sample.py and ``fid.py toydata``: for each of this rank's ``batches``,
+    ``produce(batch)`` yields ``(seed, [(path, write), ...])`` and each file is written atomically
+    (``write(tmp_path)``). A seed counts as saved once all its files are (a seed without files, as
+    in a grid, is the caller's to record). ``resume``: the options that continue the command.
+
+    SIGINT/SIGTERM end the loop after the current batch, a failed write (full disk, read-only
+    folder, file-size limit) at once; all ranks stop at the same batch (:func:`agree_stop`). The
+    saved seeds are then added to the manifest (rank 0), and :class:`torch_utils.stopping.Stopped`
+    says what was saved and how to continue. Returns the saved seeds (a SeedSet, all ranks, on
+    rank 0; None elsewhere)."""
+    saved, failure, signum = [], None, 0
+    bar = tqdm(batches, unit=unit, disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    with StopSignals() as signals:
+        for batch in bar:
+            if len(batch) > 0:
+                for seed, files in produce(batch):
+                    try:
+                        for path, write in files:
+                            atomic_write(path, write)
+                    except OSError as e:
+                        failure = write_error(path, e)
+                        break
+                    if files:
+                        saved.append(seed)
+            signum, failure = agree_stop(signals.signum, failure)
+            if signum or failure:
+                break
+    bar.close()
+    parts = dist.gather_objects(str(SeedSet(saved)))
+    written, listed = None, f'listed in {manifest.MANIFEST}'
+    if dist.is_main():
+        written = SeedSet()
+        for part in parts:
+            written = written | SeedSet(part)
+        if written:
+            try:
+                manifest.record_written(outdir, written)
+            except OSError as e:
+                listed = f'not yet listed in {manifest.MANIFEST}: {write_error(manifest.MANIFEST, e)}'
+                failure = failure or write_error(os.path.join(outdir, manifest.MANIFEST), e)
+    count = len(written) if written is not None else 0
+    if signum or failure:
+        cause = f'{signal_name(signum)}: stopped' if signum and not failure else failure
+        raise Stopped(f'{cause}; {count} of the {total} {what} of this run are saved (complete files, {listed}); '
+                      f'continue with: {continue_command(add=resume)}', 128 + signum if signum and not failure else 1)
+    return written
+
+
 @torch.no_grad()
 def generate_images(plan, progress=True):
     """Sample one image per seed of ``plan`` (:func:`plan_sampling`) and write PNGs (and trajectories).
 
-    First, rank 0 writes the folder's manifest (``manifest.json``: the run's configuration and
-    seeds; with ``overwrite`` after removing the folder's old sample files). This rank then handles
-    its share of the seeds to do (:func:`torch_utils.distributed.rank_seeds`; with ``resume`` the
-    seeds whose PNG was complete are skipped). Writes ``outdir/<seed//1000*1000>/<seed>.png``
-    (``subdirs``) or ``outdir/<seed>.png``; with ``grid`` a single ``outdir/grid.png`` of all seeds in
-    seed order instead; with ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid
-    points (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Returns the number of images
-    written by this rank."""
+    First, rank 0, which holds the folder's lock since :func:`plan_sampling`, writes the folder's
+    manifest (``manifest.json``: the run's configuration and seeds; with ``overwrite`` after
+    removing the folder's old sample files). This rank then handles its share of the seeds to do
+    (:func:`torch_utils.distributed.rank_seeds`; with ``resume`` the seeds whose files were
+    complete are skipped). Writes ``outdir/<seed//1000*1000>/<seed>.png`` (``subdirs``) or
+    ``outdir/<seed>.png``; with ``grid`` a single ``outdir/grid.png`` of all seeds in seed order
+    instead; with ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid points
+    (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Stops cleanly on SIGINT/SIGTERM or
+    a failed write (:func:`write_batches`, :class:`torch_utils.stopping.Stopped`). Returns the
+    number of images written by this rank; the lock is released at the end."""
+    try:
+        return _generate_images(plan, progress)
+    finally:
+        plan.release()
+
+
+def _generate_images(plan, progress):
     model, outdir, device = plan.model, plan.outdir, plan.device
     dist.barrier()   # every rank has planned (and, with resume, listed what is done) before anything is written
-    if dist.is_main():
-        manifest.prepare_folder(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
-    dist.barrier()
-    batches = dist.rank_seeds(plan.seeds if plan.todo is None else plan.todo, plan.batch)
+    _prepare(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
     collected = []
-    written = 0
-    bar = tqdm(batches, unit='batch', disable=not (progress and dist.is_main()), dynamic_ncols=True)
-    for batch_seeds in bar:
-        if len(batch_seeds) == 0:
-            continue
+    written = [0]
+
+    def produce(batch_seeds):
         seeds_list = batch_seeds.tolist()
         rnd = StackedRandomGenerator(device, seeds_list)
         latents = rnd.randn([len(seeds_list), *model.img_shape])
@@ -276,22 +370,35 @@ def generate_images(plan, progress=True):
         x = out[-1] if plan.return_inters else out
         images = to_uint8(model.decode(x))
         for j, seed in enumerate(seeds_list):
+            files = []
             if plan.grid:
                 collected.append((seed, images[j]))
             else:
-                save_png(seed_path(outdir, seed, 'png', plan.subdirs), images[j])
+                files.append((seed_path(outdir, seed, 'png', plan.subdirs), png_writer(images[j])))
             if plan.return_inters:
                 traj = out[:, j].float().cpu().numpy()
-                atomic_write(seed_path(outdir, seed, 'npz', plan.subdirs),
-                             lambda p: np.savez(p, trajectory=traj, sigmas=plan.t_steps.numpy()))
-            written += 1
+                files.append((seed_path(outdir, seed, 'npz', plan.subdirs),
+                              npz_writer(trajectory=traj, sigmas=plan.t_steps.numpy())))
+            written[0] += 1
+            yield seed, files
+
+    todo = plan.seeds if plan.todo is None else plan.todo
+    write_batches(outdir, dist.rank_seeds(todo, plan.batch), produce, len(todo), 'images', progress,
+                  resume=() if plan.grid else ('--resume',))
     if plan.grid:
         gathered = dist.gather_objects(collected)
+        err = None
         if dist.is_main():
             allimgs = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-            save_png(os.path.join(outdir, 'grid.png'), make_grid(np.stack([img for _, img in allimgs])))
+            path = os.path.join(outdir, 'grid.png')
+            try:
+                save_png(path, make_grid(np.stack([img for _, img in allimgs])))
+                manifest.record_written(outdir, SeedSet(plan.seeds))
+            except OSError as e:
+                err = write_error(path, e) + '; run the same command again'
+        dist.raise_on_any(err, OSError)
     dist.barrier()
-    return written
+    return written[0]
 
 
 def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True, overwrite=False):
@@ -305,28 +412,40 @@ def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True, overwri
     The folder gets a sample manifest (:mod:`generation.manifest`: the model and the seed, with the
     image indices as its seeds), so it never mixes two data sets: a folder holding images of another
     seed or model, or images without a manifest, is refused before anything is written unless
-    ``overwrite`` (which removes them first)."""
+    ``overwrite`` (which removes them first). Rank 0 holds ``dest`` under a lock
+    (:mod:`torch_utils.locks`) from the check to the end; SIGINT/SIGTERM and failed writes stop
+    cleanly (:func:`write_batches`)."""
     if num < 1:
         raise ValueError(f'--num must be at least 1, got {num}')
     check_seed(seed, '--seed')
     config = dict(source=dict(kind='toydata', seed=int(seed)), model=dict(dataset_name=dataset_name),
                   layout=dict(grid=False, subdirs=True, return_inters=False))
-    existing = manifest.check_folder(dest, config, overwrite=overwrite, option='--dest')
-    model = toy.build(dataset_name)
-    dist.barrier()   # every rank has checked the folder before rank 0 changes it
-    if dist.is_main():
-        manifest.prepare_folder(dest, config, range(num), existing, overwrite)
-    dist.barrier()
-    chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
-    for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
-        if len(chunk) == 0:
-            continue
-        c = int(chunk[0])
-        state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        images = to_uint8(model.sample(TOY_CHUNK, gen))
-        for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
-            i = c * TOY_CHUNK + j
-            save_png(seed_path(dest, i, 'png'), images[j])
-    dist.barrier()
+    check_output_dir(dest, '--dest')
+    lock = locks.lock_on_rank0(dest, f'--dest {dest}', wait=1.0)
+    try:
+        existing = manifest.check_folder(dest, config, overwrite=overwrite, option='--dest')
+        model = toy.build(dataset_name)
+    except BaseException:
+        if lock is not None:
+            lock.release(cleanup=True)
+        raise
+    try:
+        dist.barrier()   # every rank has checked the folder before rank 0 changes it
+        _prepare(dest, config, range(num), existing, overwrite)
+
+        def produce(chunk):
+            c = int(chunk[0])
+            state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            images = to_uint8(model.sample(TOY_CHUNK, gen))
+            for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
+                i = c * TOY_CHUNK + j
+                yield i, [(seed_path(dest, i, 'png'), png_writer(images[j]))]
+
+        write_batches(dest, dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1), produce, num, 'images', progress,
+                      unit='chunk', resume=())
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
     dist.print0(f'Wrote {num} exact samples of {dataset_name} to {dest}')

@@ -31,7 +31,8 @@ from predictors import load_predictor, snapshot
 from predictors.card import (FORMAT, VERSION, REQUIRED, CardPredictor, build_card, card_settings,  # noqa: F401
                              card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points,
                              tail_steps)
-from torch_utils.misc import StackedRandomGenerator, parse_seeds
+from torch_utils.locks import Lock
+from torch_utils.misc import StackedRandomGenerator, check_output_file, parse_seeds
 
 FEATURE_MODES = ('mean', 'mean_feature', 'zero')
 DEFAULT_FEATURE = 'mean'
@@ -150,14 +151,26 @@ def main():
 @click.option('--prompt', help='ms_coco: one prompt for the calibration', type=str)
 @click.option('--prompt_path', help='ms_coco: captions CSV (caption i for calibration seed i)', type=str)
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
-def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device):
-    """Export the solver card of a predictor."""
+@click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
+def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device,
+           overwrite):
+    """Export the solver card of a predictor. --out is checked (and locked) before the calibration;
+    an existing card is replaced only with --overwrite."""
+    lock = None
     try:
+        if device == 'cuda' and not torch.cuda.is_available():
+            raise ValueError('--device=cuda: CUDA is not available here; use --device=cpu')
+        check_output_file(out, '--out', overwrite)
+        lock = Lock(out, f'--out {out}', is_file=True, wait=1.0)
+        check_output_file(out, '--out', overwrite)   # again, now that no one else writes it
         card = export_card(predictor_path, feature, seeds, batch, model_path=model_path,
                            classifier_path=classifier_path, prompt=prompt, prompt_path=prompt_path, device=device)
         save_card(card, out)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    finally:
+        if lock is not None:
+            lock.release(cleanup=True)
     click.echo(f"Wrote {out}: {card['solver']} card, {card['num_steps']} time points, NFE {card['nfe']}, "
                f"feature {feature}")
 

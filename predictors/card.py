@@ -114,6 +114,11 @@ def load_card(source):
         raise ValueError(f"{where}: solver {card['solver']!r} is not an AMED student ({', '.join(solvers.STUDENTS)})")
     if not isinstance(card['solver_options'], dict):
         raise ValueError(f'{where}: solver_options must be a dict of the options of solver {card["solver"]!r}')
+    if not isinstance(card['afs'], bool):
+        raise ValueError(f"{where}: afs must be true or false, got {card['afs']!r}")
+    for key in ('model', 'schedule'):
+        if not isinstance(card.get(key, {}), dict):
+            raise ValueError(f'{where}: {key} must be an object (a JSON dict), got {card[key]!r}')
     try:
         card_solver_settings(card)
     except ValueError as e:
@@ -129,11 +134,16 @@ def load_card(source):
             raise ValueError(f'{where}: {key} must hold {n} numbers, one per interval of t_steps')
     if any(not 0 < v <= 1 for v in card['r']):
         raise ValueError(f'{where}: every r must lie in (0, 1]')
-    sigmas, queries = schedule_points(t, card['r'], card['scale_time'], bool(card['afs']))
+    for key in ('scale_dir', 'scale_time'):
+        if any(v <= 0 for v in card[key]):
+            raise ValueError(f'{where}: every {key} must be positive (a factor near 1), got {min(card[key])}')
+    sigmas, queries = schedule_points(t, card['r'], card['scale_time'], card['afs'])
     for key, expected in (('sigmas', sigmas), ('query_sigmas', queries)):
         got = card[key]
+        # 'not <=' so that NaN (for which every comparison is false) is refused too
         if not isinstance(got, list) or len(got) != len(expected) or \
-                any(abs(a - b) > 1e-6 * abs(b) for a, b in zip(got, expected)):
+                any(isinstance(a, bool) or not isinstance(a, (int, float)) or not abs(a - b) <= 1e-6 * abs(b)
+                    for a, b in zip(got, expected)):
             raise ValueError(f'{where}: {key} do not follow from t_steps, r and scale_time')
     return card
 
