@@ -106,8 +106,8 @@ def test_denoiser_is_close_to_the_exact_one():
 
 
 def test_photo_denoiser_learned_the_photographs():
-    """photo_unet denoises held-out photograph crops: at sigma 0.2 its output is closer to the clean
-    crop than the noisy input is, by a wide margin (a network that had learned nothing would not be)."""
+    """photo_unet denoises photographs it never saw: at sigma 0.2 its output is less than half as far
+    from the clean held-out crops as the noisy input is (measured: 0.45; the identity gives 1)."""
     model = load_model('photo_unet')
     g = torch.Generator().manual_seed(0)
     x0 = photo_unet.held_out_data().sample(16, generator=g).float()
