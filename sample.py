@@ -5,6 +5,8 @@ Examples:
 
     python sample.py --predictor_path=0 --seeds=0-63 --grid             # experiment 0 in ./exps
     python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
+    python sample.py --dataset_name=toy --solver=unipc --num_steps=6 --schedule_type=logsnr --afs=True --seeds=0-63
+    python sample.py --dataset_name=toy --solver=deis --t_steps=80,10,2,0.5,0.1,0.002 --seeds=0-63
     python sample.py --card=card.json --seeds=0-63 --grid                # a solver card (predictors/card.py)
 """
 
@@ -49,12 +51,16 @@ from generation import generate
 @click.option('--schedule_rho', help=f'Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)  [default: {solver_utils.SCHEDULE_RHO:g}]', type=FiniteFloat(min=0, min_open=True))
 @click.option('--sigma_min', help="Lowest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))
 @click.option('--sigma_max', help="Highest noise level  [default: the model's]", type=FiniteFloat(min=0, min_open=True))
+@click.option('--t_steps', help='Explicit schedule replacing the schedule options: noise levels, descending and comma-separated, or a JSON file with their list (or a card\'s t_steps)', type=str)
 @click.option('--afs', help='Analytical first step  [default: False]', type=bool)
+@click.option('--denoise_to_zero', help='Finish with one more model call x <- D(x; sigma_min), counted in the NFE  [default: False]', type=bool)
 @click.option('--max_order', help=f"Multistep order: {', '.join(f'{c.name} 1-{c.max_order_limit}' for c in solvers.REGISTRY.values() if c.max_order_limit)}  [default: the highest]", type=int)
-@click.option('--predict_x0', help='dpmpp: data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)  [default: True]', type=bool)
-@click.option('--lower_order_final', help='dpmpp: lower orders on the last steps  [default: True]', type=bool)
+@click.option('--predict_x0', help='dpmpp, unipc: data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)  [default: True]', type=bool)
+@click.option('--lower_order_final', help='dpmpp, unipc: lower orders on the last steps  [default: True]', type=bool)
 @click.option('--corrected_3m', help='dpmpp: third-order-accurate order-3 update  [default: False, the official update]', type=bool)
-@click.option('--thresholding', help='dpmpp: dynamic thresholding of the data prediction  [default: predict_x0 on pixel models, False on latent models]', type=bool)
+@click.option('--variant', help='unipc: B(h) = h (bh1) or e^h - 1 (bh2)  [default: bh2]', type=click.Choice(list(solver_utils.UNIPC_VARIANTS)))
+@click.option('--deis_mode', help='deis: interpolate the direction in VP time (tab), sigma (rhoab) or log sigma (logrho, as diffusers)  [default: tab]', type=click.Choice(list(solver_utils.DEIS_MODES)))
+@click.option('--thresholding', help='dpmpp, unipc: dynamic thresholding of the data prediction  [default: predict_x0 on pixel models, False on latent models]', type=bool)
 @click.option('--guidance_type', help='Guidance of a plain run (cg: imagenet256, cfg: ms_coco, uncond: lsun_bedroom_ldm)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate of a plain run', type=FiniteFloat())
 def main(device, progress, **options):

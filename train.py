@@ -104,6 +104,9 @@ class HalfWidth(click.ParamType):
               'predict_x0 on pixel models, False on latent models)', type=bool)
 @click.option('--corrected_3m', help='DPM-Solver++: third-order-accurate order-3 update (default False: the '
               'official update)', type=bool)
+@click.option('--variant', help='UniPC teacher: bh1 or bh2 (default bh2)', type=click.Choice(list(solver_utils.UNIPC_VARIANTS)))
+@click.option('--deis_mode', help='DEIS: interpolation in VP time (tab), sigma (rhoab) or log sigma (logrho) (default tab)',
+              type=click.Choice(list(solver_utils.DEIS_MODES)))
 # Guidance options.
 @click.option('--guidance_type', help='cg, cfg or uncond (models that take guidance)', type=click.Choice(['cg', 'cfg', 'uncond']))
 @click.option('--guidance_rate', help='Guidance rate', type=FiniteFloat())

@@ -8,6 +8,8 @@ so an image depends only on its seed: not on the batch size, not on the number o
 
 import dataclasses
 import hashlib
+import json
+import math
 import os
 
 import numpy as np
@@ -28,8 +30,9 @@ from torch_utils.stopping import StopSignals, Stopped, agree_stop, continue_comm
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
 
-#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
-SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
+#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options); an explicit
+#: ``t_steps`` replaces the others.
+SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 't_steps')
 
 TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
 
@@ -72,6 +75,35 @@ def make_grid(images, ncol=None):
 PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False)
 
 
+def parse_t_steps(text):
+    """An explicit schedule from the command line: a JSON file holding a list of noise levels (or an
+    object with a ``t_steps`` list, as a solver card), or the levels themselves, comma-separated
+    (brackets allowed). ValueError (one line) otherwise; the levels are checked by
+    :func:`solvers.check_t_steps`."""
+    text = str(text).strip()
+    if os.path.isfile(text):
+        try:
+            with open(text) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f'--t_steps {text}: not a JSON list of noise levels ({e})') from None
+        if isinstance(data, dict):
+            data = data.get('t_steps')
+        where = f'--t_steps {text}'
+    else:
+        try:
+            data = [float(v) for v in text.strip('[]').split(',') if v.strip()]
+        except ValueError:
+            raise ValueError(f'--t_steps {text!r}: neither a file nor a comma-separated list of noise levels') from None
+        where = '--t_steps'
+    if not isinstance(data, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in data):
+        raise ValueError(f'{where}: expected a list of finite noise levels')
+    try:
+        return solvers.check_t_steps(data).tolist()
+    except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+
+
 @dataclasses.dataclass
 class SamplingPlan:
     """Everything a sampling run needs, validated: what :func:`plan_sampling` returns and
@@ -84,6 +116,7 @@ class SamplingPlan:
     solver: solvers.Solver
     t_steps: torch.Tensor
     afs: bool = False
+    denoise_to_zero: bool = False
     predictor: object = None
     settings: dict = dataclasses.field(default_factory=dict)
     run_settings: SolverSettings = None
@@ -118,7 +151,7 @@ class SamplingPlan:
 def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=None, seeds='0-63', outdir=None,
                   grid=False, subdirs=True, return_inters=False, batch=64, classifier_path=None, prompt=None,
                   prompt_path=None, use_fp16=False, device=torch.device('cpu'), guidance_type=None,
-                  guidance_rate=None, overwrite=False, resume=False, **solver_options):
+                  guidance_rate=None, overwrite=False, resume=False, denoise_to_zero=False, **solver_options):
     """Validate a sampling run and load what it needs; write nothing. ValueError (or
     FileNotFoundError) with one line naming the problem.
 
@@ -128,7 +161,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     (solver, num_steps, the schedule options, afs and the solver's options; defaults
     :data:`PLAIN_DEFAULTS`). A predictor or card carries its own solver settings, model and guidance:
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
-    ``outdir``, ``overwrite`` and ``resume``: see :func:`build_plan`."""
+    ``outdir``, ``overwrite``, ``resume`` and ``denoise_to_zero``: see :func:`build_plan`."""
     given = {k: v for k, v in solver_options.items() if v is not None}
     unknown = set(given) - set(PLAIN_DEFAULTS) - set(SCHEDULE_OPTIONS) - set(solvers.OPTIONS)
     if unknown:
@@ -160,6 +193,11 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
             raise ValueError(f'the {source} names no model: give --dataset_name')
         guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
     else:
+        if 't_steps' in given:
+            given['t_steps'] = parse_t_steps(given['t_steps'])
+            clash = [k for k in SCHEDULE_OPTIONS if k in given and k != 't_steps']
+            if clash:
+                raise ValueError(f'--t_steps sets the whole schedule: drop --{clash[0]}')
         solver_utils.check_rho_used(given.get('schedule_type'), given.get('schedule_rho'))
         run_settings = plain_settings(given)
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
@@ -169,7 +207,8 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
                           prompt_path=prompt_path, use_fp16=bool(use_fp16))
     return build_plan(model, seed_list, outdir, run_settings, predictor, settings, origin=origin,
                       model_identity=model_identity, grid=grid, subdirs=subdirs, return_inters=return_inters,
-                      batch=batch, device=device, overwrite=overwrite, resume=resume)
+                      batch=batch, device=device, overwrite=overwrite, resume=resume,
+                      denoise_to_zero=bool(denoise_to_zero))
 
 
 def plain_settings(options):
@@ -182,7 +221,7 @@ def plain_settings(options):
 
 def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None, origin=None, model_identity=None,
                grid=False, subdirs=True, return_inters=False, batch=64, device=torch.device('cpu'), overwrite=False,
-               resume=False):
+               resume=False, denoise_to_zero=False):
     """The :class:`SamplingPlan` of a loaded ``model`` with ``run_settings`` (a
     :class:`~predictors.settings.SolverSettings`, or a dict it reads: a predictor's ``settings``),
     validated once, before anything is written.
@@ -192,7 +231,8 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
     names the predictor (its run folder and snapshot, or its card) or the plain solver's full
     settings: ``samples/[grids/]<dataset>/<name>``. The folder's manifest must match this run's
     configuration (:mod:`generation.manifest`) unless ``overwrite``; ``resume`` skips the seeds
-    whose PNG is already complete."""
+    whose PNG is already complete. ``denoise_to_zero`` ends each run with one more model call,
+    x <- D(x; sigma_min), counted in the NFE."""
     settings = settings or {}
     if predictor is not None:
         snapshot.check_compatible(settings, model)
@@ -204,18 +244,20 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
         run_settings = SolverSettings.from_dict(run_settings)
     afs = run_settings.afs
     spec, t_steps = run_settings.prepare(model, predictor)
-    nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
+    nfe = solvers.count_nfe(spec, len(t_steps), afs, predictor is not None, denoise_to_zero,
+                            calls_per_eval=model.calls_per_eval)
     label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
     origin = origin or (None if predictor is None else dict(kind='predictor object', sha256=_weights_sha256(predictor)))
     label += '-card' if origin and origin['kind'] == 'card' else ''
     dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
     if outdir is None:
         name = _origin_folder(origin) if origin and 'file' in origin else \
-            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_settings)
+            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_settings, denoise_to_zero)
         outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, name)
     identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
-                  solver=SolverSettings.resolved(spec, t_steps, afs).to_dict(),
+                  solver=dict(SolverSettings.resolved(spec, t_steps, afs).to_dict(),
+                              **(dict(denoise_to_zero=True) if denoise_to_zero else {})),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
     check_output_dir(outdir)
     lock = locks.lock_on_rank0(outdir, f'--outdir {outdir}', wait=1.0)
@@ -232,7 +274,8 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
             lock.release(cleanup=True)
         raise
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
-                        predictor=predictor, settings=settings, run_settings=run_settings, label=label, nfe=nfe,
+                        denoise_to_zero=denoise_to_zero, predictor=predictor, settings=settings, run_settings=run_settings,
+                        label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
                         config=config, existing=existing, overwrite=overwrite, todo=todo, lock=lock)
 
@@ -257,7 +300,7 @@ def _origin_folder(origin):
     return os.path.join(run, stem) if run else stem
 
 
-def _settings_tag(spec, t_steps, run_settings):
+def _settings_tag(spec, t_steps, run_settings, denoise_to_zero=False):
     """A plain solver's full settings as a folder name part: time points, schedule, sigma range,
     AFS and every solver option (e.g. ``n6-poly7.0-sigma0.002-80-afs-max_order4``)."""
     parts = [f'n{len(t_steps)}']
@@ -268,6 +311,8 @@ def _settings_tag(spec, t_steps, run_settings):
     parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
     if run_settings.afs:
         parts.append('afs')
+    if denoise_to_zero:
+        parts.append('dtz')
     parts += [f'{opt}{value}' for opt, value in solvers.options_of(spec).items()]
     return '-'.join(parts)
 
@@ -359,6 +404,7 @@ def _generate_images(plan, progress):
     _prepare(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
     collected = []
     written = [0]
+    sigmas = np.append(plan.t_steps.numpy(), [0.0] * plan.denoise_to_zero)   # the denoised sample last
 
     def produce(batch_seeds):
         seeds_list = batch_seeds.tolist()
@@ -366,7 +412,8 @@ def _generate_images(plan, progress):
         latents = rnd.randn([len(seeds_list), *model.img_shape])
         cond = model.sample_cond(rnd, len(seeds_list))
         out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
-                             predictor=plan.predictor, return_inters=plan.return_inters)
+                             predictor=plan.predictor, denoise_to_zero=plan.denoise_to_zero,
+                             return_inters=plan.return_inters)
         x = out[-1] if plan.return_inters else out
         images = to_uint8(model.decode(x))
         for j, seed in enumerate(seeds_list):
@@ -378,7 +425,7 @@ def _generate_images(plan, progress):
             if plan.return_inters:
                 traj = out[:, j].float().cpu().numpy()
                 files.append((seed_path(outdir, seed, 'npz', plan.subdirs),
-                              npz_writer(trajectory=traj, sigmas=plan.t_steps.numpy())))
+                              npz_writer(trajectory=traj, sigmas=sigmas)))
             written[0] += 1
             yield seed, files
 

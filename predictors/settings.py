@@ -107,7 +107,8 @@ class SolverSettings:
 
     def nfe(self, with_predictor, calls_per_eval=1):
         """Model evaluations of one run (:func:`solvers.count_nfe`)."""
-        return solvers.count_nfe(self.solver, self.num_steps, self.afs, with_predictor, calls_per_eval=calls_per_eval)
+        spec = solvers.make_solver(self.solver, **self.solver_options)    # UniPC's count depends on max_order
+        return solvers.count_nfe(spec, self.num_steps, self.afs, with_predictor, calls_per_eval=calls_per_eval)
 
     def replace(self, **changes):
         """A copy with ``changes`` (validated again); ``options`` may be a dict of some options."""
