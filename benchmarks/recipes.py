@@ -78,7 +78,7 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
     model = load_model(dataset_name)
     names = seed_names.split(',')
     nums = [int(n) for n in num.split(',')] * (len(names) if ',' not in num else 1)
-    sets = {name: seed_set(model, name, cache, key=dataset_name, num=None if n == 256 else n)
+    sets = {name: seed_set(model, name, cache, num=None if n == 256 else n)
             for name, n in zip(names, nums)}
     opts = dict(recipe_options(recipe), loss=loss, **parse_overrides(overrides))
     command = 'python benchmarks/recipes.py run ' + ' '.join(sys.argv[2:])
@@ -121,7 +121,7 @@ def baselines(dataset_name, nfes, seed_name, num, out, cache):
     """The plain solvers of the comparison (evaluation.accuracy.BASELINES) on a seed set: error and
     ratio to plain iPNDM at each NFE, one JSON line each."""
     model = load_model(dataset_name)
-    latents, cond, exact = seed_set(model, seed_name, cache, key=dataset_name, num=None if num == 256 else num)
+    latents, cond, exact = seed_set(model, seed_name, cache, num=None if num == 256 else num)
     for nfe in [int(n) for n in nfes.split(',')]:
         ref = ipndm_error(model, latents, cond, exact, nfe)
         for label, kwargs in accuracy.BASELINES:
@@ -185,7 +185,7 @@ def check_spread(dataset_name, recipe, nfe, kimg, batch, loss, overrides, sizes,
     e_pred, e_base, _ = check.errors(loss_fn, predictor, seeds)
     check_s = time.time() - t0
     ratio_all, se_all, _ = check.ratio_of(e_pred, e_base)
-    latents, cond, exact = seed_set(model, 'evaluation', cache, key=dataset_name)
+    latents, cond, exact = seed_set(model, 'evaluation', cache)
     err = accuracy.solver_error(model, latents, exact, cond, predictor=predictor, **SolverSettings.from_dict(settings).sample_kwargs())
     truth = err / ipndm_error(model, latents, cond, exact, nfe)
     rows = []

@@ -167,6 +167,7 @@ def plot(result, path, metric='rms'):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap('tab20').colors)
     for label, per_nfe in result['results'].items():
         pts = sorted((int(n), v[metric]) for n, v in per_nfe.items() if metric in v)
         if not pts:
@@ -178,6 +179,7 @@ def plot(result, path, metric='rms'):
             ax.fill_between(xs, [s['min'] for _, s in pts], [s['max'] for _, s in pts], alpha=0.2)
     ax.set_xscale('log')
     ax.set_yscale('log')
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(result['info']['nfes'])
     ax.set_xticklabels([str(n) for n in result['info']['nfes']])
     ax.set_xlabel('NFE')
