@@ -47,6 +47,21 @@ from torch_utils import distributed as dist
 # ----------------------------------------------------------------------------------------------
 # Solver definitions: how each solver moves between two times, and its facts as class data.
 
+class Option(str):
+    """A solver option: its name (the string itself, so ``'max_order' in cls.options`` works), its
+    value ``type`` (int, bool or float), a ``help`` line and its ``default`` (a value, or a phrase
+    when the default depends on something else). The CLIs build their options from these
+    (:mod:`cli`); a plain string is an option without help."""
+
+    def __new__(cls, name, type=bool, help='', default=None):
+        self = super().__new__(cls, name)
+        self.type, self.help, self.default = type, help, default
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.type, self.help, self.default
+
+
 class Solver:
     """Base class: a single-stage, one-step solver (Euler's rule). Each subclass declares its facts
     once, as class data, and every other place (the CLIs' choice lists, the loss, NFE counting,
@@ -58,8 +73,8 @@ class Solver:
     * ``two_stage``: it evaluates the model at an intermediate time of every interval even without
       a predictor (r fixed at ``fixed_r``); its NFE is 2 per interval (see :meth:`evals_per_interval`).
     * ``multistep``: it carries previous model outputs across intervals (``history_size`` of them).
-    * ``options``: the keyword options its constructor takes; ``max_order_limit``: the highest
-      ``max_order``.
+    * ``options``: the keyword options its constructor takes (:class:`Option`: name, type, help
+      and default); ``max_order_limit``: the highest ``max_order``.
     * ``legacy_name``: the sampler function of the official ``solvers_amed`` module.
     """
 
@@ -120,7 +135,7 @@ class IPNDM(Solver):
 
     name = 'ipndm'
     multistep = True
-    options = ('max_order',)
+    options = (Option('max_order', int, 'multistep order 1-4', 4),)
     max_order_limit = 4
     legacy_name = 'ipndm_sampler'
 
@@ -143,7 +158,12 @@ class DPMpp(Solver):
 
     name = 'dpmpp'
     multistep = True
-    options = ('max_order', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
+    options = (Option('max_order', int, 'multistep order 1-3', 3),
+               Option('predict_x0', bool, 'data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)', True),
+               Option('lower_order_final', bool, 'lower orders on the last steps', True),
+               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
+                      'predict_x0 on pixel models, False on latent models'),
+               Option('corrected_3m', bool, 'third-order-accurate order-3 update', 'False, the official update'))
     max_order_limit = 3
     legacy_name = 'dpm_pp_sampler'
 

@@ -25,6 +25,7 @@ import os
 import click
 import torch
 
+import cli
 import solvers
 from models.presets import load_model
 from predictors import load_predictor, snapshot
@@ -132,12 +133,21 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-@click.group()
+EXAMPLES = """
+Examples:
+  python -m integrations.card export --predictor_path=3 --out=card.json            # experiment 3
+  python -m integrations.card export --predictor_path=exps/00003-.../network-snapshot-000010.pt \\
+      --out=card.json --feature=zero
+  python sample.py --predictor_path=card.json --seeds=0-63 --grid                  # sample with it
+"""
+
+
+@click.group(epilog=cli.epilog(EXAMPLES))
 def main():
     """Solver cards: static AMED schedules as JSON."""
 
 
-@main.command()
+@main.command(epilog=cli.epilog(EXAMPLES))
 @click.option('--predictor_path', help='Predictor snapshot, run folder, experiment number or published .pkl',
               type=str, required=True)
 @click.option('--out', help='Card file to write (JSON)', type=str, required=True)
@@ -145,19 +155,13 @@ def main():
               type=click.Choice(FEATURE_MODES), default=DEFAULT_FEATURE, show_default=True)
 @click.option('--seeds', help='Calibration seeds of the mean modes', type=str, default=DEFAULT_SEEDS, show_default=True)
 @click.option('--batch', help='Calibration batch', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--model_path', help="Model file overriding the predictor's", type=str)
-@click.option('--classifier_path', help='Classifier of a classifier-guided model', type=str)
-@click.option('--prompt', help='ms_coco: one prompt for the calibration', type=str)
-@click.option('--prompt_path', help='ms_coco: captions CSV (caption i for calibration seed i)', type=str)
-@click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
+@cli.model_options('model_path', 'classifier_path', 'prompt', 'prompt_path', 'device', device_default='cpu')
+@cli.user_errors
 def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device):
     """Export the solver card of a predictor."""
-    try:
-        card = export_card(predictor_path, feature, seeds, batch, model_path=model_path,
-                           classifier_path=classifier_path, prompt=prompt, prompt_path=prompt_path, device=device)
-        save_card(card, out)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    card = export_card(predictor_path, feature, seeds, batch, model_path=model_path, classifier_path=classifier_path,
+                       prompt=prompt, prompt_path=prompt_path, device=device)
+    save_card(card, out)
     click.echo(f"Wrote {out}: {card['solver']} card, {card['num_steps']} time points, NFE {card['nfe']}, "
                f"feature {feature}")
 
