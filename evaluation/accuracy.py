@@ -8,7 +8,7 @@ import math
 import torch
 
 import solvers
-from torch_utils.misc import StackedRandomGenerator
+from models.base import seeded_inputs
 from training import RECIPES, plan_training, run_training
 from predictors import load_predictor
 
@@ -63,14 +63,6 @@ def sample_all(model, latents, cond=None, predictor=None, batch=64, **solver_kwa
 def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
     """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
     return rms_error(sample_all(model, latents, cond, predictor, batch, **solver_kwargs), exact)
-
-
-def seeded_inputs(model, seeds, device=torch.device('cpu')):
-    """(latents, cond) of the given sampling seeds, from one generator per seed as sample.py draws them."""
-    seeds = list(seeds)
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), *model.img_shape])
-    return latents, model.sample_cond(rnd, len(seeds))
 
 
 def reference_set(model, seeds, device=torch.device('cpu'), steps_per_unit=None):

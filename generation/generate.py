@@ -18,11 +18,12 @@ from tqdm import tqdm
 import solver_utils
 import solvers
 from models import toy
+from models.base import seeded_inputs
 from models.presets import load_model
 from generation import manifest
 from generation.manifest import seed_path
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils.misc import atomic_write, check_output_dir, check_seed, parse_seeds
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
 
@@ -268,9 +269,7 @@ def generate_images(plan, progress=True):
         if len(batch_seeds) == 0:
             continue
         seeds_list = batch_seeds.tolist()
-        rnd = StackedRandomGenerator(device, seeds_list)
-        latents = rnd.randn([len(seeds_list), *model.img_shape])
-        cond = model.sample_cond(rnd, len(seeds_list))
+        latents, cond = seeded_inputs(model, seeds_list, device)
         out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
                              predictor=plan.predictor, return_inters=plan.return_inters)
         x = out[-1] if plan.return_inters else out

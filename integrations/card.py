@@ -27,12 +27,13 @@ import torch
 
 import cli
 import solvers
+from models.base import seeded_inputs
 from models.presets import load_model
 from predictors import load_predictor, snapshot
 from predictors.card import (FORMAT, VERSION, REQUIRED, CardPredictor, build_card, card_settings,  # noqa: F401
                              card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points,
                              tail_steps)
-from torch_utils.misc import StackedRandomGenerator, parse_seeds
+from torch_utils.misc import parse_seeds
 
 FEATURE_MODES = ('mean', 'mean_feature', 'zero')
 DEFAULT_FEATURE = 'mean'
@@ -84,9 +85,7 @@ def static_steps(model, spec, t_steps, predictor, afs, feature=DEFAULT_FEATURE, 
     sums = torch.zeros(len(intervals), 3, dtype=torch.float64)
     for i in range(0, len(seed_list), batch):
         part = seed_list[i:i + batch]
-        rnd = StackedRandomGenerator(device, part)
-        latents = rnd.randn([len(part), *model.img_shape])
-        cond = model.sample_cond(rnd, len(part))
+        latents, cond = seeded_inputs(model, part, device)
         recorder.index = 0
         for n, (_, info) in enumerate(solvers.iterate(model, spec, latents * t_list[0], t_list, cond, recorder, afs)):
             sums[n] += torch.stack([v.double().sum().cpu() for v in (info.r, info.scale_dir, info.scale_time)])
