@@ -76,6 +76,10 @@ class Solver:
     * ``options``: the keyword options its constructor takes (:class:`Option`: name, type, help
       and default); ``max_order_limit``: the highest ``max_order``.
     * ``legacy_name``: the sampler function of the official ``solvers_amed`` module.
+    * ``orders``: its declared convergence orders, ``(options, schedule, order)`` triples: with
+      these options on this schedule (rho 1) the global error falls as h^order. The common test
+      of every registered solver (tests/test_registry.py) checks them against the exact ODE
+      solution of the analytic model.
     """
 
     name = None
@@ -89,6 +93,7 @@ class Solver:
     max_order_limit = None
     legacy_name = None
     history_size = 0
+    orders = ()
 
     @classmethod
     def build(cls, latent=False, **options):
@@ -128,6 +133,7 @@ def _order(cls, max_order):
 class Euler(Solver):
     name = 'euler'
     legacy_name = 'euler_sampler'
+    orders = (({}, 'polynomial', 1),)
 
 
 class IPNDM(Solver):
@@ -138,6 +144,8 @@ class IPNDM(Solver):
     options = (Option('max_order', int, 'multistep order 1-4', 4),)
     max_order_limit = 4
     legacy_name = 'ipndm_sampler'
+    # Its fixed coefficients are Adams-Bashforth only on a grid uniform in sigma (polynomial, rho 1).
+    orders = tuple((dict(max_order=k), 'polynomial', k) for k in range(1, 5))
 
     def __init__(self, max_order=None):
         self.max_order = _order(type(self), max_order)
@@ -166,6 +174,15 @@ class DPMpp(Solver):
                Option('corrected_3m', bool, 'third-order-accurate order-3 update', 'False, the official update'))
     max_order_limit = 3
     legacy_name = 'dpm_pp_sampler'
+    # Any grid (logsnr here). The official order-3 update (as DPM-Solver's and k-diffusion's) is only
+    # second-order accurate; corrected_3m restores order 3 (solver_utils.dpm_multistep_update).
+    orders = ((dict(max_order=1, thresholding=False), 'logsnr', 1),
+              (dict(max_order=2, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3),
+              (dict(max_order=2, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3))
 
     @classmethod
     def build(cls, latent=False, **options):
@@ -227,6 +244,7 @@ class DPM2(TwoStage):
     name = 'dpm'
     fixed_r = 0.5
     legacy_name = 'dpm_2_sampler'
+    orders = (({}, 'polynomial', 2),)
 
 
 class Heun(TwoStage):
@@ -236,6 +254,7 @@ class Heun(TwoStage):
     student = False
     fixed_r = 1.0
     legacy_name = 'heun_sampler'
+    orders = (({}, 'polynomial', 2),)
 
 
 #: Every solver, by name: the one list of solvers and of their kinds.
