@@ -18,6 +18,7 @@ from generation import generate
 from models.presets import load_model
 from models.toy import AnalyticDenoiser
 from torch_utils import distributed as dist
+from torch_utils.misc import parse_seeds
 from predictors.settings import SolverSettings
 
 #: The two AMED recipes of the paper (REFERENCE.md section 15, CIFAR-10), with AFS, each trained
@@ -36,8 +37,9 @@ RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_REC
 @click.option('--grid', 'grid_path', type=str,
               help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe) '
               '[default: samples/quickstart/grid.png; samples/quickstart-<dataset>/grid.png for the others]')
+@click.option('--grid_seeds', help='Seeds of the grid', type=str, default='0-63', show_default=True)
 @click.option('--progress/--no-progress', default=False)
-def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
+def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, grid_seeds, progress):
     """Train, sample a grid, print the error table."""
     start = time.time()
     device = dist.init('cpu')
@@ -79,12 +81,12 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, grid_path, progress):
     if grid_run is not None:
         predictor, settings = grid_run
         folder = os.path.dirname(grid_path) or '.'
-        plan = generate.build_plan(model, range(64), folder, settings, predictor,
+        plan = generate.build_plan(model, parse_seeds(grid_seeds), folder, settings, predictor,
                                    settings, grid=True)
         generate.generate_images(plan, progress=False)
         if os.path.basename(grid_path) != 'grid.png':
             os.replace(os.path.join(folder, 'grid.png'), grid_path)
-        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
+        print(f'Grid of {len(plan.seeds)} samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
     print()
     print(accuracy.format_table(rows, nfes, title=f'RMS error to {kind.lower()} ODE solution ({dataset_name}, {num} samples)'))
     print(f'\nTotal time: {time.time() - start:.0f} s')
