@@ -119,7 +119,7 @@ def main(ctx, dry_run, progress, device, resume, recipe, **opts):
         raise click.ClickException(f"--resume takes the run's stored options; remove "
                                f"{', '.join([*explicit.values(), *(['--recipe'] if recipe else [])])}")
     if recipe is not None:
-        opts = dict(opts, **RECIPES[recipe].options, **{k: opts[k] for k in explicit})
+        opts = {**opts, **RECIPES[recipe].options, **{k: opts[k] for k in explicit}}
     if resume is None and opts['dataset_name'] is None:
         raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     dev = dist.init(device)
