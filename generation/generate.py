@@ -27,9 +27,6 @@ from torch_utils.misc import atomic_write, check_output_dir, check_seed, parse_s
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
 
-#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options).
-SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
-
 TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
 
 def to_uint8(images):
@@ -110,7 +107,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
     ``outdir``, ``overwrite`` and ``resume``: see :func:`build_plan`."""
     given = {k: v for k, v in solver_options.items() if v is not None}
-    unknown = set(given) - set(PLAIN_DEFAULTS) - set(SCHEDULE_OPTIONS) - set(solvers.OPTIONS)
+    unknown = set(given) - set(SolverSettings.KEYS) - {'t_steps'}
     if unknown:
         raise TypeError(f"plan_sampling() got unknown option(s) {', '.join(sorted(unknown))}")
     source = 'card' if card is not None else 'predictor' if predictor_path is not None else None

@@ -80,6 +80,9 @@ class SolverSettings:
 
     # -- reading it ---------------------------------------------------------------------------
 
+    #: Every key of :meth:`to_dict` (and keyword of :meth:`from_dict`) but the version.
+    KEYS = ('solver', 'num_steps', *_SCHEDULE_DEFAULTS, 'afs', 't_steps', *solvers.OPTIONS)
+
     @property
     def solver_options(self):
         """The solver's options as a dict (None = the solver's default)."""
