@@ -100,7 +100,8 @@ def trained_schedule(settings):
     else:
         levels = None
     where = f' from {hi:g} to {lo:g}' if lo is not None and hi is not None else ''
-    return f'{n} {kind} (rho {rho:g}) noise levels{where}', levels
+    shape = f' (rho {rho:g})' if rho is not None and kind != 'logsnr' else ''   # logsnr takes no rho
+    return f'{n} {kind}{shape} noise levels{where}', levels
 
 
 def check_trained_schedule(settings, t_steps, strict=True):

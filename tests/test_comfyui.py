@@ -43,9 +43,9 @@ def sd(tmp_path_factory, single_thread):
     return dict(root=root, folder=folder, model=model, card=card, card_path=str(root / 'card.json'))
 
 
-def comfy_model(model):
-    """ComfyUI's BaseModel (EPS, SD1.5 latent format and noise schedule) in a ModelPatcher, with the tiny
-    diffusers U-Net as its diffusion model."""
+def comfy_model(model, betas=F.SD_BETAS):
+    """ComfyUI's BaseModel (EPS, SD1.5 latent format, the noise schedule of ``betas``) in a ModelPatcher,
+    with the tiny diffusers U-Net as its diffusion model."""
     latent_formats = comfyui('comfy.latent_formats')
     model_base = comfyui('comfy.model_base')
     model_patcher = comfyui('comfy.model_patcher')
@@ -53,7 +53,7 @@ def comfy_model(model):
 
     class TinySD(base.BASE):
         latent_format = latent_formats.SD15
-        sampling_settings = dict(linear_start=F.SD_BETAS[0], linear_end=F.SD_BETAS[1], beta_schedule='linear')
+        sampling_settings = dict(linear_start=betas[0], linear_end=betas[1], beta_schedule='linear')
 
     class Unet(torch.nn.Module):   # ComfyUI's diffusion-model call: (x, timesteps, context=..., **options)
         def __init__(self, unet):
@@ -175,7 +175,8 @@ def test_img2img_denoise_runs_a_tail_of_the_card(sd):
 
 
 def test_foreign_sigmas_are_refused_in_one_line(sd):
-    """The card's SAMPLER with another scheduler's SIGMAS (ComfyUI's karras) stops before any model call."""
+    """The card's SAMPLER with another scheduler's SIGMAS (ComfyUI's karras), or on a model of another
+    noise range, stops before any model call."""
     model = sd['model']
     samplers = comfyui('comfy.samplers')
     patcher = comfy_model(model)
@@ -184,6 +185,12 @@ def test_foreign_sigmas_are_refused_in_one_line(sd):
     with pytest.raises(ValueError) as e:
         custom_sample(patcher, model, sampler, karras, torch.zeros(1, 4, 16, 16))
     assert 'sigmas do not match the solver card' in str(e.value) and '\n' not in str(e.value)
+    # A model of another noise range (here LDM's betas, sigma_max 3.9 ... not SD's 14.6) with the card's own sigmas.
+    other = comfy_model(model, betas=F.LDM_BETAS)
+    sampler, sigmas = AMEDCardSampler().load(sd['card_path'])
+    with pytest.raises(ValueError) as e:
+        custom_sample(other, model, sampler, sigmas, torch.zeros(1, 4, 16, 16))
+    assert str(e.value).startswith('the solver card was made for a model with sigma_min 0.0291') and '\n' not in str(e.value)
 
 
 def test_sigmas_node_drives_comfyuis_own_sampler(sd):

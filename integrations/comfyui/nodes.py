@@ -35,10 +35,30 @@ def card_sigmas(card_path, denoise, step_to_zero):
     return card, kdiffusion_sigmas(card, append_zero=step_to_zero, denoise=denoise)
 
 
+def check_model(card, model):
+    """Refuse (one line) a model whose noise range is not the card's: ``model`` is the denoiser
+    ComfyUI's KSAMPLER hands its sampler function, whose model sampling (as KSAMPLER reads it) says
+    the range. A card of an SD v1 model on a flow model (sigmas in [0, 1]) or on SDXL's schedule
+    would otherwise run, wrongly."""
+    sampling = getattr(getattr(getattr(model, 'inner_model', None), 'inner_model', None), 'model_sampling', None)
+    made_for = card.get('model', {})
+    for key in ('sigma_min', 'sigma_max'):
+        theirs, ours = made_for.get(key), getattr(sampling, key, None)
+        if theirs is not None and ours is not None and abs(float(ours) - theirs) > 1e-3 * theirs:
+            raise ValueError(f'the solver card was made for a model with {key} {theirs:g}; this model has '
+                             f'{float(ours):g}')
+
+
+def sample_card(model, x, sigmas, extra_args=None, callback=None, disable=None, card=None):
+    """:func:`integrations.kdiffusion.sample_amed` with the card, after :func:`check_model`."""
+    check_model(card, model)
+    return sample_amed(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, card=card)
+
+
 def card_sampler(card):
     """ComfyUI's ``KSAMPLER`` running the card (needs ComfyUI's ``comfy`` package)."""
     from comfy.samplers import KSAMPLER  # pylint: disable=import-outside-toplevel
-    return KSAMPLER(sample_amed, extra_options={'card': card})
+    return KSAMPLER(sample_card, extra_options={'card': card})
 
 
 class AMEDCardSampler:
