@@ -35,11 +35,11 @@ from metrics import frechet
 from metrics.image_sets import start
 
 
-def _run_options(min_num):
+def _run_options(min_num, num_help='default: all'):
     """Options of every command that reads an image set: --num, --seed, --batch, --workers, --device, --progress."""
     return [
-        click.option('--num', '--num_images', 'num', help='Use a seeded random subset of this many images '
-                     '(default: all; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
+        click.option('--num', '--num_images', 'num', help=f'Use a seeded random subset of this many images '
+                     f'({num_help}; under torchrun write --num_images)', type=click.IntRange(min=min_num)),
         click.option('--seed', help='Seed of the --num subset', type=click.IntRange(0, SEED_LIMIT - 1), default=0),
         click.option('--batch', help='Images per batch and process', type=click.IntRange(min=1), default=64),
         click.option('--workers', help='Image-loading worker processes per process (0: load in-process)',
@@ -50,14 +50,14 @@ def _run_options(min_num):
     ]
 
 
-def _stats_options(fn):
+def _stats_options(fn, num_help='default: all'):
     """Options shared by calc and ref."""
     return cli.apply(fn, [
         click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
                      'no download)', type=click.Choice(list(frechet.METRICS)), default='fid'),
         click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
                      'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
-        *_run_options(min_num=2),
+        *_run_options(min_num=2, num_help=num_help),
     ])
 
 
@@ -75,14 +75,16 @@ def main():
 @main.command(context_settings=dict(show_default=True))
 @click.option('--images', help='Images: folder (recursive) or zip of PNG/JPEG', type=str, required=True)
 @click.option('--ref', help='Reference statistics (.npz), path or URL', type=str, required=True)
-@_stats_options
+@functools.partial(_stats_options, num_help=f'default: {frechet.STANDARD_NUM}, as EDM; when fewer are found, all '
+                   'of them, with a warning in the output and in metrics.jsonl')
 @_METRICS_FILE
 @cli.user_errors
 def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress, metrics_file):
     """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g'),
     also appended with its provenance to the metrics file."""
     frechet.compute_fd(images, ref, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
-                       device=device, workers=workers, progress=progress, metrics_file=metrics_file)
+                       device=device, workers=workers, progress=progress, metrics_file=metrics_file,
+                       expected=frechet.STANDARD_NUM if num is None else None)
 
 
 @main.command(context_settings=dict(show_default=True))

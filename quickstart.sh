@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Quickstart on a fresh machine (CPU, no downloads beyond the Python packages): installs the
-# requirements, trains AMED predictors on the built-in analytic model, samples a grid PNG and
-# prints the error table of AMED against plain solvers at NFE 3, 5, 7 and 9.
+# Quickstart (CPU, no downloads beyond the Python packages): in the checkout's own virtual
+# environment .venv (see tests/env.sh), trains AMED predictors on the built-in analytic model,
+# prints the error table of AMED against plain solvers and writes a sample grid and plots.
+# Extra arguments go to `python -m evaluation.quickstart`.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install -q torch==2.13.0          # pinned: the CPU build here; a bare `torch` pulls CUDA
-python -m pip install -q -r requirements.txt
-python -m evaluation.quickstart "$@"
+source tests/env.sh
+# matplotlib for the plots, pytest for the light test run `.venv/bin/python -m pytest -q tests`
+install_once quickstart requirements-plots.txt requirements-test.txt -- -r requirements-plots.txt -r requirements-test.txt
+exec "$PY" -m evaluation.quickstart "$@"

@@ -29,9 +29,10 @@ Examples:
               type=str)
 @cli.model_options('dataset_name', 'model_path', dataset_help="Model preset; default: the predictor's")
 @click.option('--batch', 'batch', help='Images per batch and process', type=click.IntRange(min=1), default=64)
-@click.option('--seeds', help=f'Seeds in [0, 2^32), e.g. 0-49999 or 1,2,5-10; at most {MAX_SEEDS} per run', type=str,
-              default='0-63')
-@click.option('--grid', help='Write one grid of all seeds (grid.png) instead of one PNG per seed', is_flag=True)
+@click.option('--seeds', help=f'Seeds in [0, 2^32), e.g. 0-49999 or 1,2,5-10; at most {MAX_SEEDS} per run', type=str, default='0-63')
+# `--grid` alone or `--grid=True/False` (the official form): a boolean whose value may be left out.
+@click.option('--grid', help='Write one grid of all seeds (grid.png) instead of one PNG per seed; --grid or --grid=BOOL',
+              type=bool, is_flag=False, flag_value=True, default=False)
 @click.option('--subdirs/--no-subdirs', help='Put PNGs in 1000-seed subfolders', default=True)
 @click.option('--outdir', help='Output folder  [default: samples/<dataset>/<run folder>/<snapshot> with a predictor, '
               'samples/<dataset>/<solver>_nfe<NFE>_<all settings> without]', type=str)

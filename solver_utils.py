@@ -12,7 +12,7 @@ import math
 import torch
 
 SCHEDULES = ('polynomial', 'logsnr', 'time_uniform', 'discrete')
-#: The default schedule of every run (the brief's): EDM's polynomial schedule with rho = 7.
+#: The default schedule of every run (the official README's): EDM's polynomial schedule with rho = 7.
 SCHEDULE_TYPE = 'polynomial'
 SCHEDULE_RHO = 7.0
 

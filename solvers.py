@@ -22,7 +22,7 @@ Each solver is a class whose facts (student or teacher, multistep or two-stage, 
 NFE rule, its official name) are class data; :data:`REGISTRY` lists them, and everything else reads
 it. Adding a solver means adding a class here and naming it in :data:`REGISTRY`.
 
-The AMED plugin (paper Sec. 4, REFERENCE.md 3.1): per interval the predictor reads the 8x8
+The AMED plugin (paper Sec. 4, the official code): per interval the predictor reads the 8x8
 feature of the model call at t_n and returns (r, c, a); the solver steps to the intermediate
 time s = t_{n+1}^r t_n^(1-r), queries the model at a*s (the direction is still divided by s),
 and scales the model terms of the final update to t_{n+1} by c. This logic exists once
@@ -302,7 +302,7 @@ def count_nfe(solver, num_steps, afs=False, with_predictor=False, denoise_to_zer
     """Number of model evaluations of one sampling run of ``solver`` (a name) over ``num_steps`` points.
 
     Each interval costs :meth:`Solver.evals_per_interval` (2 with an AMED predictor or for a
-    two-stage solver, else 1), minus one for the whole run with AFS (REFERENCE.md 3.3);
+    two-stage solver, else 1), minus one for the whole run with AFS (the official code);
     ``denoise_to_zero`` adds the final denoising call; ``calls_per_eval`` is 2 under classifier-free
     guidance."""
     per_interval = solver_class(solver).evals_per_interval(with_predictor)

@@ -36,7 +36,7 @@ Recipes (--recipe; options given explicitly override the recipe's):
 
 class HalfWidth(click.ParamType):
     """A scale range half-width in [0, 1); 'True' means the recommended 0.2 and 'False' 0 (the
-    brief's boolean --scale_time)."""
+    official boolean --scale_time)."""
 
     name = 'half-width'
 

@@ -1,7 +1,7 @@
 """Static solver cards against the dynamic predictor on the built-in analytic model.
 
 Trains the quickstart's two AMED recipes (evaluation/quickstart.py: AMED-Solver and AMED-Plugin on
-iPNDM, AFS) with the losses of ``--losses`` (the README's table: the official interval loss) at each NFE, exports a card from each predictor in every feature mode
+iPNDM, AFS) with the losses of ``--losses`` (docs/integrations.md's table: the official interval loss) at each NFE, exports a card from each predictor in every feature mode
 (integrations/card.py: ``mean``, ``mean_feature``, ``zero``) from the calibration seeds, and prints
 the RMS error to the exact ODE solution of the dynamic predictor and of each card, on validation
 seeds (used to pick the default mode) and on evaluation seeds (reported), plus the RMS distance of

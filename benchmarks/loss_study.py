@@ -5,7 +5,7 @@ the trajectory loss, against plain solvers, on the built-in analytic model.
     python benchmarks/loss_study.py explore --recipe=ipndm --nfe=5 --set lr=1e-2  # one exploration cell
     python benchmarks/loss_study.py fd --out=docs/loss_study/fd.json              # FD-pixel8 at NFE 5
 
-Seeds (the research protocol of DESIGN.md): training draws its own per-batch seeds from
+Seeds (kept apart, as a research protocol should): training draws its own per-batch seeds from
 ``--seed`` (training/training_loop.sample_seeds); ``explore`` reports on the VALIDATION seeds
 200000-200255, the only ones any choice was made on; ``table`` and ``fd`` report on the
 EVALUATION seeds 100000-100255 and 300000-309999, which never fed back into a choice.

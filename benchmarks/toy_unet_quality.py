@@ -1,5 +1,5 @@
 """How good a stand-in for a real image network the built-in learned model ``toy_unet`` is: the
-README's quality table.
+quality table of docs/findings.md.
 
     python benchmarks/toy_unet_quality.py --out=docs/toy_unet/quality.json
 
@@ -39,7 +39,7 @@ from predictors.settings import SolverSettings  # noqa: E402
 EVAL_SEEDS = range(100000, 100064)
 FD_SEED0 = 300000
 SIGMAS = (0.002, 0.02, 0.1, 0.5, 1.0, 2.0, 10.0, 80.0)
-#: The paper's CIFAR-10 FID at NFE 5 (REFERENCE.md section 15).
+#: The paper's CIFAR-10 FID at NFE 5 (the official README).
 PAPER_CIFAR10 = {'AMED-Plugin (iPNDM)': 6.61, 'AMED-Solver': 7.59, 'iPNDM': 13.59, 'DPM-Solver++(3M)': 24.97,
                  'Euler': 49.66, 'DPM-Solver-2': 57.30}
 

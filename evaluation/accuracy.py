@@ -12,7 +12,7 @@ from models.base import seeded_inputs
 from training import RECIPES, plan_training, run_training
 from predictors import load_predictor
 
-#: The comparison of the quickstart: (label, solver options) of the baselines, as in DESIGN.md and
+#: The comparison of the quickstart: (label, solver options) of the baselines, as in
 #: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
 #: DPM-Solver++(3M) on logSNR).
 BASELINES = [

@@ -1,7 +1,7 @@
 """CLIP score of generated images against their captions: the library behind ``fid.py clip``.
 
 Score = mean over images of 100 * cos(image embedding, caption embedding), the official
-``clip_score.py``'s definition (no clamp at 0, no 2.5 weight; REFERENCE.md section 7), with open_clip's
+``clip_score.py``'s definition (no clamp at 0, no 2.5 weight; the official code), with open_clip's
 ViT-g-14 ``laion2b_s34b_b88k`` by default, run by our own towers (:mod:`models.clip`).
 
 * Caption i for seed i (the rule sample.py uses): image files are named by their seed

@@ -313,9 +313,17 @@ def manifest_report(images, names):
     return refusal_as_metric_error(sample_manifest.check_image_set, images, names)
 
 
+#: The number of images of a standard FID (EDM's `fid.py calc --num`).
+STANDARD_NUM = 50000
+
+
 def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch=64, device=None, workers=2,
-               progress=True, metrics_file=None):
+               progress=True, metrics_file=None, expected=None):
     """Frechet distance of ``images`` (folder or zip) to the statistics ``ref`` (path or URL).
+
+    ``expected`` (with ``num`` None): the number of images the value should rest on, as EDM's
+    ``--num``. A set with more uses a seeded subset of that many; a set with fewer uses all of them
+    and prints a warning, which the metrics file records as ``warning``.
 
     Rank 0 appends the value and its provenance to ``metrics_file`` (default ``metrics.jsonl`` beside
     the images, :mod:`metrics.provenance`), prints ``<label>: <value %g>`` and returns the value;
@@ -337,6 +345,16 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
     agree(err)
     image_set, err = attempt(ImageSet, images, num=num, seed=seed)
     agree(err)
+    warning = None
+    if num is None and expected is not None:
+        if len(image_set) > expected:
+            num = expected
+            image_set = ImageSet(images, num=num, seed=seed)
+        elif len(image_set) < expected:
+            warning = (f'{images} holds {len(image_set)} images, fewer than the {expected} of a standard '
+                       f'{label}: the value is not comparable with {expected}-image values (--num={len(image_set)} '
+                       'asks for this count)')
+            dist.print0(f'Warning: {warning}')
     report, err = attempt(manifest_report, images, image_set.names)
     agree(err)
     if report:
@@ -355,10 +373,13 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
 
     def write_line():
         record = _provenance(image_set, num, seed, metric, detector, options)
-        record = dict(metric=label, value=value, **{k: v for k, v in record.items() if k != 'metric'})
+        record = dict(metric=label, value=value, **({'warning': warning} if warning else {}),
+                      **{k: v for k, v in record.items() if k != 'metric'})
         prov.append(log, dict(record, ref=prov.file_record(ref, provenance=stats['provenance'])))
     _, err = attempt(write_line)
     if err:
         raise MetricError(f'{label}: {value:g}, but the metrics file could not be written: {err}')
+    if warning:
+        print(f'Warning: {warning}')
     print(f'{label}: {value:g}')
     return value

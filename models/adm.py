@@ -1,4 +1,4 @@
-"""256x256 pixel models as :class:`models.base.Denoiser` (REFERENCE.md sections 4.1 and 9):
+"""256x256 pixel models as :class:`models.base.Denoiser` (the official code):
 
 * ``lsun_bedroom`` / ``lsun_cat``: Consistency-Models EDM-trained U-Nets (``edm_bedroom256_ema.pt``,
   ``edm_cat256_ema.pt``): EDM preconditioning with sigma_data 0.5, time input 1000 ln(sigma) / 4,
@@ -104,7 +104,7 @@ class ADMDenoiser(Denoiser):
     sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1) for t in [1e-3, 1]; the network sees
     x_in = x / sqrt(sigma^2 + 1) at timestep (M-1) t; epsilon is the first 3 of its 6 output
     channels; with guidance, eps' = eps - sqrt(1 - alpha_bar) * w * grad log p(y | x_in), alpha_bar =
-    1/(1+sigma^2); D = x - sigma eps', clamped to [-1, 1] (REFERENCE.md 4.1, CGPrecond).
+    1/(1+sigma^2); D = x - sigma eps', clamped to [-1, 1] (the official code, CGPrecond).
     Class labels are integers (B,)."""
 
     beta_d, beta_min, M, epsilon_t = 19.9, 0.1, 1000, 1e-3

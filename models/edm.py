@@ -2,7 +2,7 @@
 
 An EDM pickle is a dict whose ``'ema'`` entry is a preconditioned network (VPPrecond, VEPrecond or
 EDMPrecond) in NVIDIA's persistence format: unpickling executes the network source embedded in
-the file. The official AMED code then sets sigma_min = 0.002 and sigma_max = 80 (REFERENCE.md 4.1);
+the file. The official AMED code then sets sigma_min = 0.002 and sigma_max = 80;
 so do we.
 """
 
@@ -31,7 +31,7 @@ def load_edm_pickle(path, verbose=True):
 class EDMDenoiser(Denoiser):
     """Wraps an EDM preconditioned network ``net(x, sigma, class_labels)``.
 
-    AMED feature (REFERENCE.md section 2): the output of ``net.model.enc['8x8_block3']`` for
+    AMED feature (the official code): the output of ``net.model.enc['8x8_block3']`` for
     unconditional calls and ``net.model.enc['8x8_block2']`` for conditional ones (the official code
     picks the block by whether the call has labels, not by the architecture); ``feature_block``
     names another ``net.model.enc`` block for networks of another layout (the built-in toy U-Net).

@@ -1,7 +1,7 @@
 """What the latent models (LDM, Stable Diffusion) share: a discrete-time VP epsilon network read as
 a sigma denoiser through its ``alphas_cumprod``, and the EMA weights of their checkpoints.
 
-The sigma <-> t maps are REFERENCE.md 4.1 (CFGPrecond): with keypoints t_n = (n + 1) / 1000 and
+The sigma <-> t maps are the official code's (CFGPrecond): with keypoints t_n = (n + 1) / 1000 and
 log alpha_n = 1/2 ln alpha_bar_n (n = 0 .. 999), log alpha(t) is the piecewise-linear interpolation
 of the keypoints, extended linearly past both ends, and sigma(t) = sqrt(1 - alpha^2) / alpha. The
 inverse goes through log alpha = -1/2 ln(1 + sigma^2). The network sees x / sqrt(sigma^2 + 1) at the

@@ -15,7 +15,7 @@ decoded to 256x256.
 Files, first match wins: ``--model_path`` (a ``model.ckpt``, the zip, or a URL), else
 ``./src/lsun_bedroom_ldm/model.ckpt`` (the official placement), else the official zip downloaded to
 the cache. The first stage comes from the checkpoint's ``first_stage_model.*`` weights when present,
-else ``./models/ldm_models/first_stage_models/vq-f4/model.ckpt`` (the brief's path),
+else ``./models/ldm_models/first_stage_models/vq-f4/model.ckpt`` (the official README's path),
 ``./src/vq-f4/model.ckpt``, or the downloaded ``vq-f4.zip``. A JSON file ``<model file>.json`` with a
 ``config`` dict overrides the architecture (keys ``unet``, ``first_stage``, ``linear_start``,
 ``linear_end``), for other checkpoints of the family.

@@ -12,7 +12,7 @@ Models Beat GANs on Image Synthesis" (2021), whose released checkpoints AMED sam
 
 Every module and parameter has the name and type of the official code, so that
 ``net.load_state_dict(torch.load(official_pt), strict=True)`` works and the module name ->
-class-name map equals the manifests in ``shared/fixtures/{adm,cm}-*.json``.
+class-name map equals the manifests in ``tests/fixtures/{adm,cm}-*.json``.
 
 Attention is computed with plain torch operations (no flash-attn, no xformers). The released
 Consistency-Models network was trained with flash attention; its ``FlashAttention`` module has

@@ -14,7 +14,7 @@
   Face cache. Nothing is downloaded when the files are local.
 * Noise schedule: the checkpoint's ``alphas_cumprod`` (single file) or the scheduler config
   (folder), through :class:`models.latent.DiscreteEpsDenoiser`: sigma 0.029168 .. 14.6146.
-* Guidance (REFERENCE.md 4.1): eps = eps_u + w (eps_c - eps_u) from ONE batched U-Net call on
+* Guidance (the official code): eps = eps_u + w (eps_c - eps_u) from ONE batched U-Net call on
   [unconditional; conditional] inputs, counted as 2 NFE; w = 1 is a single conditional call (1 NFE).
   The unconditional embedding is the empty prompt's. The AMED feature is the U-Net middle block's
   output for the conditional half.

@@ -4,7 +4,7 @@ Two denoisers whose D(x; sigma), data samples and probability-flow ODE solution 
 
 * :class:`GaussianMixture` (``build('toy')``, ``build('toy_cond')``): K stationary Gaussians over
   3x32x32 images with smooth coloured shapes as means and a natural-image power spectrum as
-  covariance (the "natural spectrum" mixture of DESIGN.md, which reproduces the solver ordering
+  covariance (a "natural spectrum" mixture, which reproduces the solver ordering
   seen on real image models). Its exact denoiser is a per-component Wiener filter in Fourier space.
 * :class:`IsotropicGaussian`: data N(m, s^2 I), whose ODE solution has a closed form; used to check
   the reference ODE integrator itself.

@@ -61,7 +61,7 @@ RECIPE = dict(kimg=128, batch=64, lr=2e-3, warmup_kimg=8, ema_halflife_kimg=8, P
 
 #: RK4 steps per unit of lambda = log(sigma) of the reference solution (85 steps, 340 network
 #: calls for sigma 80 -> 0.002). The check that doubling them changes the result by under 1e-4
-#: relative: tests/test_toy_unet.py and the README's quality table.
+#: relative: tests/test_toy_unet.py and the quality table of docs/findings.md.
 REFERENCE_STEPS_PER_UNIT = 8
 
 

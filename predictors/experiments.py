@@ -3,7 +3,7 @@ says whether the run is complete (finding a run's predictor is
 :func:`predictors.snapshot.resolve_predictor_path`).
 
 A run lives in ``<outdir>/NNNNN-<dataset>-<num_steps>-<nfe>-<student>-<teacher>-<M>-<schedule>[-afs][-<desc>]``
-(REFERENCE.md section 5; unlike the official code, ``--desc`` is joined with a '-').
+(as the official code's, except that ``--desc`` is joined with a '-').
 """
 
 import json

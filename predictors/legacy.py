@@ -4,7 +4,7 @@ A published snapshot ``network-snapshot-*.pkl`` is a dict with ``'model'`` (a pe
 ``AMED_predictor``) and ``'loss_fn'`` (a persistent ``AMED_loss`` whose state holds function
 objects ``solvers_amed.<sampler>`` and CUDA tensors). Their embedded sources import
 ``torch_utils.persistence``, ``torch_utils.distributed``, ``solver_utils.get_schedule`` and (before
-June 2024 for the predictor, always for the loss) ``solvers_amed`` (REFERENCE.md section 10).
+June 2024 for the predictor, always for the loss) ``solvers_amed`` (the official code).
 
 This module provides ``solvers_amed`` only while such a file is being unpickled (a stand-in module
 whose sampler functions refuse to run: we sample with :mod:`solvers`), loads every tensor on the
@@ -60,7 +60,7 @@ def legacy_modules():
 class LegacyPredictor(torch.nn.Module):
     """A published ``AMED_predictor`` behind our interface ``(feature, t_cur, t_next) -> (r, c, a)``.
 
-    Handles both output conventions (REFERENCE.md section 2): a bare r when both scale heads are
+    Handles both output conventions (the official code): a bare r when both scale heads are
     off; a pair that is (r, scale_time) when ``scale_time`` is set and (r, scale_dir) otherwise; or
     the triple. A bare r is never split along the batch (the official [*output] bug)."""
 

@@ -1,6 +1,6 @@
 """The AMED predictor: a ~9k-parameter network that chooses the intermediate time of a student step.
 
-Architecture and parameter names follow the official ``AMED_predictor`` (REFERENCE.md section 2),
+Architecture and parameter names follow the official ``AMED_predictor`` (the official code),
 so a state dict of the official class loads into :class:`AMEDPredictor` with ``strict=True``:
 
     emb(t)    = silu(map_layer0(PE(t)))                      PE: positional embedding of raw sigma

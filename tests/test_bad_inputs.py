@@ -1,4 +1,4 @@
-"""Every bad input of issue 14 in one table: each row is (script, arguments, exit code, a fragment
+"""Every bad input in one table: each row is (script, arguments, exit code, a fragment
 of the message). A row passes when the run exits with that code, prints exactly one line that
 starts with 'Error:' (or, for the rows that expect a warning, exits 0 with it) and holds the
 fragment, and leaves the folder it ran in exactly as it was: nothing written.

@@ -258,16 +258,17 @@ def load_as_comfyui_does(path):
     return module
 
 
-def test_install_as_the_docs_say(tmp_path, monkeypatch):
-    """docs/integrations.md's install line, run as written: the linked folder finds the repository and
-    exports the nodes; a copy needs AMED_SOLVER_ROOT and says so in one line without it."""
+@pytest.mark.parametrize('doc,title', [('docs/integrations.md', 'ComfyUI'), ('README.md', 'AMED in k-diffusion / ComfyUI')])
+def test_install_as_the_docs_say(doc, title, tmp_path, monkeypatch):
+    """The install line of docs/integrations.md and README, run as written: the linked folder finds the
+    repository and exports the nodes; a copy needs AMED_SOLVER_ROOT and says so in one line without it."""
     import shutil
     import subprocess
 
     from tests.readme import ROOT, snippet
     comfy = tmp_path / 'ComfyUI'
     (comfy / 'custom_nodes').mkdir(parents=True)
-    subprocess.run(['bash', '-c', snippet('ComfyUI', 'docs/integrations.md', lang='bash')], check=True,
+    subprocess.run(['bash', '-c', snippet(title, doc, lang='bash')], check=True,
                    env=dict(os.environ, AMED=ROOT, COMFYUI=str(comfy)))
     linked = load_as_comfyui_does(str(comfy / 'custom_nodes' / 'amed-solver'))
     assert set(linked.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)

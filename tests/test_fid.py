@@ -467,7 +467,7 @@ def test_fid_matches_torchmetrics(in_tmp, one_thread):
     FID = distance(statistics(features)); both halves are checked: the statistics of ``fid.py ref``
     against torchmetrics' accumulated ones (2048-d), and our distance against torchmetrics' on 256-d
     statistics (a 2048-d matrix square root costs 10-20 s on this machine; the full 2048-d comparison
-    is in the README, measured once)."""
+    is in docs/metrics.md, measured once)."""
     peer = peer_python('torchmetrics', 'torch_fidelity')
     net = random_inception(seed=2)
     torch.save(net.state_dict(), 'ours.pth')
@@ -494,3 +494,23 @@ def test_fid_matches_torchmetrics(in_tmp, one_thread):
     # scipy's sqrtm (ours, EDM's) and torchmetrics' eigenvalues of sigma1 sigma2: the same distance.
     value = frechet.frechet_distance(small['mu1'], small['sigma1'], small['mu2'], small['sigma2'])
     assert value > 100 and abs(float(theirs['fid']) - value) <= 1e-6 * value, (float(theirs['fid']), value)
+
+
+def test_calc_expects_a_standard_count(standin):
+    """calc without --num expects 50,000 images, as EDM: fewer are used with a warning that the
+    metrics line records; --num names the count and silences it; more are cut to a seeded subset."""
+    write_images('a', 6)
+    common = [f'--detector={standin}', '--workers=0', '--no-progress']
+    code, out = run_fid(['ref', '--data=a', '--dest=a.npz', *common])
+    assert code == 0, out
+    code, out = run_fid(['calc', '--images=a', '--ref=a.npz', *common])
+    assert code == 0, out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith('FID: ') and lines[-2].startswith('Warning: ')
+    assert '6 images, fewer than the 50000 of a standard FID' in lines[-2] and out.count('Warning: ') == 2
+    assert 'fewer than the 50000' in last_metrics_line('a/metrics.jsonl')['warning']
+    code, out = run_fid(['calc', '--images=a', '--ref=a.npz', '--num=6', *common])
+    assert code == 0 and 'Warning' not in out and 'warning' not in last_metrics_line('a/metrics.jsonl'), out
+    frechet.compute_fd('a', 'a.npz', detector=standin, workers=0, progress=False, expected=4)
+    line = last_metrics_line('a/metrics.jsonl')
+    assert 'warning' not in line and line['images']['subset'] == dict(num=4, seed=0)

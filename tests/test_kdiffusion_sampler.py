@@ -210,3 +210,14 @@ def test_a_tail_of_the_card_is_img2img(gmm):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match='keeps no interval of the 4-interval solver card'):
         C.tail_steps(card, 0.1)
+
+
+def test_readme_integration_examples_are_the_docs_ones():
+    """README's short integration examples are docs/integrations.md's, word for word (both are run by
+    the tests above and in test_comfyui / test_diffusers_scheduler)."""
+    from tests.readme import snippet
+    doc = 'docs/integrations.md'
+    assert snippet('AMED in k-diffusion / ComfyUI') == snippet('k-diffusion', doc)
+    assert snippet('AMED in diffusers') == snippet('diffusers: text to image', doc)
+    readme_install = snippet('AMED in k-diffusion / ComfyUI', lang='bash').split('#')[0].strip()
+    assert readme_install == snippet('ComfyUI', doc, lang='bash').strip()

@@ -1,4 +1,4 @@
-"""Latent models (issue 7): Stable Diffusion v1.x with classifier-free guidance (``ms_coco``) and LDM
+"""Latent models: Stable Diffusion v1.x with classifier-free guidance (``ms_coco``) and LDM
 LSUN Bedroom (``lsun_bedroom_ldm``), loaded offline from tiny random checkpoints in the official
 layouts (tests/latent_fixtures.py) through the real loaders, then sampled, decoded, trained and
 sampled again through train.py / sample.py."""
@@ -72,7 +72,7 @@ def test_missing_extra_is_one_line(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The discrete-time VP maps (REFERENCE.md 4.1).
+# The discrete-time VP maps (the official code).
 
 def test_discrete_maps_match_the_reference_values():
     sd_maps = DiscreteEpsDenoiser(linear_alphas_cumprod(0.00085, 0.012))
@@ -90,7 +90,7 @@ def test_discrete_maps_match_the_reference_values():
     # Round trip, including the linear extension below t = 1e-3.
     t = torch.linspace(0.0003, 1.0, 257, dtype=torch.float64)
     torch.testing.assert_close(sd_maps.sigma_to_t(sd_maps.t_to_sigma(t)), t, rtol=0, atol=1e-12)
-    # The discrete schedule with rho 1 and 11 points: timesteps 999, 899.1, ..., 99.9, 0 (REFERENCE.md 4
+    # The discrete schedule with rho 1 and 11 points: timesteps 999, 899.1, ..., 99.9, 0 (the official code
     # rounds them to 999, 899, ..., 100, 0).
     t_steps = solvers.get_model_schedule(sd_maps, 11, schedule_type='discrete', schedule_rho=1.0)
     torch.testing.assert_close(sd_maps.timestep(t_steps), torch.linspace(999, 0, 11, dtype=torch.float64),
@@ -279,7 +279,7 @@ def test_ldm_loads_ema_weights_from_the_official_layouts(files, tmp_path, monkey
     assert direct.decode(x).shape == (2, 3, 32, 32) and direct.calls_per_eval == 1
     assert direct.sigma_max == pytest.approx(83.822, rel=1e-5)
 
-    # The VQ-f4 weights in a separate file at the brief's path (relative to the working folder).
+    # The VQ-f4 weights in a separate file at the official README's path (relative to the working folder).
     monkeypatch.chdir(tmp_path)
     path, _, vq = F.write_ldm(str(tmp_path / 'm'), first_stage_inside=False,
                               vq_path='models/ldm_models/first_stage_models/vq-f4/model.ckpt')
@@ -350,7 +350,7 @@ def run(cmd, args):
 
 
 def test_sd_recipe_trains_and_samples(files, tmp_path, monkeypatch):
-    """REFERENCE.md section 15's SD recipe (dpmpp/dpmpp, N=4, M=2, AFS, scale_time 0.2, discrete rho 1,
+    """The official launch script's SD recipe (dpmpp/dpmpp, N=4, M=2, AFS, scale_time 0.2, discrete rho 1,
     max_order 2, predict_x0 False, cfg 7.5) at toy size: the run's NFE counts the CFG doubling."""
     monkeypatch.chdir(tmp_path)
     code, out = run(train.main, [

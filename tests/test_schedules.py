@@ -83,7 +83,7 @@ def test_discrete_schedule_uniform_in_model_time(rho):
 
 def test_discrete_rho_bug_is_fixed():
     """The official code does not raise T_max to 1/rho, so for rho != 1 its first point is not
-    sigma_max; ours starts at sigma_max for every rho (REFERENCE.md section 4)."""
+    sigma_max; ours starts at sigma_max for every rho (the official code)."""
     rho = 2.0
     t = get_schedule(4, 0.5, 10.0, 'discrete', rho, **VP_MAPS)
     t_max = vp_sigma_to_t(torch.tensor(10.0, dtype=torch.float64))

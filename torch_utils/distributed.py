@@ -132,8 +132,8 @@ def is_main():
 
 
 def print0(*args, **kwargs):
-    """`print` on rank 0 only."""
-    if is_main():
+    """`print` on rank 0 only; also after :func:`shutdown`, by torchrun's RANK variable."""
+    if is_main() and (_active() or os.environ.get('RANK', '0') == '0'):
         print(*args, **kwargs)
 
 

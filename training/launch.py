@@ -21,7 +21,7 @@ from training.state import STATE_FILE, load_training_state
 from training.loss import LOSS_OPTIONS, LOSSES, AMEDLoss, make_loss
 from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
 
-#: Defaults of every training option (the brief's parameter table, plus ours). None: the model's
+#: Defaults of every training option (the official README's parameter table, plus ours). None: the model's
 #: (sigma range) or the solver's (its options, :mod:`solvers`).
 DEFAULTS = dict(
     dataset_name=None, model_path=None, outdir='./exps', desc=None, batch=64, batch_gpu=None, total_kimg=10.0,

@@ -3,7 +3,7 @@
 The student step is :func:`solvers.step`, the same function sampling uses, so a predictor samples
 exactly as it was trained. The teacher solves the same schedule refined by M inserted points per
 student interval; by the schedules' refinement property its grid contains the student's grid at
-every (M+1)-th point, and those points are the targets (REFERENCE.md section 5).
+every (M+1)-th point, and those points are the targets (the official code).
 
 Two losses share the targets (``train.py --loss``); each is an object that trains one global batch
 (:meth:`IntervalLoss.train_batch`, :meth:`TrajectoryLoss.train_batch`), so the training loop only

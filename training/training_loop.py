@@ -1,4 +1,4 @@
-"""Training loop of the AMED predictor (REFERENCE.md section 5, with its bugs fixed).
+"""Training loop of the AMED predictor (as the official code's, with its bugs fixed).
 
 Per global batch of ``batch`` trajectories (:func:`draw_batch`, then the loss's ``train_batch``,
 :mod:`training.loss`):

@@ -1,4 +1,4 @@
-"""Test fixture: a loss object in the layout of the official training/loss.py (REFERENCE.md 10):
+"""Test fixture: a loss object in the layout of the official training/loss.py (the official code):
 its state holds sampler function objects of ``solvers_amed`` and schedule tensors."""
 
 import torch

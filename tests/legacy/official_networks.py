@@ -1,5 +1,5 @@
 """Test fixture: an AMED predictor class in the layout of the official code's training/networks.py
-(REFERENCE.md section 2), written for our tests, so that published-format pickles can be made here.
+(the official code), written for our tests, so that published-format pickles can be made here.
 Its source is embedded in the pickles, as NVIDIA's persistence does; it imports only what the
 official file imports. ``LEGACY = True`` gives the pre-June-2024 variant."""
 
