@@ -8,6 +8,7 @@ them by name.
 """
 
 import functools
+import sys
 
 import click
 
@@ -16,6 +17,7 @@ import solvers
 from models.presets import PRESETS, dataset_names
 from torch_utils import distributed as dist
 from torch_utils.misc import FiniteFloat
+from torch_utils.stopping import Stopped
 
 #: The errors a library raises for bad input: each becomes one line 'Error: ...' and exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
@@ -29,14 +31,18 @@ def one_line(e):
 
 def user_errors(fn):
     """The one error policy of the CLIs: a library's user error (:data:`USER_ERRORS`) becomes
-    click's one-line 'Error: ...' with exit code 1, and the process group is shut down however
-    the command ends."""
+    click's one-line 'Error: ...' with exit code 1; work stopped by a signal or a failed write
+    (:class:`torch_utils.stopping.Stopped`) prints what was saved and exits with its code; and the
+    process group is shut down however the command ends."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             raise click.ClickException(one_line(e)) from None
+        except Stopped as e:   # stopped by a signal or a failed write: what was saved, how to continue
+            dist.print0(e)
+            sys.exit(e.code)
         finally:
             dist.shutdown()
     return wrapper
@@ -64,19 +70,14 @@ def _option_help(name):
     return '; '.join(parts)
 
 
-def _option_type(name):
-    for cls in solvers.REGISTRY.values():
-        for opt in cls.options:
-            if opt == name:
-                return getattr(opt, 'type', bool)
-    return bool
-
-
 def solver_options(fn):
     """The options of every registered solver (``--max_order``, ``--predict_x0``, ...), each
     documented from the solvers that take it; default None: the solver's own default."""
-    types = {int: int, float: FiniteFloat(), bool: bool}
-    return apply(fn, [click.option(f'--{name}', help=_option_help(name), type=types.get(_option_type(name), str))
+    def click_type(type_):
+        if isinstance(type_, tuple):
+            return click.Choice(list(type_))
+        return {int: int, float: FiniteFloat(), bool: bool}.get(type_, str)
+    return apply(fn, [click.option(f'--{name}', help=_option_help(name), type=click_type(solvers.option_type(name)))
                       for name in solvers.OPTIONS])
 
 
@@ -86,7 +87,7 @@ def schedule_options(defaults=None, shown=None):
     (missing: None, and the help shows the library's default, or ``shown[name]``)."""
     defaults, shown = defaults or {}, shown or {}
     specs = [
-        ('num_steps', 'Time points N of the schedule', click.IntRange(min=2), 4),
+        ('num_steps', 'Time points N of the schedule', click.IntRange(2, solver_utils.MAX_TIME_POINTS), 4),
         ('schedule_type', 'Time schedule', click.Choice(list(solver_utils.SCHEDULES)), solver_utils.SCHEDULE_TYPE),
         ('schedule_rho', 'Schedule exponent (polynomial, time_uniform, discrete; logsnr takes none)',
          FiniteFloat(min=0, min_open=True), f'{solver_utils.SCHEDULE_RHO:g}'),

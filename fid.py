@@ -133,7 +133,8 @@ def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, devi
 def toydata(dest, num, seed, dataset_name, overwrite, progress):
     """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`),
     with a manifest.json: a --dest holding images of another seed or model, or images without a
-    manifest, is refused unless --overwrite."""
+    manifest, is refused unless --overwrite. --dest is locked while it is written; SIGINT/SIGTERM
+    stop after the current chunk (exit 128 + the signal number) and say how to continue."""
     start('cpu')
     generate.write_toy_data(dest, num, seed=seed, dataset_name=dataset_name, progress=progress, overwrite=overwrite)
 

@@ -16,6 +16,8 @@ Examples:
   python sample.py --predictor_path=0 --seeds=0-63 --grid      # experiment 0 in ./exps
   python sample.py --predictor_path=card.json --seeds=0-63     # a solver card
   python sample.py --dataset_name=toy --solver=ipndm --num_steps=7 --afs=True --seeds=0-99
+  python sample.py --dataset_name=toy --solver=unipc --num_steps=6 --schedule_type=logsnr --afs=True --seeds=0-63
+  python sample.py --dataset_name=toy --solver=deis --t_steps=80,10,2,0.5,0.1,0.002 --seeds=0-63
   python sample.py --predictor_path=0 --dry-run                # check and print the plan
   torchrun --standalone --nproc_per_node=8 sample.py --predictor_path=exps/00003-cifar10-... \\
       --seeds=0-49999
@@ -50,19 +52,30 @@ Examples:
 @click.option('--solver', help=f"Plain solver (no predictor)  [default: {generate.PLAIN_DEFAULTS['solver']}]",
               type=click.Choice(list(solvers.PLAIN)))
 @cli.schedule_options(shown=dict(num_steps=generate.PLAIN_DEFAULTS['num_steps']))
+@click.option('--t_steps', help='Explicit schedule replacing the schedule options: noise levels, descending and '
+              "comma-separated, or a JSON file with their list (or a card's t_steps)", type=str)
+@click.option('--denoise_to_zero', help='Finish with one more model call x <- D(x; sigma_min), counted in the NFE  '
+              '[default: False]', type=bool)
 @cli.solver_options
 @cli.model_options('guidance_type', 'guidance_rate')
 @cli.user_errors
 def main(device, progress, dry_run, **options):
-    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver."""
+    """Generate one PNG per seed (or a grid) with an AMED predictor, a solver card or a plain solver.
+    --outdir is locked while the run writes it (a second writer is refused). SIGINT/SIGTERM stop
+    after the current batch (exit 128 + the signal number) and a failed write stops at once (exit
+    1): the saved images are complete and listed in manifest.json, and the message says how to
+    continue (--resume)."""
     dev = dist.init(device)
     plan = generate.plan_sampling(device=dev, **options)
-    dist.print0(plan.describe())
-    if dry_run:
-        dist.print0(json.dumps(plan.config, indent=2))
-        dist.print0('Dry run: nothing written.')
-        return
-    generate.generate_images(plan, progress=progress)
+    try:
+        dist.print0(plan.describe())
+        if dry_run:
+            dist.print0(json.dumps(plan.config, indent=2))
+            dist.print0('Dry run: nothing written.')
+            return
+        generate.generate_images(plan, progress=progress)
+    finally:
+        plan.release(cleanup=dry_run)
     dist.print0('Done.')
 
 

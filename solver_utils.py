@@ -1,6 +1,6 @@
 """Pure tensor maths for the ODE solvers: time schedules, the analytical first step (AFS),
-Adams-Bashforth (iPNDM) and multistep DPM-Solver(++) updates, dynamic thresholding and the
-NFE count. No control flow over time lives here (that is ``solvers.py``).
+Adams-Bashforth (iPNDM, iPNDM_v), multistep DPM-Solver(++), DEIS and UniPC updates and dynamic
+thresholding. No control flow over time lives here (that is ``solvers.py``).
 
 Notation follows the AMED paper: sigma (also written t) is the EDM/VE noise level,
 d(x, sigma) = (x - D(x; sigma)) / sigma is the probability-flow ODE direction,
@@ -9,6 +9,7 @@ lambda = -log(sigma) the half log-SNR of the VE form.
 
 import math
 
+import numpy as np
 import torch
 
 SCHEDULES = ('polynomial', 'logsnr', 'time_uniform', 'discrete')
@@ -20,14 +21,20 @@ SCHEDULE_RHO = 7.0
 # ----------------------------------------------------------------------------------------------
 # Time schedules.
 
+def vp_constants(sigma_min, sigma_max, eps_s=1e-3):
+    """(beta_d, beta_min) of the linear-beta VP schedule with sigma(eps_s) = sigma_min and sigma(1) =
+    sigma_max, where sigma(tau)^2 = exp(beta_d tau^2 / 2 + beta_min tau) - 1."""
+    log_max = math.log1p(sigma_max ** 2)
+    log_min = math.log1p(sigma_min ** 2)
+    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
+    return beta_d, log_max - beta_d / 2
+
+
 def _time_uniform_sigmas(u, sigma_min, sigma_max, rho, eps_s=1e-3):
     """VP-time-uniform schedule (DPM-Solver's 'time_uniform'): uniform in VP time tau^(1/rho),
     mapped to sigma through the linear-beta VP schedule that hits sigma_min at tau=eps_s and
     sigma_max at tau=1. Float64 throughout."""
-    log_max = math.log1p(sigma_max ** 2)
-    log_min = math.log1p(sigma_min ** 2)
-    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
-    beta_min = log_max - beta_d / 2
+    beta_d, beta_min = vp_constants(sigma_min, sigma_max, eps_s)
     tau = (1 + u * (eps_s ** (1 / rho) - 1)) ** rho
     return torch.sqrt(torch.expm1(beta_d * tau ** 2 / 2 + beta_min * tau))
 
@@ -74,12 +81,20 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type=SCHEDULE_TYPE, s
     return t
 
 
+#: The most time points a schedule may have (student or teacher grid): a bound on what a run
+#: allocates, far above any useful few-step or teacher solver.
+MAX_TIME_POINTS = 10000
+
+
 def check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho):
     """Raise ValueError (naming the option) for schedule arguments that make no sense."""
     if schedule_type not in SCHEDULES:
         raise ValueError(f"unknown schedule_type {schedule_type!r} (choose one of {', '.join(SCHEDULES)})")
-    if int(num_steps) != num_steps or num_steps < 2:
-        raise ValueError(f'num_steps must be an integer of at least 2, got {num_steps}')
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, float)) or int(num_steps) != num_steps \
+            or num_steps < 2:
+        raise ValueError(f'num_steps must be an integer of at least 2, got {num_steps!r}')
+    if num_steps > MAX_TIME_POINTS:
+        raise ValueError(f'num_steps {int(num_steps)} is too large: a schedule has at most {MAX_TIME_POINTS} time points')
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f'sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max})')
     if schedule_type != 'logsnr' and not (schedule_rho > 0 and math.isfinite(schedule_rho)):
@@ -209,3 +224,168 @@ def dynamic_threshold(x0, ratio=0.995, max_val=1.0):
     q = srt[:, lo] + (pos - lo) * (srt[:, hi] - srt[:, lo])   # linear interpolation, as torch.quantile
     s = torch.clamp(q, min=max_val).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+# ----------------------------------------------------------------------------------------------
+# iPNDM_v: Adams-Bashforth with coefficients that follow the actual step sizes.
+
+def ipndm_v_coefficients(steps, order):
+    """The official variable-step Adams-Bashforth weights of iPNDM_v: with ``steps`` the signed step
+    sizes newest first (h = t_to - t_from, h1 = t_from - t_prev, h2, h3; floats or tensors), the
+    update is ``x + h * sum_j w_j d_{n-j}``. Returns ``order`` weights (orders 1-4).
+
+    Order 2 is the exact variable-step AB2. Orders 3 and 4 are the official formulas: order 3 equals
+    AB3 on a uniform grid and integrates linear functions exactly on any grid (so it keeps order 3
+    on smoothly varying grids); the official order-4 weights are (57, -65, 43, -11)/24 on a uniform
+    grid, not AB4's (55, -59, 37, -9)/24, and integrate only quadratics exactly: order 3 as well.
+    The exact variable-step Adams-Bashforth method of any order is ``deis_coefficients(mode='rhoab')``.
+    """
+    if order == 1:
+        return [1.0]
+    h, h1 = steps[0], steps[1]
+    ratio = h / h1
+    w = [1 + ratio / 2, -ratio / 2]
+    if order == 2:
+        return w
+    h2 = steps[2]
+    t1 = (1 - h ** 2 / (3 * h1 * (h1 + h2))) / 2
+    w = [w[0] + t1, w[1] - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    if order == 3:
+        return w
+    h3 = steps[3]
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    t2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) \
+        * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    return [w[0] + t2, w[1] - (1 + h1 / h2 + q) * t2, w[2] + (h1 / h2 + q * (1 + h2 / h3)) * t2, -t2 * q * h1 / h2]
+
+
+# ----------------------------------------------------------------------------------------------
+# DEIS: polynomial extrapolation of the direction, integrated over sigma.
+
+#: The VP schedule (beta linear, eps_s = 1e-3) whose time tau is DEIS-tAB's interpolation variable; the
+#: official code builds it from these fixed end points whatever the model's sigma range.
+DEIS_VP_RANGE = (0.002, 80.0)
+DEIS_MODES = ('tab', 'rhoab', 'logrho')
+_GAUSS_NODES = 64
+
+
+def vp_time(sigma, sigma_min=DEIS_VP_RANGE[0], sigma_max=DEIS_VP_RANGE[1]):
+    """The VP time tau of noise level ``sigma`` (a tensor) in the schedule of :func:`vp_constants`."""
+    beta_d, beta_min = vp_constants(sigma_min, sigma_max)
+    return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)) - beta_min) / beta_d
+
+
+def _gauss_legendre(n):
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
+def deis_coefficients(sigmas, sigma_to, mode='tab'):
+    """DEIS weights c_j of ``x_next = x + sum_j c_j d_j`` for the directions d_j at ``sigmas`` (newest
+    first, the current point sigmas[0]; floats or per-sample tensors), from sigmas[0] to ``sigma_to``:
+    c_j = integral over [sigmas[0], sigma_to] of the Lagrange polynomial L_j(v(sigma)) d sigma, the
+    direction being interpolated in the variable v:
+
+    * ``tab``: v = VP time tau (:func:`vp_time`), DEIS-tAB as the official code;
+    * ``rhoab``: v = sigma, i.e. the exact variable-step Adams-Bashforth method in sigma;
+    * ``logrho``: v = log sigma, as diffusers' DEISMultistepScheduler.
+
+    The integral is a 64-point Gauss-Legendre rule in log sigma, computed in float64: exact to
+    rounding here, where the official tAB coefficients are a float32 sum over 10^4 points
+    (relative deviation about 1e-4). One point gives Euler's weight sigma_to - sigmas[0].
+    """
+    if mode not in DEIS_MODES:
+        raise ValueError(f"unknown deis_mode {mode!r} (choose one of {', '.join(DEIS_MODES)})")
+    ref = next((s for s in list(sigmas) + [sigma_to] if isinstance(s, torch.Tensor)), None)
+    as64 = lambda s: torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1)  # noqa: E731
+    pts = [as64(s) for s in sigmas]
+    lo, hi = torch.log(pts[0]), torch.log(as64(sigma_to))
+    nodes, weights = _gauss_legendre(_GAUSS_NODES)
+    u = (lo + hi) / 2 + (hi - lo) / 2 * nodes            # (B, n) nodes in log sigma
+    sig = torch.exp(u)
+    dsigma = sig * (hi - lo) / 2 * weights                # d sigma = sigma du, times the weights
+    var = {'tab': vp_time, 'rhoab': lambda s: s, 'logrho': torch.log}[mode]
+    v, vp = var(sig), [var(p) for p in pts]
+    coeffs = []
+    for j, pj in enumerate(vp):
+        basis = torch.ones_like(v)
+        for k, pk in enumerate(vp):
+            if k != j:
+                basis = basis * (v - pk) / (pj - pk)
+        coeffs.append((basis * dsigma).sum(1))
+    if ref is None:
+        return [float(c) for c in coeffs]
+    return [c.to(ref).reshape(ref.shape) for c in coeffs]
+
+
+# ----------------------------------------------------------------------------------------------
+# UniPC: the unified predictor-corrector of Zhao et al. (2023), in sigma (VE) space.
+
+UNIPC_VARIANTS = ('bh1', 'bh2')
+
+
+def _unipc_terms(x, sigma_to, outputs, sigmas, order, predict_x0, variant):
+    """The parts shared by UniPC's predictor and corrector of ``order`` from sigmas[0] to
+    ``sigma_to``: the first-order base point, the factor in front of the higher-order terms, the
+    scaled differences D1_k = (m_k - m_0) / r_k of the previous outputs, and the weights solving
+    R rho = b (rows r_k^(i-1), b_i = i! phi_{i+1}(h) / B(h), h the step in lambda = -log sigma).
+    Every quantity is per sample (sigmas are (B,1,1,1) tensors)."""
+    s0, m0 = sigmas[0], outputs[0]
+    lam = lambda s: -torch.log(s)  # noqa: E731
+    h = lam(sigma_to) - lam(s0)
+    hh = -h if predict_x0 else h
+    h_phi_1 = torch.expm1(hh)
+    b_h = hh if variant == 'bh1' else torch.expm1(hh)
+    rks = [(lam(sigmas[k]) - lam(s0)) / h for k in range(1, order)]
+    d1s = [(outputs[k] - m0) / rk for k, rk in zip(range(1, order), rks)]
+    rks_all = torch.stack([r.reshape(-1) for r in rks] + [torch.ones_like(h.reshape(-1))], dim=1)   # (B, order)
+    h_phi_k = h_phi_1 / hh - 1
+    fact = 1
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append(rks_all ** (i - 1))
+        b.append((h_phi_k * fact / b_h).reshape(-1))
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    big_r = torch.stack(rows, dim=1)                      # (B, order, order): row i-1 holds r_k^(i-1)
+    big_b = torch.stack(b, dim=1)                         # (B, order)
+    if predict_x0:
+        base = sigma_to / s0 * x - h_phi_1 * m0
+        factor = b_h
+    else:
+        base = x - sigma_to * h_phi_1 * m0
+        factor = sigma_to * b_h
+    return base, factor, d1s, big_r, big_b
+
+
+def _weighted(rhos, terms):
+    out = 0
+    for k, t in enumerate(terms):
+        out = out + rhos[:, k].reshape(-1, *([1] * (t.ndim - 1))).to(t.dtype) * t
+    return out
+
+
+def unipc_predict(x, sigma_to, outputs, sigmas, order, predict_x0=True, variant='bh2'):
+    """UniPC's predictor (UniP) of ``order`` 1-3 from sigmas[0] to ``sigma_to``: ``outputs`` newest
+    first (data predictions with ``predict_x0``, else directions), at ``sigmas`` ((B,1,1,1) tensors).
+    Order 2 uses rho = 1/2 as the official code."""
+    base, factor, d1s, big_r, big_b = _unipc_terms(x, sigma_to, outputs, sigmas, order, predict_x0, variant)
+    if order == 1:
+        return base
+    if order == 2:
+        rhos = torch.full((x.shape[0], 1), 0.5, dtype=big_b.dtype, device=big_b.device)
+    else:
+        rhos = torch.linalg.solve(big_r[:, :-1, :-1], big_b[:, :-1])
+    return base - factor * _weighted(rhos, d1s)
+
+
+def unipc_correct(x, sigma_to, outputs, sigmas, order, output_to, predict_x0=True, variant='bh2'):
+    """UniPC's corrector (UniC) of ``order``: the step of :func:`unipc_predict` redone with the model
+    output ``output_to`` at the predicted point (sigma_to) as one more node. Order 1 uses rho = 1/2
+    as the official code."""
+    base, factor, d1s, big_r, big_b = _unipc_terms(x, sigma_to, outputs, sigmas, order, predict_x0, variant)
+    if order == 1:
+        rhos = torch.full((x.shape[0], 1), 0.5, dtype=big_b.dtype, device=big_b.device)
+    else:
+        rhos = torch.linalg.solve(big_r, big_b)
+    return base - factor * _weighted(rhos, d1s + [output_to - outputs[0]])

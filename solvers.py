@@ -11,11 +11,17 @@ Solvers (``name``: what it is; students can be driven by an AMED predictor):
 * ``amed``   AMED-Solver: mean direction at the predicted intermediate time (student only).
 * ``euler``  Euler (DDIM in VE form).
 * ``ipndm``  iPNDM: Adams-Bashforth with uniform-step coefficients, ``max_order`` 1-4 (default 4).
+* ``ipndm_v`` iPNDM_v: Adams-Bashforth with the official variable-step coefficients, ``max_order`` 1-4.
+* ``deis``   DEIS: the direction extrapolated by a polynomial in VP time (``deis_mode='tab'``), in
+             sigma (``rhoab``) or in log sigma (``logrho``), integrated over sigma; ``max_order`` 1-4.
 * ``dpm``    DPM-Solver-2 in sigma space (intermediate time at r = 1/2 without a predictor).
 * ``dpmpp``  multistep DPM-Solver++ (``predict_x0=True``) or DPM-Solver (``predict_x0=False``),
              ``max_order`` 1-3 (default 3), ``lower_order_final``; dynamic thresholding of the
              data prediction is on by default in data-prediction mode (``thresholding``);
              ``corrected_3m`` makes the order-3 update third-order accurate (off = official).
+* ``unipc``  UniPC (``variant`` bh1/bh2), ``max_order`` 1-3 (default 3), ``predict_x0``,
+             ``lower_order_final``, ``thresholding`` as dpmpp; teacher only. Its corrector reuses the
+             model output at the next point, which the next step takes instead of calling the model.
 * ``heun``   EDM's Heun (2nd order), teacher only (= the ``dpm`` rule with r = 1).
 
 Each solver is a class whose facts (student or teacher, multistep or two-stage, its options, its
@@ -73,8 +79,11 @@ class Solver:
     * ``two_stage``: it evaluates the model at an intermediate time of every interval even without
       a predictor (r fixed at ``fixed_r``); its NFE is 2 per interval (see :meth:`evals_per_interval`).
     * ``multistep``: it carries previous model outputs across intervals (``history_size`` of them).
+    * ``corrector``: after some steps (:meth:`corrects`) it evaluates the model at the point it
+      reached and corrects that point with the output (UniPC); the next step reuses the output
+      instead of calling the model, so the correction costs no extra call except after the last step.
     * ``options``: the keyword options its constructor takes (:class:`Option`: name, type, help
-      and default); ``max_order_limit``: the highest ``max_order``.
+      and default; a tuple type lists the choices); ``max_order_limit``: the highest ``max_order``.
     * ``legacy_name``: the sampler function of the official ``solvers_amed`` module.
     * ``orders``: its declared convergence orders, ``(options, schedule, order)`` triples: with
       these options on this schedule (rho 1) the global error falls as h^order. The common test
@@ -88,6 +97,7 @@ class Solver:
     needs_predictor = False
     two_stage = False
     multistep = False
+    corrector = False
     fixed_r = None
     options = ()
     max_order_limit = None
@@ -117,6 +127,16 @@ class Solver:
         """Move x from t_from to t_to with current output m and previous ``history``
         (newest first, tuples (sigma, output)); ``scale`` multiplies the model terms."""
         return x + scale * (t_to - t_from) * m
+
+    def corrects(self, step_cur, total_points):
+        """Whether the step landing on grid point ``step_cur`` (1-based, of ``total_points``) ends
+        with a corrector, i.e. one model call at that point (:func:`step` and :func:`count_nfe` ask this)."""
+        return False
+
+    def correct(self, x, t_from, t_to, m, history, order, m_to):  # corrector solvers only
+        """The corrected point at t_to, from the step's start (x, m, ``history``) and the model
+        output ``m_to`` at the predicted point."""
+        raise NotImplementedError
 
     def combine(self, x, t_cur, t_next, d_cur, d_mid, r, scale):  # two-stage solvers only
         raise NotImplementedError
@@ -159,39 +179,72 @@ class IPNDM(Solver):
         return x + scale * (t_to - t_from) * d
 
 
-class DPMpp(Solver):
-    """Multistep DPM-Solver++ (``predict_x0``) or DPM-Solver. ``thresholding`` defaults to
+def _sigmas(t_from, history, order):
+    """The noise levels of the current point and the ``order - 1`` newest history entries."""
+    return [t_from] + [h[0] for h in history[:order - 1]]
+
+
+def _combination(weights, outputs):
+    out = weights[0] * outputs[0]
+    for w, m in zip(weights[1:], outputs[1:]):
+        out = out + w * m
+    return out
+
+
+class IPNDMv(IPNDM):
+    """iPNDM_v: Adams-Bashforth whose coefficients follow the actual step sizes, with the official
+    formulas (:func:`solver_utils.ipndm_v_coefficients`)."""
+
+    name = 'ipndm_v'
+    legacy_name = 'ipndm_v_sampler'
+    orders = ()   # measured by tests/test_baselines.py on non-uniform grids
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        sig = [t_to] + _sigmas(t_from, history, order)
+        steps = [a - b for a, b in zip(sig[:-1], sig[1:])]
+        weights = solver_utils.ipndm_v_coefficients(steps, order)
+        return x + scale * (t_to - t_from) * _combination(weights, [m] + [h[1] for h in history])
+
+
+class DEIS(IPNDM):
+    """DEIS: the newest ``order`` directions interpolated by a polynomial in VP time (``tab``), sigma
+    (``rhoab``) or log sigma (``logrho``), integrated exactly over the step
+    (:func:`solver_utils.deis_coefficients`); the coefficients come from the noise levels the run
+    actually visits, whichever schedule (or refined grid) they belong to."""
+
+    name = 'deis'
+    options = (Option('max_order', int, 'multistep order 1-4', 4),
+               Option('deis_mode', solver_utils.DEIS_MODES, 'interpolate the direction in VP time (tab), sigma '
+                      '(rhoab) or log sigma (logrho, as diffusers)', 'tab'))
+    legacy_name = 'deis_sampler'
+    orders = ()   # measured by tests/test_baselines.py on non-uniform grids
+
+    def __init__(self, max_order=None, deis_mode='tab'):
+        super().__init__(max_order)
+        if deis_mode not in solver_utils.DEIS_MODES:
+            raise ValueError(f"unknown deis_mode {deis_mode!r} (choose one of {', '.join(solver_utils.DEIS_MODES)})")
+        self.deis_mode = deis_mode
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        weights = solver_utils.deis_coefficients(_sigmas(t_from, history, order), t_to, self.deis_mode)
+        return x + scale * _combination(weights, [m] + [h[1] for h in history])
+
+
+class _Exponential(Solver):
+    """Multistep exponential integrators in data (``predict_x0``) or noise prediction with the
+    DPM-Solver order rule (warm-up, ``lower_order_final``). ``thresholding`` defaults to
     ``predict_x0``, and to off on latent models (``latent``: dynamic thresholding, made for pixels
     in [-1, 1], would shrink latents)."""
 
-    name = 'dpmpp'
     multistep = True
-    options = (Option('max_order', int, 'multistep order 1-3', 3),
-               Option('predict_x0', bool, 'data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)', True),
-               Option('lower_order_final', bool, 'lower orders on the last steps', True),
-               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
-                      'predict_x0 on pixel models, False on latent models'),
-               Option('corrected_3m', bool, 'third-order-accurate order-3 update', 'False, the official update'))
     max_order_limit = 3
-    legacy_name = 'dpm_pp_sampler'
-    # Any grid (logsnr here). The official order-3 update (as DPM-Solver's and k-diffusion's) is only
-    # second-order accurate; corrected_3m restores order 3 (solver_utils.dpm_multistep_update).
-    orders = ((dict(max_order=1, thresholding=False), 'logsnr', 1),
-              (dict(max_order=2, thresholding=False, lower_order_final=False), 'logsnr', 2),
-              (dict(max_order=3, thresholding=False, lower_order_final=False), 'logsnr', 2),
-              (dict(max_order=3, thresholding=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3),
-              (dict(max_order=2, predict_x0=False, lower_order_final=False), 'logsnr', 2),
-              (dict(max_order=3, predict_x0=False, lower_order_final=False), 'logsnr', 2),
-              (dict(max_order=3, predict_x0=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3))
 
     @classmethod
     def build(cls, latent=False, **options):
         return cls(latent=latent, **options)
 
-    def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False,
-                 latent=False):
+    def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, latent=False):
         self.max_order = _order(type(self), max_order)
-        self.corrected_3m = bool(corrected_3m)
         self.predict_x0 = bool(predict_x0)
         self.lower_order_final = bool(lower_order_final)
         if thresholding is None:
@@ -208,11 +261,73 @@ class DPMpp(Solver):
         order = solver_utils.dpm_multistep_order(step_cur, total_points, self.max_order, self.lower_order_final)
         return min(order, len(history) + 1)
 
+
+class DPMpp(_Exponential):
+    """Multistep DPM-Solver++ (``predict_x0``) or DPM-Solver."""
+
+    name = 'dpmpp'
+    options = (Option('max_order', int, 'multistep order 1-3', 3),
+               Option('predict_x0', bool, 'data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)', True),
+               Option('lower_order_final', bool, 'lower orders on the last steps', True),
+               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
+                      'predict_x0 on pixel models, False on latent models'),
+               Option('corrected_3m', bool, 'third-order-accurate order-3 update', 'False, the official update'))
+    legacy_name = 'dpm_pp_sampler'
+    # Any grid (logsnr here). The official order-3 update (as DPM-Solver's and k-diffusion's) is only
+    # second-order accurate; corrected_3m restores order 3 (solver_utils.dpm_multistep_update).
+    orders = ((dict(max_order=1, thresholding=False), 'logsnr', 1),
+              (dict(max_order=2, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3),
+              (dict(max_order=2, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3))
+
+    def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False,
+                 latent=False):
+        super().__init__(max_order, predict_x0, lower_order_final, thresholding, latent)
+        self.corrected_3m = bool(corrected_3m)
+
     def advance(self, x, t_from, t_to, m, history, order, scale):
         outputs = [m] + [h[1] for h in history]
         sigmas = [t_from] + [h[0] for h in history]
         return solver_utils.dpm_multistep_update(x, t_to, outputs, sigmas, order, self.predict_x0, scale,
                                                  self.corrected_3m)
+
+
+class UniPC(_Exponential):
+    """UniPC: the UniP predictor of the current order, then (:meth:`corrects`: every step but the
+    last, and every warm-up step) one model call at the predicted point and the UniC corrector with
+    it. The output at the predicted point is what the next step starts from, as the official code."""
+
+    name = 'unipc'
+    student = False
+    corrector = True
+    options = (Option('max_order', int, 'multistep order 1-3', 3),
+               Option('predict_x0', bool, 'data prediction (False: noise prediction)', True),
+               Option('lower_order_final', bool, 'lower orders on the last steps', True),
+               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
+                      'predict_x0 on pixel models, False on latent models'),
+               Option('variant', solver_utils.UNIPC_VARIANTS, 'B(h) = h (bh1) or e^h - 1 (bh2)', 'bh2'))
+    legacy_name = 'unipc_sampler'
+
+    def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, variant='bh2',
+                 latent=False):
+        super().__init__(max_order, predict_x0, lower_order_final, thresholding, latent)
+        if variant not in solver_utils.UNIPC_VARIANTS:
+            raise ValueError(f"unknown variant {variant!r} (choose one of {', '.join(solver_utils.UNIPC_VARIANTS)})")
+        self.variant = variant
+
+    def corrects(self, step_cur, total_points):
+        return step_cur < self.max_order or step_cur != total_points - 1
+
+    def advance(self, x, t_from, t_to, m, history, order, scale):
+        return solver_utils.unipc_predict(x, t_to, [m] + [h[1] for h in history], _sigmas(t_from, history, order),
+                                          order, self.predict_x0, self.variant)
+
+    def correct(self, x, t_from, t_to, m, history, order, m_to):
+        return solver_utils.unipc_correct(x, t_to, [m] + [h[1] for h in history], _sigmas(t_from, history, order),
+                                          order, m_to, self.predict_x0, self.variant)
 
 
 class TwoStage(Solver):
@@ -258,12 +373,22 @@ class Heun(TwoStage):
 
 
 #: Every solver, by name: the one list of solvers and of their kinds.
-REGISTRY = {cls.name: cls for cls in (AMED, Euler, IPNDM, DPM2, DPMpp, Heun)}
+REGISTRY = {cls.name: cls for cls in (AMED, Euler, IPNDM, IPNDMv, DEIS, DPM2, DPMpp, UniPC, Heun)}
 SOLVERS = tuple(REGISTRY)
 STUDENTS = tuple(n for n, c in REGISTRY.items() if c.student)
 TEACHERS = tuple(n for n, c in REGISTRY.items() if c.teacher)
 PLAIN = tuple(n for n, c in REGISTRY.items() if not c.needs_predictor)     # usable without a predictor
 OPTIONS = tuple(dict.fromkeys(opt for c in REGISTRY.values() for opt in c.options))
+
+
+def option_type(name):
+    """The value type of solver option ``name`` from its :class:`Option` data (a tuple lists the
+    choices of a string option; a plain-string option is a bool)."""
+    for cls in REGISTRY.values():
+        for opt in cls.options:
+            if opt == name:
+                return getattr(opt, 'type', bool)
+    raise KeyError(f'no solver takes the option {name!r}')
 
 
 def solver_class(name, role='solver'):
@@ -299,15 +424,24 @@ def options_of(solver):
 
 
 def count_nfe(solver, num_steps, afs=False, with_predictor=False, denoise_to_zero=False, calls_per_eval=1):
-    """Number of model evaluations of one sampling run of ``solver`` (a name) over ``num_steps`` points.
+    """Number of model evaluations of one sampling run of ``solver`` (a name, built with its default
+    options, or a built :class:`Solver`) over ``num_steps`` points.
 
     Each interval costs :meth:`Solver.evals_per_interval` (2 with an AMED predictor or for a
-    two-stage solver, else 1), minus one for the whole run with AFS (the official code);
-    ``denoise_to_zero`` adds the final denoising call; ``calls_per_eval`` is 2 under classifier-free
-    guidance."""
-    per_interval = solver_class(solver).evals_per_interval(with_predictor)
-    nfe = per_interval * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
-    return nfe * calls_per_eval
+    two-stage solver, else 1), minus one for the whole run with AFS (the official code). A corrector
+    solver (UniPC) makes its call at the end of the interval instead, when :meth:`Solver.corrects`
+    says so, the same rule :func:`step` follows, and the next interval reuses that output: the run
+    costs one call at the first point (none with AFS) plus one per correcting step, which is the
+    official count. ``denoise_to_zero`` adds the final denoising call; ``calls_per_eval`` is 2 under
+    classifier-free guidance."""
+    spec = make_solver(solver) if isinstance(solver, str) else solver
+    if spec.corrector and not with_predictor:
+        intervals = range(1, num_steps)
+        nfe = 1 - int(bool(afs)) + sum(1 for k in intervals if spec.corrects(k, num_steps))
+    else:
+        per_interval = type(spec).evals_per_interval(with_predictor)
+        nfe = per_interval * (num_steps - 1) - int(bool(afs))
+    return (nfe + int(bool(denoise_to_zero))) * calls_per_eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,13 +481,17 @@ class SolverState:
     """Everything a solver carries between intervals.
 
     ``x``: the current sample at t_steps[i]; ``i``: grid index; ``history``: previous
-    (sigma, output) pairs, newest first, sigma as a (B,1,1,1) tensor (multistep solvers)."""
+    (sigma, output) pairs, newest first, sigma as a (B,1,1,1) tensor (multistep solvers);
+    ``current``: (denoised, output) of the model call a corrector made at this point (the previous
+    step's), which this step takes instead of calling the model, or None."""
     x: torch.Tensor
     i: int = 0
     history: tuple = ()
+    current: Optional[tuple] = None
 
     def detach(self):
-        return SolverState(self.x.detach(), self.i, tuple((s.detach(), m.detach()) for s, m in self.history))
+        current = None if self.current is None else tuple(v.detach() for v in self.current)
+        return SolverState(self.x.detach(), self.i, tuple((s.detach(), m.detach()) for s, m in self.history), current)
 
 
 @dataclasses.dataclass
@@ -405,24 +543,35 @@ def step(model, solver, state, t_steps, cond=None, predictor=None, afs=False):
     # The evaluation at t_cur: the model (hooked for the predictor's feature) or AFS.
     want_feature = predictor is not None and getattr(predictor, 'needs_feature', True)
     feature = None
-    if afs and i == 0:
-        d_cur = solver_utils.afs_direction(x, tc)
-        denoised = x - tc * d_cur
+    if state.current is not None:       # evaluated by the previous step's corrector
+        denoised, m_cur = state.current
     else:
-        denoised, feature = _denoise(model, x, tc, cond, capture=want_feature)
-        d_cur = (x - denoised) / tc
-        info.nfe += 1
+        if afs and i == 0:
+            d_cur = solver_utils.afs_direction(x, tc)
+            denoised = x - tc * d_cur
+        else:
+            denoised, feature = _denoise(model, x, tc, cond, capture=want_feature)
+            d_cur = (x - denoised) / tc
+            info.nfe += 1
+        m_cur = solver.output(x, denoised, d_cur)
     info.denoised = denoised
     if predictor is not None and feature is None:   # AFS step or a feature-free predictor
         feature = torch.zeros(x.shape[0], *model.feature_shape, device=x.device)
-    m_cur = solver.output(x, denoised, d_cur)
 
-    # Plain single-stage step.
+    # Plain single-stage step, with the corrector's model call at t_next where the solver has one.
     if predictor is None and not solver.two_stage:
         order = solver.order(state.history, i + 1, total)
-        x_next = solver.advance(x, tc, _col(t_next, x), m_cur, state.history, order, 1.0)
+        tn = _col(t_next, x)
+        x_next = solver.advance(x, tc, tn, m_cur, state.history, order, 1.0)
         history = _push(state.history, (tc, m_cur), solver.history_size)
-        return SolverState(x_next, i + 1, history), info
+        current = None
+        if solver.corrects(i + 1, total):
+            denoised_next, _ = _denoise(model, x_next, tn, cond)
+            info.nfe += 1
+            m_next = solver.output(x_next, denoised_next, (x_next - denoised_next) / tn)
+            x_next = solver.correct(x, tc, tn, m_cur, state.history, order, m_next)
+            current = (denoised_next, m_next)
+        return SolverState(x_next, i + 1, history, current), info
 
     # Intermediate time s and the scales: predicted, or fixed for plain two-stage solvers.
     if predictor is None:
@@ -562,10 +711,12 @@ def sample(model, latents, cond=None, *, solver='euler', t_steps=None, afs=False
             * ``sigma_min``, ``sigma_max``: noise range (default: the model's);
             * ``schedule_type``, ``schedule_rho``: polynomial | logsnr | time_uniform | discrete, and
               its exponent (defaults :data:`solver_utils.SCHEDULE_TYPE`, :data:`solver_utils.SCHEDULE_RHO`);
-            * the solver's own options (``Solver.options``): ``max_order`` (iPNDM 1-4, DPM-Solver++
-              1-3), ``predict_x0``, ``lower_order_final``, ``thresholding`` (default predict_x0 on
-              pixel models, off on latent models) and ``corrected_3m`` (third-order-accurate 3M
-              update; off: the official, second-order update) for DPM-Solver++.
+            * the solver's own options (``Solver.options``): ``max_order`` (iPNDM, iPNDM_v, DEIS 1-4,
+              DPM-Solver++ and UniPC 1-3), ``predict_x0``, ``lower_order_final``, ``thresholding``
+              (default predict_x0 on pixel models, off on latent models) for DPM-Solver++ and UniPC,
+              ``corrected_3m`` (third-order-accurate 3M update; off: the official, second-order
+              update) for DPM-Solver++, ``variant`` (bh1, bh2) for UniPC, ``deis_mode`` (tab, rhoab,
+              logrho) for DEIS.
         t_steps: an explicit descending schedule (overrides num_steps and the schedule options).
         afs: analytical first step (saves the first model call).
         predictor: an AMED predictor ``(feature (B,8,8), t_cur, t_next) -> (r, scale_dir, scale_time)``

@@ -13,9 +13,9 @@ import solvers
 from torch_utils import distributed as dist
 from torch_utils.misc import SEED_LIMIT, FiniteFloat
 from training import LOSSES, RECIPES, plan_resume, plan_training, run_training
-from training.launch import DEFAULTS as D
+from training.launch import DEFAULTS as D, release
 from training.recipes import describe
-from training.training_loop import TrainingDiverged, TrainingInterrupted
+from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 from predictors.networks import check_half_width
 
 EXAMPLES = """
@@ -112,12 +112,13 @@ class HalfWidth(click.ParamType):
 def main(ctx, dry_run, progress, device, resume, recipe, **opts):
     """Train an AMED predictor; the run lands in a new folder of --outdir (with --resume: the run's
     own folder). Exits with 128 + the signal number after SIGINT/SIGTERM, once the partial snapshot
-    and the training state are saved."""
+    and the training state are saved. The run folder is locked while the run writes it: a second
+    --resume of a running run is refused."""
     explicit = {p.name: p.opts[0] for p in ctx.command.params
                 if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT}
     if resume is not None and (explicit or recipe):
         raise click.ClickException(f"--resume takes the run's stored options; remove "
-                               f"{', '.join([*explicit.values(), *(['--recipe'] if recipe else [])])}")
+                                   f"{', '.join([*explicit.values(), *(['--recipe'] if recipe else [])])}")
     if recipe is not None:
         opts = {**opts, **RECIPES[recipe].options, **{k: opts[k] for k in explicit}}
     if resume is None and opts['dataset_name'] is None:
@@ -127,12 +128,18 @@ def main(ctx, dry_run, progress, device, resume, recipe, **opts):
     if dry_run:
         dist.print0(json.dumps(plan['options'], indent=2))
         dist.print0('Dry run: nothing written.')
+        release(plan)
         return
     try:
         run_training(plan, progress=progress)
     except TrainingInterrupted as e:
         dist.print0(e)
         sys.exit(128 + e.signum)
+    except (TrainingDiverged, TrainingFailed) as e:
+        raise click.ClickException(str(e))
+    finally:
+        release(plan)
+
 
 if __name__ == '__main__':
     main()

@@ -8,6 +8,8 @@ so an image depends only on its seed: not on the batch size, not on the number o
 
 import dataclasses
 import hashlib
+import json
+import math
 import os
 
 import numpy as np
@@ -23,7 +25,9 @@ from models.presets import load_model
 from generation import manifest
 from generation.manifest import seed_path
 from torch_utils import distributed as dist
-from torch_utils.misc import atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils import locks
+from torch_utils.misc import SeedSet, atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils.stopping import StopSignals, Stopped, agree_stop, continue_command, signal_name, write_error
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
 
@@ -34,9 +38,22 @@ def to_uint8(images):
     return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(path, image):
+def png_writer(image):
+    """``write(path)`` that saves the uint8 (H, W, C) ``image`` as a PNG (for :func:`atomic_write`)."""
     img = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, 'L' if image.shape[2] == 1 else 'RGB')
-    atomic_write(path, lambda p: img.save(p, format='PNG'))
+    return lambda p: img.save(p, format='PNG')
+
+
+def npz_writer(**arrays):
+    """``write(path)`` that saves ``arrays`` as an .npz under exactly that name (for :func:`atomic_write`)."""
+    def write(p):
+        with open(p, 'wb') as f:
+            np.savez(f, **arrays)
+    return write
+
+
+def save_png(path, image):
+    atomic_write(path, png_writer(image))
 
 
 def make_grid(images, ncol=None):
@@ -55,6 +72,35 @@ def make_grid(images, ncol=None):
 PLAIN_DEFAULTS = dict(solver='ipndm', num_steps=6, afs=False)
 
 
+def parse_t_steps(text):
+    """An explicit schedule from the command line: a JSON file holding a list of noise levels (or an
+    object with a ``t_steps`` list, as a solver card), or the levels themselves, comma-separated
+    (brackets allowed). ValueError (one line) otherwise; the levels are checked by
+    :func:`solvers.check_t_steps`."""
+    text = str(text).strip()
+    if os.path.isfile(text):
+        try:
+            with open(text) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f'--t_steps {text}: not a JSON list of noise levels ({e})') from None
+        if isinstance(data, dict):
+            data = data.get('t_steps')
+        where = f'--t_steps {text}'
+    else:
+        try:
+            data = [float(v) for v in text.strip('[]').split(',') if v.strip()]
+        except ValueError:
+            raise ValueError(f'--t_steps {text!r}: neither a file nor a comma-separated list of noise levels') from None
+        where = '--t_steps'
+    if not isinstance(data, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in data):
+        raise ValueError(f'{where}: expected a list of finite noise levels')
+    try:
+        return solvers.check_t_steps(data).tolist()
+    except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+
+
 @dataclasses.dataclass
 class SamplingPlan:
     """Everything a sampling run needs, validated: what :func:`plan_sampling` returns and
@@ -67,6 +113,7 @@ class SamplingPlan:
     solver: solvers.Solver
     t_steps: torch.Tensor
     afs: bool = False
+    denoise_to_zero: bool = False
     predictor: object = None
     settings: dict = dataclasses.field(default_factory=dict)
     run_settings: SolverSettings = None
@@ -81,6 +128,12 @@ class SamplingPlan:
     existing: dict = None
     overwrite: bool = False
     todo: list = None
+    lock: object = None
+
+    def release(self, cleanup=False):
+        """Release the lock on ``outdir`` (rank 0 holds it from the folder check to the end)."""
+        if self.lock is not None:
+            self.lock.release(cleanup=cleanup)
 
     def describe(self):
         """One line: what is sampled, how and where."""
@@ -95,7 +148,7 @@ class SamplingPlan:
 def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=None, seeds='0-63', outdir=None,
                   grid=False, subdirs=True, return_inters=False, batch=64, classifier_path=None, prompt=None,
                   prompt_path=None, use_fp16=False, device=torch.device('cpu'), guidance_type=None,
-                  guidance_rate=None, overwrite=False, resume=False, **solver_options):
+                  guidance_rate=None, overwrite=False, resume=False, denoise_to_zero=False, **solver_options):
     """Validate a sampling run and load what it needs; write nothing. ValueError (or
     FileNotFoundError) with one line naming the problem.
 
@@ -105,7 +158,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     (solver, num_steps, the schedule options, afs and the solver's options; defaults
     :data:`PLAIN_DEFAULTS`). A predictor or card carries its own solver settings, model and guidance:
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
-    ``outdir``, ``overwrite`` and ``resume``: see :func:`build_plan`."""
+    ``outdir``, ``overwrite``, ``resume`` and ``denoise_to_zero``: see :func:`build_plan`."""
     given = {k: v for k, v in solver_options.items() if v is not None}
     unknown = set(given) - set(SolverSettings.KEYS) - {'t_steps'}
     if unknown:
@@ -137,6 +190,11 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
             raise ValueError(f'the {source} names no model: give --dataset_name')
         guidance_type, guidance_rate = settings.get('guidance_type'), settings.get('guidance_rate')
     else:
+        if 't_steps' in given:
+            given['t_steps'] = parse_t_steps(given['t_steps'])
+            clash = [k for k in SolverSettings.SCHEDULE_KEYS if k in given]
+            if clash:
+                raise ValueError(f'--t_steps sets the whole schedule: drop --{clash[0]}')
         solver_utils.check_rho_used(given.get('schedule_type'), given.get('schedule_rho'))
         run_settings = plain_settings(given)
     model = load_model(dataset_name, model_path, guidance_type, guidance_rate, classifier_path=classifier_path,
@@ -146,7 +204,8 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
                           prompt_path=prompt_path, use_fp16=bool(use_fp16))
     return build_plan(model, seed_list, outdir, run_settings, predictor, settings, origin=origin,
                       model_identity=model_identity, grid=grid, subdirs=subdirs, return_inters=return_inters,
-                      batch=batch, device=device, overwrite=overwrite, resume=resume)
+                      batch=batch, device=device, overwrite=overwrite, resume=resume,
+                      denoise_to_zero=bool(denoise_to_zero))
 
 
 def plain_settings(options):
@@ -159,7 +218,7 @@ def plain_settings(options):
 
 def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None, origin=None, model_identity=None,
                grid=False, subdirs=True, return_inters=False, batch=64, device=torch.device('cpu'), overwrite=False,
-               resume=False):
+               resume=False, denoise_to_zero=False):
     """The :class:`SamplingPlan` of a loaded ``model`` with ``run_settings`` (a
     :class:`~predictors.settings.SolverSettings`, or a dict it reads: a predictor's ``settings``),
     validated once, before anything is written.
@@ -169,7 +228,8 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
     names the predictor (its run folder and snapshot, or its card) or the plain solver's full
     settings: ``samples/[grids/]<dataset>/<name>``. The folder's manifest must match this run's
     configuration (:mod:`generation.manifest`) unless ``overwrite``; ``resume`` skips the seeds
-    whose PNG is already complete."""
+    whose PNG is already complete. ``denoise_to_zero`` ends each run with one more model call,
+    x <- D(x; sigma_min), counted in the NFE."""
     settings = settings or {}
     if predictor is not None:
         snapshot.check_compatible(settings, model)
@@ -181,29 +241,40 @@ def build_plan(model, seeds, outdir, run_settings, predictor=None, settings=None
         run_settings = SolverSettings.from_dict(run_settings)
     afs = run_settings.afs
     spec, t_steps = run_settings.prepare(model, predictor)
-    nfe = solvers.count_nfe(spec.name, len(t_steps), afs, predictor is not None, calls_per_eval=model.calls_per_eval)
+    nfe = solvers.count_nfe(spec, len(t_steps), afs, predictor is not None, denoise_to_zero,
+                            calls_per_eval=model.calls_per_eval)
     label = spec.name if predictor is None or spec.name == 'amed' else 'amed-' + spec.name
     origin = origin or (None if predictor is None else dict(kind='predictor object', sha256=_weights_sha256(predictor)))
     label += '-card' if origin and origin['kind'] == 'card' else ''
     dataset = getattr(model, 'dataset_name', None) or settings.get('dataset_name') or 'model'
     if outdir is None:
         name = _origin_folder(origin) if origin and 'file' in origin else \
-            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_settings)
+            f'{label}_nfe{nfe}_' + _settings_tag(spec, t_steps, run_settings, denoise_to_zero)
         outdir = os.path.join('samples', *(['grids'] if grid else []), dataset, name)
     identity = {k: v for k, v in (origin or dict(kind='plain')).items() if k not in ('file', 'given')}
     config = dict(source=identity, model=model_identity or dict(dataset_name=dataset),
-                  solver=SolverSettings.resolved(spec, t_steps, afs).to_dict(),
+                  solver=dict(SolverSettings.resolved(spec, t_steps, afs).to_dict(),
+                              **(dict(denoise_to_zero=True) if denoise_to_zero else {})),
                   layout=dict(grid=bool(grid), subdirs=bool(subdirs), return_inters=bool(return_inters)))
-    existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
-    todo = None
-    if resume:
-        done = set(manifest.complete_seeds(outdir, seeds, subdirs)) if existing is not None else set()
-        todo = [s for s in seeds if s not in done]
-    solvers.warn_sigma_range(model, t_steps)
+    check_output_dir(outdir)
+    lock = locks.lock_on_rank0(outdir, f'--outdir {outdir}', wait=1.0)
+    try:
+        existing = manifest.check_folder(outdir, config, overwrite=overwrite, resume=resume)
+        todo = None
+        if resume:
+            done = set(manifest.complete_seeds(outdir, seeds, subdirs, return_inters)) if existing is not None \
+                else set()
+            todo = [s for s in seeds if s not in done]
+        solvers.warn_sigma_range(model, t_steps)
+    except BaseException:
+        if lock is not None:
+            lock.release(cleanup=True)
+        raise
     return SamplingPlan(model=model, seeds=seeds, outdir=outdir, solver=spec, t_steps=t_steps, afs=afs,
-                        predictor=predictor, settings=settings, run_settings=run_settings, label=label, nfe=nfe,
+                        denoise_to_zero=denoise_to_zero, predictor=predictor, settings=settings, run_settings=run_settings,
+                        label=label, nfe=nfe,
                         grid=grid, subdirs=subdirs, return_inters=return_inters, batch=batch, device=device,
-                        config=config, existing=existing, overwrite=overwrite, todo=todo)
+                        config=config, existing=existing, overwrite=overwrite, todo=todo, lock=lock)
 
 
 def _weights_sha256(predictor):
@@ -226,7 +297,7 @@ def _origin_folder(origin):
     return os.path.join(run, stem) if run else stem
 
 
-def _settings_tag(spec, t_steps, run_settings):
+def _settings_tag(spec, t_steps, run_settings, denoise_to_zero=False):
     """A plain solver's full settings as a folder name part: time points, schedule, sigma range,
     AFS and every solver option (e.g. ``n6-poly7.0-sigma0.002-80-afs-max_order4``)."""
     parts = [f'n{len(t_steps)}']
@@ -237,57 +308,139 @@ def _settings_tag(spec, t_steps, run_settings):
     parts.append(f'sigma{float(t_steps[-1]):g}-{float(t_steps[0]):g}')
     if run_settings.afs:
         parts.append('afs')
+    if denoise_to_zero:
+        parts.append('dtz')
     parts += [f'{opt}{value}' for opt, value in solvers.options_of(spec).items()]
     return '-'.join(parts)
+
+
+def _prepare(outdir, config, seeds, existing, overwrite):
+    """Rank 0 prepares the folder (:func:`generation.manifest.prepare_folder`); a failed write is
+    one line on every rank."""
+    err = None
+    if dist.is_main():
+        try:
+            manifest.prepare_folder(outdir, config, seeds, existing, overwrite)
+        except OSError as e:
+            err = write_error(os.path.join(outdir, manifest.MANIFEST), e) + '; nothing was sampled'
+    dist.raise_on_any(err, OSError)
+
+
+def write_batches(outdir, batches, produce, total, what, progress=True, unit='batch', resume=('--resume',)):
+    """The writing loop of sample.py and ``fid.py toydata``: for each of this rank's ``batches``,
+    ``produce(batch)`` yields ``(seed, [(path, write), ...])`` and each file is written atomically
+    (``write(tmp_path)``). A seed counts as saved once all its files are (a seed without files, as
+    in a grid, is the caller's to record). ``resume``: the options that continue the command.
+
+    SIGINT/SIGTERM end the loop after the current batch, a failed write (full disk, read-only
+    folder, file-size limit) at once; all ranks stop at the same batch (:func:`agree_stop`). The
+    saved seeds are then added to the manifest (rank 0), and :class:`torch_utils.stopping.Stopped`
+    says what was saved and how to continue. Returns the saved seeds (a SeedSet, all ranks, on
+    rank 0; None elsewhere)."""
+    saved, failure, signum = [], None, 0
+    bar = tqdm(batches, unit=unit, disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    with StopSignals() as signals:
+        for batch in bar:
+            if len(batch) > 0:
+                for seed, files in produce(batch):
+                    try:
+                        for path, write in files:
+                            atomic_write(path, write)
+                    except OSError as e:
+                        failure = write_error(path, e)
+                        break
+                    if files:
+                        saved.append(seed)
+            signum, failure = agree_stop(signals.signum, failure)
+            if signum or failure:
+                break
+    bar.close()
+    parts = dist.gather_objects(str(SeedSet(saved)))
+    written, listed = None, f'listed in {manifest.MANIFEST}'
+    if dist.is_main():
+        written = SeedSet()
+        for part in parts:
+            written = written | SeedSet(part)
+        if written:
+            try:
+                manifest.record_written(outdir, written)
+            except OSError as e:
+                listed = f'not yet listed in {manifest.MANIFEST}: {write_error(manifest.MANIFEST, e)}'
+                failure = failure or write_error(os.path.join(outdir, manifest.MANIFEST), e)
+    count = len(written) if written is not None else 0
+    if signum or failure:
+        cause = f'{signal_name(signum)}: stopped' if signum and not failure else failure
+        raise Stopped(f'{cause}; {count} of the {total} {what} of this run are saved (complete files, {listed}); '
+                      f'continue with: {continue_command(add=resume)}', 128 + signum if signum and not failure else 1)
+    return written
 
 
 @torch.no_grad()
 def generate_images(plan, progress=True):
     """Sample one image per seed of ``plan`` (:func:`plan_sampling`) and write PNGs (and trajectories).
 
-    First, rank 0 writes the folder's manifest (``manifest.json``: the run's configuration and
-    seeds; with ``overwrite`` after removing the folder's old sample files). This rank then handles
-    its share of the seeds to do (:func:`torch_utils.distributed.rank_seeds`; with ``resume`` the
-    seeds whose PNG was complete are skipped). Writes ``outdir/<seed//1000*1000>/<seed>.png``
-    (``subdirs``) or ``outdir/<seed>.png``; with ``grid`` a single ``outdir/grid.png`` of all seeds in
-    seed order instead; with ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid
-    points (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Returns the number of images
-    written by this rank."""
+    First, rank 0, which holds the folder's lock since :func:`plan_sampling`, writes the folder's
+    manifest (``manifest.json``: the run's configuration and seeds; with ``overwrite`` after
+    removing the folder's old sample files). This rank then handles its share of the seeds to do
+    (:func:`torch_utils.distributed.rank_seeds`; with ``resume`` the seeds whose files were
+    complete are skipped). Writes ``outdir/<seed//1000*1000>/<seed>.png`` (``subdirs``) or
+    ``outdir/<seed>.png``; with ``grid`` a single ``outdir/grid.png`` of all seeds in seed order
+    instead; with ``return_inters`` also ``<seed>.npz`` holding the trajectory at the grid points
+    (``trajectory`` (N, C, H, W) float32 and ``sigmas`` (N,)). Stops cleanly on SIGINT/SIGTERM or
+    a failed write (:func:`write_batches`, :class:`torch_utils.stopping.Stopped`). Returns the
+    number of images written by this rank; the lock is released at the end."""
+    try:
+        return _generate_images(plan, progress)
+    finally:
+        plan.release()
+
+
+def _generate_images(plan, progress):
     model, outdir, device = plan.model, plan.outdir, plan.device
     dist.barrier()   # every rank has planned (and, with resume, listed what is done) before anything is written
-    if dist.is_main():
-        manifest.prepare_folder(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
-    dist.barrier()
-    batches = dist.rank_seeds(plan.seeds if plan.todo is None else plan.todo, plan.batch)
+    _prepare(outdir, plan.config, plan.seeds, plan.existing, plan.overwrite)
     collected = []
-    written = 0
-    bar = tqdm(batches, unit='batch', disable=not (progress and dist.is_main()), dynamic_ncols=True)
-    for batch_seeds in bar:
-        if len(batch_seeds) == 0:
-            continue
+    written = [0]
+    sigmas = np.append(plan.t_steps.numpy(), [0.0] * plan.denoise_to_zero)   # the denoised sample last
+
+    def produce(batch_seeds):
         seeds_list = batch_seeds.tolist()
         latents, cond = seeded_inputs(model, seeds_list, device)
         out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
-                             predictor=plan.predictor, return_inters=plan.return_inters)
+                             predictor=plan.predictor, denoise_to_zero=plan.denoise_to_zero,
+                             return_inters=plan.return_inters)
         x = out[-1] if plan.return_inters else out
         images = to_uint8(model.decode(x))
         for j, seed in enumerate(seeds_list):
+            files = []
             if plan.grid:
                 collected.append((seed, images[j]))
             else:
-                save_png(seed_path(outdir, seed, 'png', plan.subdirs), images[j])
+                files.append((seed_path(outdir, seed, 'png', plan.subdirs), png_writer(images[j])))
             if plan.return_inters:
                 traj = out[:, j].float().cpu().numpy()
-                atomic_write(seed_path(outdir, seed, 'npz', plan.subdirs),
-                             lambda p: np.savez(p, trajectory=traj, sigmas=plan.t_steps.numpy()))
-            written += 1
+                files.append((seed_path(outdir, seed, 'npz', plan.subdirs),
+                              npz_writer(trajectory=traj, sigmas=sigmas)))
+            written[0] += 1
+            yield seed, files
+
+    todo = plan.seeds if plan.todo is None else plan.todo
+    write_batches(outdir, dist.rank_seeds(todo, plan.batch), produce, len(todo), 'images', progress,
+                  resume=() if plan.grid else ('--resume',))
     if plan.grid:
         gathered = dist.gather_objects(collected)
+        err = None
         if dist.is_main():
             allimgs = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-            save_png(os.path.join(outdir, 'grid.png'), make_grid(np.stack([img for _, img in allimgs])))
+            path = os.path.join(outdir, 'grid.png')
+            try:
+                save_png(path, make_grid(np.stack([img for _, img in allimgs])))
+                manifest.record_written(outdir, SeedSet(plan.seeds))
+            except OSError as e:
+                err = write_error(path, e) + '; run the same command again'
+        dist.raise_on_any(err, OSError)
     dist.barrier()
-    return written
+    return written[0]
 
 
 def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True, overwrite=False):
@@ -301,28 +454,40 @@ def write_toy_data(dest, num, seed=0, dataset_name='toy', progress=True, overwri
     The folder gets a sample manifest (:mod:`generation.manifest`: the model and the seed, with the
     image indices as its seeds), so it never mixes two data sets: a folder holding images of another
     seed or model, or images without a manifest, is refused before anything is written unless
-    ``overwrite`` (which removes them first)."""
+    ``overwrite`` (which removes them first). Rank 0 holds ``dest`` under a lock
+    (:mod:`torch_utils.locks`) from the check to the end; SIGINT/SIGTERM and failed writes stop
+    cleanly (:func:`write_batches`)."""
     if num < 1:
         raise ValueError(f'--num must be at least 1, got {num}')
     check_seed(seed, '--seed')
     config = dict(source=dict(kind='toydata', seed=int(seed)), model=dict(dataset_name=dataset_name),
                   layout=dict(grid=False, subdirs=True, return_inters=False))
-    existing = manifest.check_folder(dest, config, overwrite=overwrite, option='--dest')
-    model = toy.build(dataset_name)
-    dist.barrier()   # every rank has checked the folder before rank 0 changes it
-    if dist.is_main():
-        manifest.prepare_folder(dest, config, range(num), existing, overwrite)
-    dist.barrier()
-    chunks = dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1)
-    for chunk in tqdm(chunks, unit='chunk', disable=not (progress and dist.is_main()), dynamic_ncols=True):
-        if len(chunk) == 0:
-            continue
-        c = int(chunk[0])
-        state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        images = to_uint8(model.sample(TOY_CHUNK, gen))
-        for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
-            i = c * TOY_CHUNK + j
-            save_png(seed_path(dest, i, 'png'), images[j])
-    dist.barrier()
+    check_output_dir(dest, '--dest')
+    lock = locks.lock_on_rank0(dest, f'--dest {dest}', wait=1.0)
+    try:
+        existing = manifest.check_folder(dest, config, overwrite=overwrite, option='--dest')
+        model = toy.build(dataset_name)
+    except BaseException:
+        if lock is not None:
+            lock.release(cleanup=True)
+        raise
+    try:
+        dist.barrier()   # every rank has checked the folder before rank 0 changes it
+        _prepare(dest, config, range(num), existing, overwrite)
+
+        def produce(chunk):
+            c = int(chunk[0])
+            state = np.random.SeedSequence([seed, c]).generate_state(2, np.uint32)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            images = to_uint8(model.sample(TOY_CHUNK, gen))
+            for j in range(min(TOY_CHUNK, num - c * TOY_CHUNK)):
+                i = c * TOY_CHUNK + j
+                yield i, [(seed_path(dest, i, 'png'), png_writer(images[j]))]
+
+        write_batches(dest, dist.rank_seeds(range(-(-num // TOY_CHUNK)), 1), produce, num, 'images', progress,
+                      unit='chunk', resume=())
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
     dist.print0(f'Wrote {num} exact samples of {dataset_name} to {dest}')

@@ -1,60 +1,79 @@
 """Sample-folder manifests: a folder of samples says what made it, so that it never mixes two
-configurations.
+configurations, and what of it is complete.
 
-sample.py writes ``manifest.json`` beside the images before it samples::
+sample.py (and ``fid.py toydata``) writes ``manifest.json`` beside the images before it samples::
 
     {"format": "amed-samples", "version": 1,
-     "config": {"source": ..., "predictor": {...}, "model": {...}, "solver": {...}, "layout": {...}},
-     "seeds": "0-49999"}
+     "config": {"source": ..., "model": {...}, "solver": {...}, "layout": {...}},
+     "asked": "0-49999", "seeds": "0-49999"}
 
 ``config`` is everything that decides the images and where they lie: the predictor file and its
 sha256 (or the card's, or "plain"), the model (preset, model file, guidance, prompts), the solver
 settings (:class:`predictors.settings.SolverSettings`: every option resolved, the exact schedule
-``t_steps`` and AFS; older manifests' ``{name, options, afs, t_steps}`` read as the same), and the file layout (grid, 1000-seed
-subfolders, trajectories). ``seeds`` are the seeds asked for (the union over runs into the folder).
+``t_steps`` and AFS; older manifests' ``{name, options, afs, t_steps}`` read as the same), and the
+file layout (grid, 1000-seed subfolders, trajectories). ``asked`` are the seeds asked for (the union over runs into the folder);
+``seeds`` those whose files a run finished writing (written when a run ends, stops on a signal or
+fails to write; a run killed outright leaves the previous value): the manifest never lists a seed
+that was not written. Manifests without ``asked`` (older ones) asked for their ``seeds``. Seed sets
+are kept as ranges (:class:`torch_utils.misc.SeedSet`), never expanded.
 
 * Writing into a folder whose manifest has another ``config`` is refused (one line naming the first
   differing field) unless ``--overwrite``; so is a folder that holds sample files but no manifest.
   ``--overwrite`` first removes the folder's sample files (``<seed>.png``, ``<seed>.npz``,
-  ``grid.png``) and its manifest; nothing else is touched.
-* ``--resume`` skips the seeds whose PNG exists and decodes (:func:`complete_seeds`).
-* ``fid.py calc`` reads the manifests under the image folder (:func:`read_manifests`): it reports
-  how many of the asked seeds it found and refuses a set whose manifests differ.
+  ``grid.png``, in 1000-seed subfolders of 6 or more digits) and its manifest; every run removes the
+  temporary files an interrupted run left (:func:`is_temporary`); nothing else is touched.
+* ``--resume`` skips the seeds whose files are complete (:func:`complete_seeds`).
+* ``fid.py calc`` and ``ref`` check an image set with :func:`check_image_set`: one configuration,
+  every image where its manifest's layout puts one of its asked seeds, no seed twice; the report
+  says whether the set is complete.
 """
 
 import json
 import os
 import re
+import zipfile
 
 import PIL.Image
 
 from predictors.settings import SolverSettings
-from torch_utils.misc import atomic_write, check_output_dir, format_int_list, parse_int_list
+from torch_utils.misc import SeedSet, atomic_write, check_output_dir
 
 MANIFEST = 'manifest.json'
 FORMAT = 'amed-samples'
 VERSION = 1
+#: The largest manifest read (bytes): seeds are ranges, so a real one is a few kilobytes.
+MAX_MANIFEST_BYTES = 1 << 24
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _SEED_FILE = re.compile(r'^\d+\.(png|npz)$')
-_SEED_FOLDER = re.compile(r'^\d{6}$')
+_SEED_FOLDER = re.compile(r'^\d{6,}$')
+# Temporary files of atomic writes (torch_utils.misc.atomic_write): '.<name>.<random>.tmp', and
+# those of older code, '.<name>.<random>.<ext>'.
+_TEMPORARY = re.compile(r'^\..+\.tmp$|^\.(\d+\.(png|npz)|grid\.png|manifest\.json)\.[A-Za-z0-9_]{8}\.(png|npz|json)$')
 
 
-def make_manifest(config, seeds):
-    """The manifest dict of ``config`` (JSON data) and the asked ``seeds``."""
+def is_temporary(name):
+    """Whether the file name ``name`` is a temporary file of an atomic write (never an image)."""
+    return bool(_TEMPORARY.match(name))
+
+
+def is_hidden(relpath):
+    """Whether a relative path ('/'-separated) has a part starting with '.': temporary files, lock
+    files and the like, which no image scan counts."""
+    return any(part.startswith('.') for part in relpath.split('/'))
+
+
+def make_manifest(config, seeds, asked=None):
+    """The manifest dict of ``config`` (JSON data), the written ``seeds`` and the ``asked`` ones
+    (default: the written ones)."""
     return dict(format=FORMAT, version=VERSION, config=json.loads(json.dumps(config)),
-                seeds=format_int_list(seeds))
+                asked=str(SeedSet(seeds if asked is None else asked)), seeds=str(SeedSet(seeds)))
 
 
-def read_manifest(path):
-    """The manifest at ``path`` (a file, or a folder holding ``manifest.json``), None when there is
-    none; ValueError (one line naming the file) when it is not a readable sample manifest."""
-    if os.path.isdir(path):
-        path = os.path.join(path, MANIFEST)
-    if not os.path.exists(path):
-        return None
+def parse_manifest(text, path):
+    """The manifest in ``text`` (read from ``path``, named in errors); ValueError (one line)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
+        data = json.loads(text)
+    except ValueError as e:
         raise ValueError(f'{path}: unreadable sample manifest ({type(e).__name__}: {e})') from None
     if not isinstance(data, dict) or data.get('format') != FORMAT or not isinstance(data.get('config'), dict):
         raise ValueError(f'{path}: not a sample manifest (no format tag {FORMAT!r})')
@@ -66,15 +85,43 @@ def read_manifest(path):
             data['config']['solver'] = SolverSettings.from_dict(solver).to_dict()
         except ValueError as e:
             raise ValueError(f'{path}: bad solver settings in the sample manifest ({e})') from None
-    try:
-        parse_int_list(data.get('seeds', ''))
-    except ValueError as e:
-        raise ValueError(f'{path}: bad seeds in the sample manifest: {e}') from None
+    for key in ('seeds', 'asked'):
+        if key in data and not isinstance(data[key], str):
+            raise ValueError(f'{path}: bad {key} in the sample manifest: not a seed list string')
+        try:
+            SeedSet(data.get(key, ''))
+        except ValueError as e:
+            raise ValueError(f'{path}: bad {key} in the sample manifest: {e}') from None
     return data
 
 
+def read_manifest(path):
+    """The manifest at ``path`` (a file, or a folder holding ``manifest.json``), None when there is
+    none; ValueError (one line naming the file) when it is not a readable sample manifest."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_MANIFEST_BYTES:
+            raise ValueError(f'{path}: the sample manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} '
+                             f'a manifest can need (its seeds are ranges): it is not one of ours')
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f'{path}: unreadable sample manifest ({type(e).__name__}: {e})') from None
+    return parse_manifest(text, path)
+
+
 def manifest_seeds(manifest):
-    return parse_int_list(manifest['seeds']) if manifest['seeds'] else []
+    """The seeds a manifest says were written, as a :class:`SeedSet`."""
+    return SeedSet(manifest.get('seeds', ''))
+
+
+def asked_seeds(manifest):
+    """The seeds a manifest says were asked for, as a :class:`SeedSet`."""
+    return SeedSet(manifest.get('asked', manifest.get('seeds', '')))
 
 
 def first_difference(a, b, prefix=''):
@@ -89,19 +136,31 @@ def first_difference(a, b, prefix=''):
     return None if a == b else prefix.rstrip('.') or '(root)'
 
 
+def _folder_entries(folder):
+    """(root, seed subfolders) of a sample folder: the folders where sample.py puts files."""
+    subs = [os.path.join(folder, e) for e in sorted(os.listdir(folder))
+            if _SEED_FOLDER.match(e) and os.path.isdir(os.path.join(folder, e))]
+    return [folder] + subs
+
+
 def sample_files(folder):
     """The sample files of ``folder`` (sample.py's layout: ``[<000000>/]<seed>.png|npz`` and
     ``grid.png``), as paths."""
-    found = []
     if not os.path.isdir(folder):
-        return found
-    for entry in sorted(os.listdir(folder)):
-        path = os.path.join(folder, entry)
-        if entry == 'grid.png' or (_SEED_FILE.match(entry) and os.path.isfile(path)):
-            found.append(path)
-        elif _SEED_FOLDER.match(entry) and os.path.isdir(path):
-            found.extend(os.path.join(path, e) for e in sorted(os.listdir(path)) if _SEED_FILE.match(e))
+        return []
+    found = [os.path.join(folder, 'grid.png')] if os.path.isfile(os.path.join(folder, 'grid.png')) else []
+    for sub in _folder_entries(folder):
+        found.extend(os.path.join(sub, e) for e in sorted(os.listdir(sub))
+                     if _SEED_FILE.match(e) and os.path.isfile(os.path.join(sub, e)))
     return found
+
+
+def temporary_files(folder):
+    """The temporary files that interrupted writes left in ``folder`` and its seed subfolders."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(sub, e) for sub in _folder_entries(folder) for e in sorted(os.listdir(sub))
+            if is_temporary(e) and os.path.isfile(os.path.join(sub, e))]
 
 
 def check_folder(outdir, config, overwrite=False, resume=False, option='--outdir'):
@@ -131,38 +190,54 @@ def check_folder(outdir, config, overwrite=False, resume=False, option='--outdir
     return None if diff else existing
 
 
-def complete_seeds(outdir, seeds, subdirs=True):
-    """The seeds whose PNG in ``outdir`` exists and decodes completely (what ``--resume`` skips)."""
+def _complete_png(path):
+    try:
+        with PIL.Image.open(path) as img:
+            img.load()
+    except Exception:  # a damaged or cut-off file: sample it again
+        return False
+    return True
+
+
+def complete_seeds(outdir, seeds, subdirs=True, return_inters=False):
+    """The seeds whose files in ``outdir`` are complete (what ``--resume`` skips): the PNG exists
+    and decodes, and with ``return_inters`` the trajectory ``.npz`` exists and is a whole archive."""
     done = []
     for seed in seeds:
         path = seed_path(outdir, seed, 'png', subdirs)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or not _complete_png(path):
             continue
-        try:
-            with PIL.Image.open(path) as img:
-                img.load()
-        except Exception:  # a damaged or cut-off file: sample it again
+        if return_inters and not zipfile.is_zipfile(seed_path(outdir, seed, 'npz', subdirs)):
             continue
         done.append(seed)
     return done
 
 
 def seed_path(outdir, seed, ext, subdirs=True):
-    """Where sample.py puts the ``ext`` file of ``seed``: ``outdir/<seed - seed % 1000>/<seed>.<ext>``."""
+    """Where sample.py puts the ``ext`` file of ``seed``: ``outdir/<seed - seed % 1000>/<seed>.<ext>``
+    (folder and file names of at least 6 digits: seeds from 10^6 on have 7 or more)."""
     folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
     return os.path.join(folder, f'{seed:06d}.{ext}')
 
 
 def prepare_folder(outdir, config, seeds, existing=None, overwrite=False):
-    """Rank 0, after :func:`check_folder` and before sampling: with ``overwrite`` remove the folder's
-    sample files and manifest; then write the manifest (seeds: the union with ``existing``'s)."""
+    """Rank 0, holding the folder's lock, after :func:`check_folder` and before sampling: remove
+    temporary files of interrupted runs; with ``overwrite`` also the folder's sample files and
+    manifest; then write the manifest (asked: the union with ``existing``'s; written: ``existing``'s)."""
+    doomed = temporary_files(outdir)
     if overwrite:
-        for path in sample_files(outdir) + [os.path.join(outdir, MANIFEST)]:
-            if os.path.isfile(path):
-                os.remove(path)
+        doomed += sample_files(outdir) + [os.path.join(outdir, MANIFEST)]
+    for path in doomed:
+        if os.path.isfile(path):
+            os.remove(path)
     os.makedirs(outdir, exist_ok=True)
-    all_seeds = sorted(set(seeds) | set(manifest_seeds(existing) if existing else []))
-    text = json.dumps(make_manifest(config, all_seeds), indent=2) + '\n'
+    asked = SeedSet(seeds) | (asked_seeds(existing) if existing else SeedSet())
+    write_manifest(outdir, config, asked, manifest_seeds(existing) if existing else SeedSet())
+
+
+def write_manifest(outdir, config, asked, seeds):
+    """Write ``outdir``'s manifest atomically."""
+    text = json.dumps(make_manifest(config, seeds, asked), indent=2) + '\n'
 
     def write(tmp):
         with open(tmp, 'w', encoding='utf-8') as f:
@@ -170,39 +245,82 @@ def prepare_folder(outdir, config, seeds, existing=None, overwrite=False):
     atomic_write(os.path.join(outdir, MANIFEST), write)
 
 
-def read_manifests(path):
-    """The sample manifests under an image folder (itself and any subfolder), as (path, manifest)."""
-    found = []
-    if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            if MANIFEST in files:
-                found.append((os.path.join(root, MANIFEST), read_manifest(os.path.join(root, MANIFEST))))
-    return found
+def record_written(outdir, written):
+    """Add the seeds ``written`` (whose files a run finished) to the manifest's ``seeds``."""
+    current = read_manifest(outdir)
+    write_manifest(outdir, current['config'], asked_seeds(current), manifest_seeds(current) | written)
 
 
-def check_image_set(path, names):
-    """What ``fid.py`` learns from the manifests of an image folder ``path`` whose images are
-    ``names`` (relative paths): None when it holds no manifest, else a one-line report of how many
-    of the seeds asked for it holds. ValueError (one line) when its manifests describe more than one
-    configuration, or when it holds images that no manifest lists."""
-    found = read_manifests(path)
-    if not found:
+# ----------------------------------------------------------------------------
+# The integrity check of image sets (fid.py calc and ref).
+
+def _expected_name(seed, layout):
+    return '/'.join(os.path.split(seed_path('', seed, 'png', layout.get('subdirs', True)))).lstrip('/')
+
+
+def check_image_set(path, files, read_text):
+    """Check that the image set at ``path`` (a folder or zip) is one configuration's set.
+
+    ``files``: every file of the set (relative '/'-separated names, images or not); ``read_text(name)``
+    returns a file's text. Returns None when the set holds no manifest (a plain data set), else a
+    dict: ``complete`` (bool), ``asked``, ``found`` and ``missing`` (counts) and ``message`` (one
+    line). ValueError (one line) when the manifests describe more than one configuration, when an
+    image lies outside every folder with a manifest, is not where its manifest's layout puts one
+    of its asked seeds, or when a seed appears twice. Hidden files (temporary files, locks) are no
+    images and are not counted."""
+    manifests = {}
+    for name in files:
+        if name.split('/')[-1] == MANIFEST and not is_hidden(name):
+            folder = name.rpartition('/')[0]
+            shown = f'{path}:{name}' if not os.path.isdir(path) else os.path.join(path, name)
+            try:
+                text = read_text(name)
+            except (OSError, KeyError, UnicodeDecodeError) as e:
+                raise ValueError(f'{shown}: unreadable sample manifest ({e})') from None
+            manifests[folder] = (shown, parse_manifest(text, shown))
+    if not manifests:
         return None
-    (first_path, first), others = found[0], found[1:]
+    (first_path, first), *others = manifests.values()
     for other_path, other in others:
         diff = first_difference(first['config'], other['config'])
         if diff:
             raise ValueError(f'{path} mixes samples of two configurations: {first_path} and {other_path} differ in '
                              f'{diff}')
-    asked = set()
-    for _, m in found:
-        asked.update(manifest_seeds(m))
-    stems = [os.path.splitext(os.path.basename(n))[0] for n in names]
-    strays = [n for n, s in zip(names, stems) if not s.isdigit() or int(s) not in asked]
-    if strays:
-        raise ValueError(f'{path} holds {len(strays)} image(s) that its {MANIFEST} does not list (e.g. {strays[0]}): '
-                         f'they come from another run')
-    return (f'{path}: {len(names)} of the {len(asked)} seeds in its {MANIFEST} '
-            f'({len(asked) - len(names)} missing)' if len(names) < len(asked) else
-            f'{path}: all {len(asked)} seeds in its {MANIFEST}')
+    layout = first['config'].get('layout', {})
+    asked = {folder: asked_seeds(m) for folder, (_, m) in manifests.items()}
+    seen = {}
+    for name in files:
+        if is_hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        parts = name.split('/')
+        folder = next((f for f in ('/'.join(parts[:i]) for i in range(len(parts) - 1, -1, -1)) if f in manifests),
+                      None)
+        if folder is None:
+            raise ValueError(f'{path} holds images outside every folder with a {MANIFEST} (e.g. {name}): they may '
+                             f'come from another run; move them away or give --images a folder of one run')
+        rel = name[len(folder) + 1:] if folder else name
+        if layout.get('grid'):
+            if rel != 'grid.png':
+                raise ValueError(f'{path} holds {name}, which its grid-layout {MANIFEST} does not list')
+            continue
+        stem = os.path.splitext(rel.split('/')[-1])[0]
+        seed = int(stem) if stem.isdigit() else None
+        if seed is None or seed not in asked[folder]:
+            raise ValueError(f'{path} holds image(s) that its {MANIFEST} does not list (e.g. {name}): they come '
+                             f'from another run')
+        if rel != _expected_name(seed, layout):
+            raise ValueError(f'{path} holds {name}, which is not where sample.py puts seed {seed} '
+                             f'({_expected_name(seed, layout)}): it comes from another run or was moved')
+        if seed in seen:
+            raise ValueError(f'{path} holds seed {seed} twice ({seen[seed]} and {name}): the same seeds were '
+                             f'sampled into two folders; give --images one of them')
+        seen[seed] = name
+    if layout.get('grid'):
+        return dict(complete=True, asked=0, found=0, missing=0, message=f'{path}: grid images')
+    total = SeedSet()
+    for seeds in asked.values():
+        total = total | seeds
+    found, want = len(seen), len(total)
+    message = (f'{path}: {found} of the {want} seeds in its {MANIFEST} ({want - found} missing); the set is incomplete'
+               if found < want else f'{path}: all {want} seeds in its {MANIFEST}')
+    return dict(complete=found == want, asked=want, found=found, missing=want - found, message=message)

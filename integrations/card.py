@@ -33,7 +33,8 @@ from predictors import load_predictor, snapshot
 from predictors.card import (FORMAT, VERSION, REQUIRED, CardPredictor, build_card, card_settings,  # noqa: F401
                              card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points,
                              tail_steps)
-from torch_utils.misc import parse_seeds
+from torch_utils.locks import Lock
+from torch_utils.misc import check_output_file, parse_seeds
 
 FEATURE_MODES = ('mean', 'mean_feature', 'zero')
 DEFAULT_FEATURE = 'mean'
@@ -155,12 +156,23 @@ def main():
 @click.option('--seeds', help='Calibration seeds of the mean modes', type=str, default=DEFAULT_SEEDS, show_default=True)
 @click.option('--batch', help='Calibration batch', type=click.IntRange(min=1), default=64, show_default=True)
 @cli.model_options('model_path', 'classifier_path', 'prompt', 'prompt_path', 'device', device_default='cpu')
+@click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
 @cli.user_errors
-def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device):
-    """Export the solver card of a predictor."""
-    card = export_card(predictor_path, feature, seeds, batch, model_path=model_path, classifier_path=classifier_path,
-                       prompt=prompt, prompt_path=prompt_path, device=device)
-    save_card(card, out)
+def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device,
+           overwrite):
+    """Export the solver card of a predictor. --out is checked (and locked) before the calibration;
+    an existing card is replaced only with --overwrite."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device=cuda: CUDA is not available here; use --device=cpu')
+    check_output_file(out, '--out', overwrite)
+    lock = Lock(out, f'--out {out}', is_file=True, wait=1.0)
+    try:
+        check_output_file(out, '--out', overwrite)   # again, now that no one else writes it
+        card = export_card(predictor_path, feature, seeds, batch, model_path=model_path,
+                           classifier_path=classifier_path, prompt=prompt, prompt_path=prompt_path, device=device)
+        save_card(card, out)
+    finally:
+        lock.release(cleanup=True)
     click.echo(f"Wrote {out}: {card['solver']} card, {card['num_steps']} time points, NFE {card['nfe']}, "
                f"feature {feature}")
 

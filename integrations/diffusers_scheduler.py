@@ -67,7 +67,7 @@ import solvers
 from models.base import Denoiser
 from models.latent import DiscreteEpsDenoiser
 
-from predictors.card import CardPredictor, card_solver_settings, load_card
+from predictors.card import card_predictor, card_solver_settings, is_schedule_card, load_card
 
 #: The config key of the card: private (a leading ``_``), so that diffusers' other schedulers loading
 #: this config (``DPMSolverMultistepScheduler.from_config(amed.config)``) pass it over silently and
@@ -197,24 +197,30 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
             if theirs is not None and not math.isclose(theirs, ours, rel_tol=1e-4):
                 raise ValueError(f"the solver card was made for a model with {key} {theirs:g}; this scheduler's "
                                  f"noise schedule has {ours:g}")
+        plain = is_schedule_card(card)
+        cls = solvers.solver_class(card['solver'])
+        if plain and (cls.two_stage or cls.corrector):
+            raise ValueError(f"AMEDScheduler runs schedule cards of single-stage solvers without a corrector, not "
+                             f"{card['solver']!r}: sample this card with sample.py or the k-diffusion sampler")
         self._card = card
-        self._predictor = CardPredictor(card)
+        self._predictor = card_predictor(card)
         self._spec, t_steps = card_solver_settings(card).prepare(_Replay([]), self._predictor)
         self._t_steps = t_steps.tolist()
         self.query_sigmas = torch.tensor(card['query_sigmas'], dtype=torch.float32)
         self._timesteps = self.maps.timestep(self.query_sigmas.double()).float()
         # Where each pipeline step starts: the interval n whose first evaluation it is (None for the
         # evaluation at an inserted point), and the noise level of the latent the pipeline holds there.
+        # A schedule card evaluates once per interval; with AFS its first step also runs interval 0.
         self._starts, levels = {}, []
         afs = bool(card['afs'])
         for n in range(len(self._t_steps) - 1):
             if not (afs and n == 0):
                 self._starts[len(levels)] = n
                 levels.append(self._t_steps[n])
-            else:
-                self._starts[0] = 0
-            levels.append(card['sigmas'][2 * n + 1])
+            if not plain:
+                levels.append(card['sigmas'][2 * n + 1])
         if afs:
+            self._starts[0] = 0
             levels[0] = self._t_steps[0]   # the AFS step starts from the noise at t_0
         self._levels = torch.tensor(levels + [self._t_steps[-1]], dtype=torch.float32)
 
@@ -311,11 +317,18 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
     def _query_point(self, sample):
         """The point the solver queries next, from the interval's start ``sample``."""
         try:
-            solvers.step(self._replay(list(self._outputs)), self._spec, self._state_at(sample), self._run_steps, None,
-                         self._predictor, self._afs)
+            self._advance(self._replay(list(self._outputs)), self._state_at(sample))
         except _Query as q:
             return q.x
         raise RuntimeError('AMEDScheduler: the interval needs no further model evaluation')
+
+    def _advance(self, replay, state):
+        """Step from ``state`` until the recorded outputs are used up: an interval that needs no model
+        call (a schedule card's AFS step) is followed by the next one."""
+        state, _ = solvers.step(replay, self._spec, state, self._run_steps, None, self._predictor, self._afs)
+        while replay.calls < len(replay.outputs) or (replay.calls == 0 and state.i < len(self._run_steps) - 1):
+            state, _ = solvers.step(replay, self._spec, state, self._run_steps, None, self._predictor, self._afs)
+        return state
 
     def _replay(self, outputs):
         return _Replay(outputs, self.config.prediction_type)
@@ -357,8 +370,7 @@ class AMEDScheduler(SchedulerMixin, ConfigMixin):
         self._index += 1
         self._started = True
         try:
-            new_state, _ = solvers.step(self._replay(self._outputs), self._spec, state, self._run_steps, None,
-                                        self._predictor, self._afs)
+            new_state = self._advance(self._replay(self._outputs), state)
         except _Query as q:
             self._state, prev = state, q.x
         else:

@@ -42,7 +42,7 @@ import solver_utils
 import solvers
 from models.base import Denoiser
 from predictors import load_predictor
-from predictors.card import CardPredictor, card_solver_settings, load_card
+from predictors.card import card_predictor, card_solver_settings, load_card
 
 
 class KDiffusionDenoiser(Denoiser):
@@ -141,7 +141,7 @@ def _predictor_and_options(card, predictor, options, device):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the solver card; drop it')
         card = load_card(card)
-        return CardPredictor(card), _solver_kwargs(card_solver_settings(card)), card, None
+        return card_predictor(card), _solver_kwargs(card_solver_settings(card)), card, None
     if isinstance(predictor, (str, int)):
         if given:
             raise ValueError(f'{next(iter(given))} comes from the predictor {predictor!r}; drop it')
@@ -183,7 +183,7 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         t_steps = [float(v) for v in grid]
         if settings is not None:
             check_trained_schedule(settings, t_steps, strict=foreign_sigmas == 'error')
-    if getattr(predictor, 'needs_feature', True) and feature_module is None:
+    if predictor is not None and getattr(predictor, 'needs_feature', True) and feature_module is None:
         raise ValueError('this predictor reads the model feature: pass feature_module (the module of the '
                          'network whose (B, C, 8, 8) output it reads), or use a solver card')
     denoiser = KDiffusionDenoiser(model, extra_args, feature_module, feature_fn)

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dnnlib
-from generation import manifest as sample_manifest
 from metrics import provenance as prov
 from models.inception import FIDInception
 from metrics.image_sets import (ImageSet, MetricError, agree, attempt, image_loader, rank0_then_others,
                                 refusal_as_metric_error, start)
 from torch_utils import distributed as dist
+from torch_utils import locks
 from torch_utils import persistence
 from torch_utils.misc import atomic_write, check_output_file, state_dict_mismatch, torch_file_problem
 
@@ -227,6 +227,21 @@ def check_finite_stats(mu, sigma, what):
         raise MetricError(f'{what}: the statistics are not finite ({", ".join(f"{n} holds {c} NaN or infinite values" for n, c in bad.items() if c)})')
 
 
+def check_covariance(sigma, what):
+    """MetricError naming ``what`` when ``sigma`` is not a covariance matrix: not symmetric, or with
+    a clearly negative eigenvalue (beyond rounding). A distance from such statistics can be
+    negative or meaningless."""
+    sigma = np.asarray(sigma, np.float64)
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        raise MetricError(f'{what}: sigma is not a covariance matrix (not symmetric: entries differ from their '
+                          f'transposes by up to {asym:.3g})')
+    lowest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2)[0])
+    if lowest < -1e-6 * scale:
+        raise MetricError(f'{what}: sigma is not a covariance matrix (it has a negative eigenvalue, {lowest:.3g})')
+
+
 def load_stats(ref):
     """Read statistics from a path or URL (downloads are cached): dict with mu, sigma, metric
     (the label; ``FID`` for files without one, such as EDM's references) and provenance (the
@@ -248,6 +263,7 @@ def load_stats(ref):
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise MetricError(f'{ref}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
     check_finite_stats(mu, sigma, ref)
+    check_covariance(sigma, ref)
     metric = str(data['metric']) if 'metric' in data else METRICS['fid']
     try:
         provenance = json.loads(str(data['provenance'])) if 'provenance' in data else None
@@ -283,8 +299,10 @@ def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch
     provenance (:mod:`metrics.provenance`; the JSON string ``provenance`` in the npz). Returns (mu, sigma).
 
     Before the feature pass: ``dest`` must be writable as a file, and an existing one is refused
-    unless ``overwrite``; a folder whose sample manifests differ, or that holds images no manifest
-    lists, is refused (:func:`manifest_report`)."""
+    unless ``overwrite``; rank 0 holds ``dest`` under a lock (:mod:`torch_utils.locks`) until it is
+    written. An image set with sample manifests must be one configuration's complete set
+    (:meth:`metrics.image_sets.ImageSet.integrity`): a reference from a partial or mixed set would
+    shift every distance measured against it."""
     options = dict(data=data, dest=dest, metric=metric, detector=detector, num=num, seed=seed, batch=batch,
                    device=device, workers=workers)
     _check_metric(metric)
@@ -292,9 +310,25 @@ def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch
     _, err = attempt(refusal_as_metric_error, check_output_file, dest, '--dest', overwrite) if dist.is_main() \
         else (None, None)
     agree(err)
+    lock, err = attempt(locks.lock_on_rank0, dest, f'--dest {dest}', is_file=True, wait=1.0)
+    agree(err)
+    try:
+        return _compute_ref(data, dest, metric, detector, num, seed, batch, dev, workers, progress, overwrite, options)
+    finally:
+        if lock is not None:
+            lock.release(cleanup=True)
+
+
+def _compute_ref(data, dest, metric, detector, num, seed, batch, dev, workers, progress, overwrite, options):
+    _, err = attempt(refusal_as_metric_error, check_output_file, dest, '--dest', overwrite) if dist.is_main() \
+        else (None, None)
+    agree(err)
     images, err = attempt(ImageSet, data, num=num, seed=seed)
     agree(err)
-    _, err = attempt(manifest_report, data, images.names)
+    report, err = attempt(images.integrity)
+    if report is not None and not report['complete']:
+        err = (f"{report['message']}: reference statistics need the whole set (finish the run that writes "
+               f"it, e.g. with its --resume, or rerun fid.py toydata with the same options)")
     agree(err)
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {METRICS[metric]} statistics of {len(images)} images in {data}...')
@@ -306,11 +340,6 @@ def compute_ref(data, dest, metric='fid', detector=None, num=None, seed=0, batch
     agree(err if dist.is_main() else None)
     dist.print0(f'Saved {dest}')
     return mu, sigma
-
-
-def manifest_report(images, names):
-    """:func:`generation.manifest.check_image_set` with its refusals as MetricError."""
-    return refusal_as_metric_error(sample_manifest.check_image_set, images, names)
 
 
 #: The number of images of a standard FID (EDM's `fid.py calc --num`).
@@ -355,10 +384,10 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
                        f'{label}: the value is not comparable with {expected}-image values (--num={len(image_set)} '
                        'asks for this count)')
             dist.print0(f'Warning: {warning}')
-    report, err = attempt(manifest_report, images, image_set.names)
+    report, err = attempt(image_set.integrity)
     agree(err)
     if report:
-        dist.print0(report)
+        dist.print0(report['message'])
     net = make_detector(metric, detector, dev)
     dist.print0(f'Computing {label} of {len(image_set)} images in {images} against {ref}...')
     mu, sigma = feature_stats(image_set, net, batch=batch, device=dev, workers=workers, progress=progress)
@@ -375,6 +404,9 @@ def compute_fd(images, ref, metric='fid', detector=None, num=None, seed=0, batch
         record = _provenance(image_set, num, seed, metric, detector, options)
         record = dict(metric=label, value=value, **({'warning': warning} if warning else {}),
                       **{k: v for k, v in record.items() if k != 'metric'})
+        if report:   # a set with manifests: whether it was complete
+            record['images'] = dict(record['images'], complete=report['complete'], asked=report['asked'],
+                                    missing=report['missing'], incomplete=not report['complete'])
         prov.append(log, dict(record, ref=prov.file_record(ref, provenance=stats['provenance'])))
     _, err = attempt(write_line)
     if err:

@@ -13,10 +13,9 @@ import PIL.Image
 import torch
 import torch.distributed
 
+from generation.manifest import IMAGE_EXTENSIONS, check_image_set, is_hidden
 from torch_utils import distributed as dist
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-
+from torch_utils import locks
 
 class MetricError(ValueError):
     """A problem with the user's input: the message is one line that says what to fix."""
@@ -26,19 +25,9 @@ class MetricError(ValueError):
 # Keeping ranks in step on errors.
 
 def agree(err):
-    """Raise MetricError on every rank if ``err`` (a message or None) is set on any rank.
-
-    One small all-reduce per call; the messages are exchanged only when something failed."""
-    if dist.get_world_size() == 1:
-        if err:
-            raise MetricError(err)
-        return
-    flag = torch.tensor([1.0 if err else 0.0], dtype=torch.float64)
-    if float(dist.all_reduce_sum(flag)[0]) == 0:
-        return
-    messages = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(messages, err)
-    raise MetricError(next(m for m in messages if m))
+    """Raise MetricError on every rank if ``err`` (a message or None) is set on any rank
+    (:func:`torch_utils.distributed.raise_on_any`)."""
+    dist.raise_on_any(err, MetricError)
 
 
 def attempt(fn, *args, **kwargs):
@@ -91,31 +80,42 @@ def _decode(data, name):
 
 class ImageSet:
     """The images of a folder (searched recursively) or a ``.zip``, in sorted order of their
-    relative paths; files other than PNG/JPEG are ignored. Each image is decoded to RGB uint8.
+    relative paths; files other than PNG/JPEG, and hidden files (a part of the path starting with
+    '.': temporary files, locks), are no images. Each image is decoded to RGB uint8.
 
     ``num`` (optional) selects a seeded subset: ``np.random.RandomState(seed).choice(total, num,
-    replace=False)``, sorted. Picklable (a zip is reopened in each process)."""
+    replace=False)``, sorted. ``files`` lists every file of the set (for :meth:`integrity`).
+    Picklable (a zip is reopened in each process). A folder that a writer holds
+    (:mod:`torch_utils.locks`) is refused."""
 
     def __init__(self, path, num=None, seed=0, min_images=2, purpose='the statistics'):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             self.kind = 'dir'
-            names = []
-            for root, _dirs, files in os.walk(self.path):
-                for f in files:
-                    names.append(os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/'))
+            refusal_as_metric_error(locks.check_not_being_written, self.path)
+            files = []
+            for root, _dirs, names in os.walk(self.path):
+                for f in names:
+                    files.append(os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/'))
         elif os.path.isfile(self.path) and self.path.lower().endswith('.zip'):
             self.kind = 'zip'
+            refusal_as_metric_error(locks.check_not_being_written, self.path)
             try:
                 with zipfile.ZipFile(self.path) as z:
-                    names = [n for n in z.namelist() if not n.endswith('/')]
+                    files = [n for n in z.namelist() if not n.endswith('/')]
             except (zipfile.BadZipFile, OSError) as e:
                 raise MetricError(f'cannot open zip {self.path}: {e}') from None
         elif os.path.exists(self.path):
             raise MetricError(f'{self.path} is neither a folder nor a .zip file')
         else:
             raise MetricError(f'{self.path} does not exist')
-        names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        self.files = sorted(files)
+        if self.kind == 'dir':   # a writer may hold a subfolder (sample.py --outdir=<images>/a)
+            for name in self.files:
+                if name.split('/')[-1] == locks.FOLDER_LOCK and '/' in name:
+                    folder = os.path.join(self.path, name.rpartition('/')[0])
+                    refusal_as_metric_error(locks.check_not_being_written, folder)
+        names = [n for n in self.files if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not is_hidden(n)]
         total = len(names)
         if num is not None:
             if num < min_images:
@@ -129,6 +129,12 @@ class ImageSet:
         self.names = names
         self._zip = None
         self._zip_pid = None
+
+    def integrity(self):
+        """:func:`generation.manifest.check_image_set` of the whole set (not only a ``num`` subset),
+        with its refusals as MetricError: None for a set without manifests, else its report."""
+        return refusal_as_metric_error(check_image_set, self.path, self.files,
+                                       lambda name: self._read(name).decode('utf-8'))
 
     def __len__(self):
         return len(self.names)

@@ -32,7 +32,8 @@ PREDICTOR_SETTINGS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'a
 class LoadedPredictor(typing.NamedTuple):
     """What :func:`load_predictor` returns.
 
-    ``predictor``: the module (or :class:`~predictors.card.CardPredictor`) to sample with;
+    ``predictor``: the module (or :class:`~predictors.card.CardPredictor`) to sample with (None for a
+    schedule card: its plain solver runs alone);
     ``settings``: its settings dict as stored (solver settings plus dataset_name, guidance, image
     shape, training recipe ...); ``solver``: the :class:`SolverSettings` read from them;
     ``source``: where it came from, ``dict(kind='predictor'|'card', format='snapshot'|'published'|'card',
@@ -56,8 +57,9 @@ def load_predictor(spec, device='cpu', verbose=True):
     identity = file_identity(path)          # a URL is fetched into the download cache once, here
     local = identity['file']
     if path.endswith('.json'):
-        predictor = card_format.CardPredictor(local)
-        settings = card_format.card_settings(predictor.card)
+        card = card_format.load_card(local)
+        predictor = card_format.card_predictor(card)      # None: a schedule card (a plain solver)
+        settings = card_format.card_settings(card)
         kind, fmt = 'card', 'card'
     elif path.endswith('.pkl'):
         predictor, settings = load_published_predictor(local, device=device, verbose=verbose)

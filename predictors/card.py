@@ -2,6 +2,12 @@
 file). Writing and reading cards, and :class:`CardPredictor`, the predictor a card stands for; the
 export of a card from a predictor is :mod:`integrations.card`.
 
+A card may also carry a plain solver's schedule alone (a **schedule card**, e.g. a GITS schedule
+from ``python -m evaluation.gits``): ``r``, ``scale_dir`` and ``scale_time`` are null, the solver is
+any plain solver, ``sigmas`` are its ``t_steps`` and ``query_sigmas`` where the plain solver calls the
+model (:func:`plain_queries`). It stands for no predictor (:func:`card_predictor` is None): sample.py
+and the integrations run the plain solver on its schedule.
+
 Contents (``format`` ``amed-solver-card``, ``version`` 1):
 
 * ``solver``, ``solver_options`` (every option of the solver, :data:`solvers.REGISTRY`), ``afs``,
@@ -56,22 +62,52 @@ def schedule_points(t_steps, r, scale_time, afs):
     return sigmas, queries
 
 
+class _QueryRecorder:
+    """A stand-in denoiser that records where it is called (and answers 0)."""
+
+    def __init__(self):
+        self.sigmas = []
+
+    def __call__(self, x, sigma, cond=None):
+        self.sigmas.append(float(sigma.reshape(-1)[0]))
+        return torch.zeros_like(x)
+
+
+def plain_queries(spec, t_steps, afs):
+    """Where the built plain solver ``spec`` calls the model on ``t_steps``, in order, in float32 as
+    the stepping core computes them (it runs the core on a recording stand-in model)."""
+    recorder = _QueryRecorder()
+    for _ in solvers.iterate(recorder, spec, torch.zeros(1, 1, 1, 1), [_f32(t) for t in t_steps], afs=afs):
+        pass
+    return recorder.sigmas
+
+
+def is_schedule_card(card):
+    """A card that carries a plain solver's schedule alone (no per-interval predictor values)."""
+    return card.get('r') is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Building, writing and reading cards.
 
-def build_card(model, spec, t_steps, afs, r, scale_dir, scale_time, model_info=None, schedule=None, feature=None,
-               provenance=None):
-    """A card dict from a solver (from :func:`solvers.prepare`), its schedule and per-step values."""
+def build_card(model, spec, t_steps, afs, r=None, scale_dir=None, scale_time=None, model_info=None, schedule=None,
+               feature=None, provenance=None):
+    """A card dict from a solver (from :func:`solvers.prepare`), its schedule and per-step values;
+    ``r``, ``scale_dir`` and ``scale_time`` None: a schedule card of the plain solver."""
     t_list = [float(t) for t in t_steps]
-    r, scale_dir, scale_time = ([_f32(v) for v in vals] for vals in (r, scale_dir, scale_time))
-    sigmas, queries = schedule_points(t_list, r, scale_time, afs)
+    plain = r is None
+    if plain:
+        sigmas, queries = [_f32(t) for t in t_list], plain_queries(spec, t_list, afs)
+    else:
+        r, scale_dir, scale_time = ([_f32(v) for v in vals] for vals in (r, scale_dir, scale_time))
+        sigmas, queries = schedule_points(t_list, r, scale_time, afs)
     calls = int(getattr(model, 'calls_per_eval', 1))
     info = dict(dataset_name=getattr(model, 'dataset_name', None), img_shape=list(model.img_shape),
                 label_dim=int(model.label_dim), calls_per_eval=calls, sigma_min=float(model.sigma_min),
                 sigma_max=float(model.sigma_max))
     info.update(model_info or {})
     return dict(format=FORMAT, version=VERSION, solver=spec.name, solver_options=solvers.options_of(spec), afs=bool(afs),
-                num_steps=len(t_list), nfe=solvers.count_nfe(spec.name, len(t_list), afs, True,
+                num_steps=len(t_list), nfe=solvers.count_nfe(spec, len(t_list), afs, not plain,
                                                                    calls_per_eval=calls),
                 evaluations=len(queries), sigma_min=t_list[-1], sigma_max=t_list[0], schedule=schedule or {},
                 t_steps=t_list, r=r,
@@ -110,12 +146,20 @@ def load_card(source):
     missing = [k for k in REQUIRED if k not in card]
     if missing:
         raise ValueError(f"{where}: the solver card lacks {', '.join(missing)}")
-    if card['solver'] not in solvers.STUDENTS:
-        raise ValueError(f"{where}: solver {card['solver']!r} is not an AMED student ({', '.join(solvers.STUDENTS)})")
+    plain = is_schedule_card(card)
+    allowed = solvers.PLAIN if plain else solvers.STUDENTS
+    if card['solver'] not in allowed:
+        what = 'a plain solver' if plain else 'an AMED student'
+        raise ValueError(f"{where}: solver {card['solver']!r} is not {what} ({', '.join(allowed)})")
     if not isinstance(card['solver_options'], dict):
         raise ValueError(f'{where}: solver_options must be a dict of the options of solver {card["solver"]!r}')
+    if not isinstance(card['afs'], bool):
+        raise ValueError(f"{where}: afs must be true or false, got {card['afs']!r}")
+    for key in ('model', 'schedule'):
+        if not isinstance(card.get(key, {}), dict):
+            raise ValueError(f'{where}: {key} must be an object (a JSON dict), got {card[key]!r}')
     try:
-        card_solver_settings(card)
+        settings = card_solver_settings(card)
     except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
     t = card['t_steps']
@@ -123,19 +167,39 @@ def load_card(source):
     if n < 1 or any(not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 for v in t) \
             or any(b >= a for a, b in zip(t, t[1:])):
         raise ValueError(f'{where}: t_steps must be a descending list of at least 2 positive noise levels')
+    if plain:
+        if card['scale_dir'] is not None or card['scale_time'] is not None:
+            raise ValueError(f'{where}: a schedule card (r null) has null scale_dir and scale_time too')
+        spec, _ = settings.prepare(None)
+        _check_points(card, where, [_f32(v) for v in t], plain_queries(spec, t, bool(card['afs'])))
+        return card
     for key in ('r', 'scale_dir', 'scale_time'):
         if not isinstance(card[key], list) or len(card[key]) != n or \
                 any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in card[key]):
             raise ValueError(f'{where}: {key} must hold {n} numbers, one per interval of t_steps')
     if any(not 0 < v <= 1 for v in card['r']):
         raise ValueError(f'{where}: every r must lie in (0, 1]')
-    sigmas, queries = schedule_points(t, card['r'], card['scale_time'], bool(card['afs']))
+    for key in ('scale_dir', 'scale_time'):
+        if any(v <= 0 for v in card[key]):
+            raise ValueError(f'{where}: every {key} must be positive (a factor near 1), got {min(card[key])}')
+    _check_points(card, where, *schedule_points(t, card['r'], card['scale_time'], card['afs']))
+    return card
+
+
+def _check_points(card, where, sigmas, queries):
     for key, expected in (('sigmas', sigmas), ('query_sigmas', queries)):
         got = card[key]
+        # 'not <=' so that NaN (for which every comparison is false) is refused too
         if not isinstance(got, list) or len(got) != len(expected) or \
-                any(abs(a - b) > 1e-6 * abs(b) for a, b in zip(got, expected)):
+                any(isinstance(a, bool) or not isinstance(a, (int, float)) or not abs(a - b) <= 1e-6 * abs(b)
+                    for a, b in zip(got, expected)):
             raise ValueError(f'{where}: {key} do not follow from t_steps, r and scale_time')
-    return card
+
+
+def card_predictor(card):
+    """The :class:`CardPredictor` of a card, or None for a schedule card (a plain solver)."""
+    card = load_card(card)
+    return None if is_schedule_card(card) else CardPredictor(card)
 
 
 class CardPredictor:

@@ -11,6 +11,7 @@ import os
 import re
 
 import solvers
+from torch_utils import locks
 from torch_utils.misc import atomic_write
 
 OPTIONS_FILE = 'training_options.json'
@@ -62,18 +63,42 @@ def next_run_id(outdir):
 
 def make_run_dir(outdir, name_fn):
     """Create a new run folder ``outdir/<name_fn(id)>`` with id = 1 + the largest existing id (0 if
-    none). Never reuses or overwrites a folder: creation is exclusive, retried with the next id."""
+    none) and lock it (:class:`torch_utils.locks.Lock`); returns (folder, lock). The id is reserved
+    under a lock of ``outdir`` (waited for: another run may be picking its number), so two runs
+    started at once never get the same number; creation is exclusive as well."""
     os.makedirs(outdir, exist_ok=True)
-    run_id = next_run_id(outdir)
-    for _ in range(100):
-        path = os.path.join(outdir, name_fn(run_id))
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            run_id = max(_run_ids(outdir) + [run_id]) + 1
+    with locks.Lock(outdir, f'the experiments folder {outdir}', wait=60.0):
+        run_id = next_run_id(outdir)
+        for _ in range(100):
+            path = os.path.join(outdir, name_fn(run_id))
+            try:
+                os.makedirs(path)
+            except FileExistsError:
+                run_id = max(_run_ids(outdir) + [run_id]) + 1
+                continue
+            return path, locks.Lock(path, f'run {path}')
     raise RuntimeError(f'could not create a new run folder in {outdir}')
 
+
+def run_identity(options):
+    """What makes a run's training state its own: the options that decide the trained weights
+    (stored in the training state; :func:`check_state_belongs`)."""
+    keys = ('dataset_name', 'model_path', 'batch', 'total_kimg', 'lr', 'seed', 'loss', 'inter_weight', 'settings',
+            'predictor_kwargs', 'predictor_path')
+    return json.loads(json.dumps({k: options.get(k) for k in keys}))
+
+
+def check_state_belongs(state, options, path):
+    """ValueError (one line) when the training ``state`` read from ``path`` was saved by a run
+    with other options than ``options`` (e.g. copied from another run folder). States of older
+    code, which do not record their run, are taken as they are."""
+    if not state or 'identity' not in state:
+        return
+    saved, ours = state['identity'], run_identity(options)
+    for key in ours:
+        if saved.get(key) != ours[key]:
+            raise ValueError(f'{path} belongs to another run: its {key} is {saved.get(key)!r}, this run\'s is '
+                             f'{ours[key]!r}; remove it to restart the run from its beginning')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,7 +60,10 @@ class SolverSettings:
         if self.schedule_type not in solver_utils.SCHEDULES:
             raise ValueError(f"unknown schedule_type {self.schedule_type!r} "
                              f"(choose one of {', '.join(solver_utils.SCHEDULES)})")
-        set_('schedule_rho', float(self.schedule_rho))
+        rho = self.schedule_rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+            raise ValueError(f'schedule_rho must be a positive number, got {rho!r}')
+        set_('schedule_rho', float(rho))
         for key in ('sigma_min', 'sigma_max'):
             v = getattr(self, key)
             if v is not None:
@@ -73,15 +76,21 @@ class SolverSettings:
             set_('num_steps', len(t))
             for key in ('schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max'):
                 set_(key, _SCHEDULE_DEFAULTS[key])
-        if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 2:
-            raise ValueError(f'num_steps must be an integer >= 2, got {self.num_steps!r}')
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, float)) or \
+                int(self.num_steps) != self.num_steps or not 2 <= self.num_steps <= solver_utils.MAX_TIME_POINTS:
+            raise ValueError(f'num_steps must be an integer >= 2 and at most {solver_utils.MAX_TIME_POINTS}, '
+                             f'got {self.num_steps!r}')
         set_('num_steps', int(self.num_steps))
+        if not isinstance(self.afs, (bool, int)) or self.afs not in (0, 1):   # a string 'no' would read as true
+            raise ValueError(f'afs must be true or false, got {self.afs!r}')
         set_('afs', bool(self.afs))
 
     # -- reading it ---------------------------------------------------------------------------
 
     #: Every key of :meth:`to_dict` (and keyword of :meth:`from_dict`) but the version.
     KEYS = ('solver', 'num_steps', *_SCHEDULE_DEFAULTS, 'afs', 't_steps', *solvers.OPTIONS)
+    #: The keys an explicit ``t_steps`` replaces.
+    SCHEDULE_KEYS = ('num_steps', *_SCHEDULE_DEFAULTS)
 
     @property
     def solver_options(self):
@@ -103,7 +112,8 @@ class SolverSettings:
 
     def nfe(self, with_predictor, calls_per_eval=1):
         """Model evaluations of one run (:func:`solvers.count_nfe`)."""
-        return solvers.count_nfe(self.solver, self.num_steps, self.afs, with_predictor, calls_per_eval=calls_per_eval)
+        spec = solvers.make_solver(self.solver, **self.solver_options)    # UniPC's count depends on max_order
+        return solvers.count_nfe(spec, self.num_steps, self.afs, with_predictor, calls_per_eval=calls_per_eval)
 
     def replace(self, **changes):
         """A copy with ``changes`` (validated again); ``options`` may be a dict of some options."""

@@ -19,6 +19,7 @@ An unfinished run also holds ``training-state.pt`` (:mod:`training.state`), from
 ``train.py --resume`` continues.
 """
 
+import io
 import json
 import os
 import pickle
@@ -59,9 +60,12 @@ def _plain(name, value):
 
 def save_torch(path, data):
     """``torch.save`` ``data`` to ``path`` atomically (:func:`~torch_utils.misc.atomic_write`)."""
+    buffer = io.BytesIO()   # serialised first: torch's writer turns a failed write into a RuntimeError
+    torch.save(data, buffer)
+
     def write(tmp):
         with open(tmp, 'wb') as f:
-            torch.save(data, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
     atomic_write(path, write)
@@ -177,6 +181,9 @@ def find_run(run_id, search_dirs=SEARCH_DIRS):
     FileNotFoundError / ValueError when no run or more than one matches."""
     matches = []
     for d in search_dirs:
+        if os.path.lexists(d) and not os.path.exists(d):
+            raise ValueError(f'./{d} is a symbolic link that leads nowhere (a loop or a missing target): '
+                             f'fix it, or give the run folder')
         if os.path.isdir(d):
             for entry in sorted(os.listdir(d)):
                 m = re.match(r'^(\d+)-', entry)

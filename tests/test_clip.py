@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,6 +24,7 @@ from models import clip  # noqa: E402
 from models.stable_diffusion import load_captions  # noqa: E402
 from tests.latent_fixtures import write_tokenizer  # noqa: E402
 from tests.peers import peer_python  # noqa: E402
+from tests.torchrun import torchrun as launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,10 +261,7 @@ def test_torchrun_two_processes_match_one(tiny):
             '--batch=3', '--workers=0', '--no-progress', '--device=cpu']
     result = CliRunner().invoke(fid.main, [*args, '--workers=2', '--metrics_file=one.jsonl'], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'fid.py'), *args, '--metrics_file=two.jsonl']
-    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    two = launch([os.path.join(ROOT, 'fid.py'), *args, '--metrics_file=two.jsonl'], os.getcwd())
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one_line, two_line = (json.loads(open(f).read().splitlines()[-1]) for f in ('one.jsonl', 'two.jsonl'))
     assert two_line['processes'] == 2 and one_line['processes'] == 1

@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
+import time
 
 import pytest
 import torch
 
+from tests.torchrun import torchrun
 from torch_utils import distributed as dist
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +112,7 @@ CHILD = textwrap.dedent('''
 def test_torchrun_two_processes(tmp_path):
     script = tmp_path / 'child.py'
     script.write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env['PYTHONPATH'] = REPO_ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    env['OMP_NUM_THREADS'] = '1'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun([str(script), str(tmp_path)], REPO_ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count('done on rank 0') == 1
 
@@ -134,3 +129,28 @@ def test_torchrun_two_processes(tmp_path):
     assert not set(flat[0]) & set(flat[1])  # disjoint
     assert sorted(flat[0] + flat[1]) == seeds  # union is all seeds
     assert all(len(b) <= 4 for res in results for b in res['batches'])
+
+
+def test_a_launch_that_hangs_is_killed_whole(tmp_path):
+    """The launch helper of the multi-process tests: past its limit, the launcher and the workers
+    are stopped (none is left running on, orphaned, for the rest of the suite)."""
+    script = tmp_path / 'hang.py'
+    script.write_text('import os, sys, time\n'
+                      'open(os.path.join(sys.argv[1], f"pid{os.environ[\'RANK\']}"), "w").write(str(os.getpid()))\n'
+                      'time.sleep(600)\n')
+    with pytest.raises(AssertionError, match='did not finish'):
+        torchrun([str(script), str(tmp_path)], REPO_ROOT, timeout=30)
+    pids = [int((tmp_path / f'pid{r}').read_text()) for r in range(2) if (tmp_path / f'pid{r}').exists()]
+    deadline = time.time() + 30
+    while any(running(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in pids)
+
+
+def running(pid):
+    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False

@@ -80,6 +80,8 @@ HELP_COMMANDS = [
     ('python -m evaluation.plots training', ['-m', 'evaluation.plots', 'training']),
     ('python -m evaluation.plots strip', ['-m', 'evaluation.plots', 'strip']),
     ('python -m integrations.card export', ['-m', 'integrations.card', 'export']),
+    ('python -m evaluation.gits', ['-m', 'evaluation.gits']),
+    ('python -m evaluation.compare', ['-m', 'evaluation.compare']),
 ]
 HELP_PAGE = os.path.join(ROOT, 'docs', 'help.md')
 

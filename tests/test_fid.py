@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import subprocess
-import sys
 import textwrap
 import zipfile
 
@@ -26,6 +25,7 @@ from tests.fid_standin import StandInDetector
 from tests.peers import peer_python
 from generation import manifest as sample_manifest
 from metrics import frechet, image_sets
+from tests.torchrun import torchrun as launch
 from torch_utils.misc import parse_int_list
 from generation.generate import to_uint8
 
@@ -291,10 +291,7 @@ def test_bad_input_gives_one_line(standin):
 
 
 def torchrun(args, cwd, nproc=2, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(ROOT, 'fid.py')] + args
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = launch([os.path.join(ROOT, 'fid.py'), *args], cwd, nproc)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import solver_utils
 import solvers
 from generation import generate, manifest
 from integrations import card as C
@@ -19,7 +20,8 @@ def option_values(cls, option):
     """The values of ``option`` worth trying on solver class ``cls``."""
     if option == 'max_order':
         return list(range(1, cls.max_order_limit + 1))
-    return [True, False]
+    choices = dict(variant=solver_utils.UNIPC_VARIANTS, deis_mode=solver_utils.DEIS_MODES)
+    return list(choices.get(option, (True, False)))
 
 
 CASES = [(name, opt, value) for name, cls in solvers.REGISTRY.items() for opt in cls.options

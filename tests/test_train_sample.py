@@ -3,8 +3,6 @@ determinism, gradient accumulation, torchrun with two processes, and bad input."
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
@@ -16,6 +14,7 @@ import sample
 import train
 import solvers
 from models.presets import load_model
+from tests.torchrun import torchrun as launch
 from predictors import load_predictor
 from predictors.settings import SolverSettings
 from predictors.snapshot import load_snapshot
@@ -172,10 +171,7 @@ def test_sample_bad_input(in_tmp):
 
 
 def torchrun(script, args, cwd, nproc=2):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(ROOT, script)] + args
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = launch([os.path.join(ROOT, script), *args], cwd, nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

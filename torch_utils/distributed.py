@@ -185,6 +185,22 @@ def gather_objects(obj):
     return out
 
 
+def raise_on_any(err, exc_type=ValueError):
+    """Raise ``exc_type(message)`` on every rank when ``err`` (a one-line message or None) is set
+    on any rank; the first rank's message wins. One small all-reduce per call (the messages travel
+    only when something failed); for world size 1 simply raises when ``err`` is set."""
+    if get_world_size() == 1:
+        if err:
+            raise exc_type(err)
+        return
+    flag = torch.tensor([1.0 if err else 0.0], dtype=torch.float64)
+    if float(all_reduce_sum(flag)[0]) == 0:
+        return
+    messages = [None] * get_world_size()
+    tdist.all_gather_object(messages, err)
+    raise exc_type(next(m for m in messages if m))
+
+
 def barrier():
     """Wait for all ranks (returns at once for world size 1)."""
     if get_world_size() == 1:

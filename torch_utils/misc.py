@@ -2,6 +2,7 @@
 user input that every script makes the same way (finite floats, seeds, usable output paths), and
 atomic writes."""
 
+import bisect
 import math
 import os
 import re
@@ -111,6 +112,80 @@ def format_int_list(values):
     return ','.join(parts)
 
 
+class SeedSet:
+    """A set of seeds kept as sorted, disjoint inclusive ranges, never as a list: a manifest whose
+    seeds span 10^8 costs a few numbers. Built from a seed-list string (:func:`parse_int_ranges`),
+    an iterable of ints or ranges; ``in``, ``len``, ``|``, ``-``, iteration, and ``str`` (the
+    seed-list syntax, :func:`format_int_list`)."""
+
+    def __init__(self, seeds=()):
+        if isinstance(seeds, SeedSet):
+            spans = list(seeds.spans)
+        elif isinstance(seeds, str):
+            spans = parse_int_ranges(seeds) if seeds.strip() else []
+        elif isinstance(seeds, range) and seeds.step == 1:
+            spans = [(seeds.start, seeds.stop - 1)] if len(seeds) else []
+        else:
+            spans = [(int(v), int(v)) for v in seeds]
+        self.spans = self._merge(spans)
+
+    @staticmethod
+    def _merge(spans):
+        merged = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def __contains__(self, seed):
+        i = bisect.bisect_right(self.spans, (seed, float('inf'))) - 1
+        return i >= 0 and self.spans[i][0] <= seed <= self.spans[i][1]
+
+    def __len__(self):
+        return sum(hi - lo + 1 for lo, hi in self.spans)
+
+    def __iter__(self):
+        for lo, hi in self.spans:
+            yield from range(lo, hi + 1)
+
+    def __or__(self, other):
+        return SeedSet._of(self._merge(self.spans + SeedSet(other).spans))
+
+    def __sub__(self, other):
+        out = []
+        cuts = SeedSet(other).spans
+        for lo, hi in self.spans:
+            for clo, chi in cuts:
+                if chi < lo or clo > hi:
+                    continue
+                if clo > lo:
+                    out.append((lo, clo - 1))
+                lo = chi + 1
+                if lo > hi:
+                    break
+            if lo <= hi:
+                out.append((lo, hi))
+        return SeedSet._of(out)
+
+    def __eq__(self, other):
+        return isinstance(other, SeedSet) and self.spans == other.spans
+
+    @classmethod
+    def _of(cls, spans):
+        out = cls()
+        out.spans = spans
+        return out
+
+    def __str__(self):
+        return ','.join(f'{lo}-{hi}' if hi - lo >= 2 else ','.join(str(v) for v in range(lo, hi + 1))
+                        for lo, hi in self.spans)
+
+    def __repr__(self):
+        return f'SeedSet({str(self)!r})'
+
+
 class FiniteFloat(click.FloatRange):
     """click's FloatRange (bounds optional) that also refuses nan and the infinities, which
     FloatRange lets through: every float option of the scripts has this type."""
@@ -179,6 +254,11 @@ def check_output_file(path, option='--dest', overwrite=True):
 def _check_folder(folder, what):
     """The part of :func:`check_output_dir` after the folder itself is known not to be a file."""
     probe = _nearest_existing(folder)
+    if probe != os.path.abspath(folder):
+        dangling = os.path.join(probe, os.path.relpath(folder, probe).split(os.sep)[0])
+        if os.path.lexists(dangling):
+            raise ValueError(f'{what}: {dangling} is a symbolic link that leads nowhere (a loop or a missing '
+                             f'target)')
     if not os.path.isdir(probe):
         raise ValueError(f'{what} lies under {probe}, which is a file')
     missing = os.path.relpath(folder, probe)
@@ -226,17 +306,22 @@ def state_dict_mismatch(module, state):
 def atomic_write(path, write):
     """Write a file all at once: ``write(tmp_path)`` fills a temporary file in the same folder
     (created if needed), which then replaces ``path``; on any error the temporary file is removed
-    and ``path`` is untouched. The temporary file keeps ``path``'s extension; the file gets the
+    and ``path`` is untouched. The temporary file is hidden and ends in ``.tmp``
+    (``.<name>.<random>.tmp``), so that no scan for images or weights takes it for one, even when a
+    SIGKILL leaves it behind; ``write`` must therefore not rely on the extension. An OSError (full
+    disk, file-size limit) names ``path``, not the temporary file. The file gets the
     umask's permissions (:func:`create_temp`)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = create_temp(folder, '.' + os.path.basename(path) + '.', os.path.splitext(path)[1])
+    fd, tmp = create_temp(folder, '.' + os.path.basename(path) + '.', '.tmp')
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None:   # name the file meant, not the temporary one
+            raise OSError(e.errno, e.strerror, path) from None
         raise

@@ -11,6 +11,8 @@ import solver_utils
 import solvers
 from models.presets import load_model
 from torch_utils import distributed as dist
+from torch_utils import locks
+from torch_utils.stopping import write_error
 from torch_utils.misc import check_name_length, check_output_dir
 from predictors import experiments
 from predictors.networks import AMEDPredictor, check_half_width
@@ -19,7 +21,7 @@ from predictors.settings import SolverSettings
 from predictors.snapshot import resolve_run_dir
 from training.state import STATE_FILE, load_training_state
 from training.loss import LOSS_OPTIONS, LOSSES, AMEDLoss, make_loss
-from training.training_loop import TrainingDiverged, TrainingInterrupted, split_batch, training_loop
+from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted, split_batch, training_loop
 
 #: Defaults of every training option (the official README's parameter table, plus ours). None: the model's
 #: (sigma range) or the solver's (its options, :mod:`solvers`).
@@ -50,6 +52,33 @@ class Logger:
             self.file.close()
 
 
+_INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1)
+_FLOATS = dict(total_kimg=True, lr=True, tick_kimg=True, snap_kimg=False, scale_dir=False, scale_time=False,
+               schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, guidance_rate=None)
+_BOOLS = ('afs', 'checkpointing', 'use_fp16', *(n for n in solvers.OPTIONS if solvers.option_type(n) is bool))
+_OPTIONAL = ('batch_gpu', 'sigma_min', 'sigma_max', 'guidance_rate', *solvers.OPTIONS)
+
+
+def check_option_types(o):
+    """ValueError (one line naming the option) when an option has the wrong type: what the CLI's
+    option types ensure, for options that come from elsewhere (a stored training_options.json,
+    the library): integers, finite numbers (positive where a zero makes no sense), booleans."""
+    for name, value in o.items():
+        if value is None and name in _OPTIONAL:
+            continue
+        if name in _INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < _INTS[name]:
+                raise ValueError(f'{name} must be an integer of at least {_INTS[name]}, got {value!r}')
+        elif name in _FLOATS:
+            positive = _FLOATS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (positive is not None and (value <= 0 if positive else value < 0)):
+                kind = 'a finite number' + {True: ' > 0', False: ' >= 0', None: ''}[positive]
+                raise ValueError(f'{name} must be {kind}, got {value!r}')
+        elif name in _BOOLS and not isinstance(value, bool):
+            raise ValueError(f'{name} must be true or false, got {value!r}')
+
+
 def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
@@ -58,6 +87,7 @@ def plan_training(options, device):
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_option_types(o)
     for opt in ('scale_dir', 'scale_time'):
         check_half_width(opt, o[opt])
     if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
@@ -127,28 +157,67 @@ def plan_resume(spec, device):
     training_options.json; the run continues in its folder from its training state (from the
     start when it stopped before the first one was saved)."""
     run_dir = resolve_run_dir(spec)
-    stored = experiments.read_run_options(run_dir)
-    if experiments.incomplete_reason(run_dir) is None:
-        raise ValueError(f'run {run_dir} is complete: nothing to resume')
-    plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
-    state_path = os.path.join(run_dir, STATE_FILE)
-    plan.update(run_dir=run_dir, resume=load_training_state(state_path) if os.path.exists(state_path) else None)
+    # Held from the check that the run is unfinished to its end: a second --resume is refused.
+    lock = locks.lock_on_rank0(run_dir, f'run {run_dir}', wait=1.0)
+    try:
+        stored = experiments.read_run_options(run_dir)
+        if experiments.incomplete_reason(run_dir) is None:
+            raise ValueError(f'run {run_dir} is complete: nothing to resume')
+        try:
+            check_option_types({k: stored[k] for k in DEFAULTS if k in stored})
+        except ValueError as e:
+            raise ValueError(f'{os.path.join(run_dir, experiments.OPTIONS_FILE)}: {e}') from None
+        plan = plan_training({k: stored[k] for k in DEFAULTS if k in stored}, device)
+        state_path = os.path.join(run_dir, STATE_FILE)
+        state = load_training_state(state_path) if os.path.exists(state_path) else None
+        experiments.check_state_belongs(state, plan['options'], state_path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    world = stored.get('world_size')
+    if isinstance(world, int) and world != dist.get_world_size():
+        dist.print0(f'Note: {run_dir} was trained on {world} process(es) and resumes on {dist.get_world_size()}: '
+                    f'the result equals an uninterrupted run only up to rounding (about 1e-5); resume on {world} '
+                    f'process(es) for bit-for-bit equality')
+    plan.update(run_dir=run_dir, resume=state, lock=lock)
     return plan
+
+
+def release(plan):
+    """Release the run folder's lock that :func:`plan_resume` or :func:`run_training` took (idempotent)."""
+    lock = plan.get('lock') if plan else None
+    if lock is not None:
+        lock.release()
 
 
 def run_training(plan, progress=True):
     """Create the run folder (rank 0; a resumed plan keeps its own), write training_options.json
     and log.txt, train, and save the snapshot. Returns (run_dir, snapshot path) on rank 0 and
-    (None, None) elsewhere. :class:`TrainingInterrupted` and :class:`TrainingDiverged` are noted
-    in log.txt and passed on."""
+    (None, None) elsewhere. Rank 0 holds the run folder under a lock (:mod:`torch_utils.locks`)
+    until the end; a new run's experiment number is reserved under a lock of ``outdir``.
+    :class:`TrainingInterrupted`, :class:`TrainingDiverged` and :class:`TrainingFailed` (a failed
+    write) are noted in log.txt and passed on."""
+    o = plan['options']
+    run_dir = None
+    try:
+        if dist.is_main():
+            run_dir = plan.get('run_dir')
+            if run_dir is None:
+                run_dir, plan['lock'] = experiments.make_run_dir(o['outdir'], plan['name_fn'])
+                try:
+                    experiments.write_run_options(run_dir, dict(o, run_dir=run_dir, kimg=0, complete=False))
+                except OSError as e:
+                    raise TrainingFailed(f"{write_error(os.path.join(run_dir, experiments.OPTIONS_FILE), e)}; "
+                                         f"nothing was trained") from None
+        return _run(plan, run_dir, progress)
+    finally:
+        release(plan)
+
+
+def _run(plan, run_dir, progress):
     o = plan['options']
     resume = plan.get('resume')
-    run_dir = None
-    if dist.is_main():
-        run_dir = plan.get('run_dir')
-        if run_dir is None:
-            run_dir = experiments.make_run_dir(o['outdir'], plan['name_fn'])
-            experiments.write_run_options(run_dir, dict(o, run_dir=run_dir, kimg=0, complete=False))
     log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
     try:
         s = o['settings']
@@ -165,8 +234,9 @@ def run_training(plan, progress=True):
                                     batch=o['batch'], batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'],
                                     seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
                                     snap_kimg=o['snap_kimg'], progress=progress, log=log,
-                                    init_state=plan.get('init_state'), resume=resume)
-        except (TrainingInterrupted, TrainingDiverged) as e:
+                                    init_state=plan.get('init_state'), resume=resume,
+                                    identity=experiments.run_identity(o))
+        except (TrainingInterrupted, TrainingDiverged, TrainingFailed) as e:
             if dist.is_main():
                 log(str(e), console=False)
             raise

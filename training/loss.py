@@ -68,6 +68,10 @@ class AMEDLoss:
                  schedule_rho=solver_utils.SCHEDULE_RHO, sigma_min=None, sigma_max=None, afs=False, **options):
         if int(M) != M or M < 1:
             raise ValueError(f'M must be a positive integer, got {M}')
+        solver_utils.check_schedule_args(num_steps, 1.0, 2.0, 'polynomial', 1.0)   # num_steps first, then M
+        if (M + 1) * (num_steps - 1) + 1 > solver_utils.MAX_TIME_POINTS:
+            raise ValueError(f'M {M} is too large for num_steps {num_steps}: the teacher grid would have '
+                             f'{(M + 1) * (num_steps - 1) + 1} time points, at most {solver_utils.MAX_TIME_POINTS}')
         self.model = model
         self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
         self.student, self.teacher = build_solvers(model, sampler_stu, sampler_tea, **options)

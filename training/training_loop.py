@@ -23,7 +23,6 @@ only, so a run resumed from its state equals an uninterrupted one.
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from torch_utils import distributed as dist
 from models.base import seeded_inputs
+from torch_utils.stopping import StopSignals, write_error
 from predictors import experiments
 from predictors.networks import AMEDPredictor
 from predictors.snapshot import save_snapshot
@@ -137,31 +137,26 @@ class TrainingInterrupted(Exception):
         self.signum = signum
 
 
+class TrainingFailed(RuntimeError):
+    """A file of the run could not be written (one line naming it, the cause and how to resume)."""
+
+
+def truncate_lines(path, lines):
+    """Keep the first ``lines`` lines of the text file ``path`` (if it exists and has more)."""
+    if not os.path.exists(path):
+        return
+    with open(path, 'rb+') as f:
+        offset = 0
+        for _ in range(lines):
+            line = f.readline()
+            if not line:
+                return
+            offset += len(line)
+        f.truncate(offset)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss, the predictor outputs or the weights stopped being finite (no snapshot saved)."""
-
-
-class StopSignals:
-    """Within ``with``: SIGINT and SIGTERM only set ``signum`` (the first signal received), so the
-    loop can finish its batch and save. Further signals change nothing (torchrun forwards a
-    Ctrl-C a second time); kill -9 still ends the process at once. Installed in the main thread
-    only (Python's rule); elsewhere the signals keep their handlers."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def weights_finite(predictor):
@@ -183,11 +178,12 @@ def snapshot_name(cur_nimg):
 
 def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0, snap_kimg=0.0,
-                  progress=True, log=_console, init_state=None, resume=None):
+                  progress=True, log=_console, init_state=None, resume=None, identity=None):
     """Train an AMED predictor with ``objective`` (a :class:`training.loss.Loss`, e.g.
     :class:`~training.loss.IntervalLoss`, over the :class:`training.loss.AMEDLoss` of the frozen
     ``model``: it trains one global batch) and write snapshots and stats to ``run_dir`` (rank 0).
-    ``log(msg, console=True)`` receives every tick line (for
+    ``identity`` (the run's, :func:`predictors.experiments.run_identity`) is stored in the training
+    state so that a state from another run is refused. ``log(msg, console=True)`` receives every tick line (for
     log.txt); ``init_state`` is an optional predictor state dict to start from.
 
     Every ``snap_kimg`` (0: never) and on SIGINT/SIGTERM (after the current batch) a snapshot marked
@@ -231,7 +227,8 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
         if partial:
             save_training_state(state_path, dict(
                 position=dict(pos, elapsed=time.time() - start), predictor=predictor.state_dict(),
-                optimizer=optimizer.state_dict(), stats={k: v.cpu() for k, v in stats.values.items()}))
+                optimizer=optimizer.state_dict(), stats={k: v.cpu() for k, v in stats.values.items()},
+                **({} if identity is None else dict(identity=identity))))
         experiments.mark_run(run_dir, kimg=kimg, complete=not partial)
         if not partial and os.path.exists(state_path):
             os.remove(state_path)
@@ -257,7 +254,25 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
             stats_file.write(json.dumps(dict(report, timestamp=time.time())) + '\n')
             stats_file.flush()
 
-    stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
+    def writing(fn, *args, message=False):
+        """``fn(*args)`` with a failed write (full disk, read-only folder, file-size limit) as
+        :class:`TrainingFailed` (or, with ``message``, its message; None when it went well)."""
+        try:
+            result = fn(*args)
+        except OSError as e:
+            text = (f"{write_error(e.filename or run_dir, e)} at {pos['cur_nimg'] / 1000:g} kimg; the run folder "
+                    f"keeps its last complete snapshot and state; free space, then continue with: python train.py "
+                    f"--resume={run_dir}")
+            if message:
+                return text
+            raise TrainingFailed(text) from None
+        return None if message else result
+
+    stats_file = None
+    if rank == 0:
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        truncate_lines(stats_path, pos['tick'])   # the ticks after the saved state come again
+        stats_file = open(stats_path, 'at')
     start = time.time() - pos['elapsed']
     tick_start = time.time()
     bar = tqdm(total=num_batches * batch, initial=pos['cur_nimg'], unit='traj', disable=not (progress and rank == 0),
@@ -281,15 +296,13 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
                     raise TrainingDiverged(f"training diverged at {pos['cur_nimg'] / 1000:g} kimg: {what}; "
                                            f"this predictor is not saved (a lower --lr may help)")
                 if pos['cur_nimg'] >= pos['next_tick'] or last:
-                    tick()
+                    writing(tick)
                 # Snapshots only after a batch whose values were all finite (a stop waits for one).
                 periodic = snap_kimg > 0 and pos['cur_nimg'] >= pos['next_snap'] and outputs_ok
                 if periodic:
                     pos['next_snap'] += snap_kimg * 1000
                 if not last and outputs_ok and (periodic or signum):
-                    if rank == 0:
-                        save(partial=True)
-                    dist.barrier()
+                    dist.raise_on_any(writing(save, True, message=True) if rank == 0 else None, TrainingFailed)
                     if signum:
                         raise TrainingInterrupted(
                             f"{signal.Signals(signum).name}: stopped at {pos['cur_nimg'] / 1000:g} of {total_kimg:g} "
@@ -300,6 +313,6 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
         if stats_file is not None:
             stats_file.close()
 
-    path = save(partial=False) if rank == 0 else None
+    path = writing(save, False) if rank == 0 else None
     dist.barrier()
     return predictor.eval().requires_grad_(False), path
