@@ -14,7 +14,8 @@ import sample
 import solver_utils
 import solvers
 from models.toy import GaussianMixture
-from tests.test_solvers import SIGMA_HI, SIGMA_LO, CountingModel, latents, run_with_exact_start
+from tests.test_registry import SIGMA_HI, SIGMA_LO, run_with_exact_start
+from tests.test_solvers import CountingModel, latents
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +66,7 @@ def measured_order(model, name, opts, schedule, rho, counts):
     all_t = sorted({t for g in grids for t in g[:spec.history_size + 1]} | {SIGMA_LO}, reverse=True)
     sol = model.ode_solution(z * SIGMA_HI, SIGMA_HI, all_t)
     exact = {t: sol[j] for j, t in enumerate(all_t)}
-    errors = [((run_with_exact_start(model, spec, z, g, exact.__getitem__) - exact[SIGMA_LO]).norm()
+    errors = [((run_with_exact_start(model, spec, g, exact.__getitem__) - exact[SIGMA_LO]).norm()
                / exact[SIGMA_LO].norm()).item() for g in grids]
     return -np.polyfit(np.log(counts), np.log(errors), 1)[0], errors
 
