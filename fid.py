@@ -53,8 +53,9 @@ def _run_options(min_num, num_help='default: all'):
 def _stats_options(fn, num_help='default: all'):
     """Options shared by calc and ref."""
     return cli.apply(fn, [
-        click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8, '
-                     'no download)', type=click.Choice(list(frechet.METRICS)), default='fid'),
+        click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8); '
+                     'spectrum: log band powers of the power spectrum, which see noise and blur (FD-spectrum); '
+                     'pixel and spectrum download nothing', type=click.Choice(list(frechet.METRICS)), default='fid'),
         click.option('--detector', help='FID detector: .pkl (pickled network) or .pth (FID Inception-v3 state '
                      'dict), path or URL  [default: NVIDIA\'s inception-2015-12-05.pkl, as EDM]', type=str),
         *_run_options(min_num=2, num_help=num_help),

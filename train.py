@@ -87,6 +87,12 @@ class HalfWidth(click.ParamType):
 @click.option('--resume', help='Continue an interrupted run (folder, or experiment number in ./exps or ./exp) in '
               'its folder with its stored options; takes no other option but --device, --no-progress and --dry-run',
               type=str)
+@click.option('--check', help='Held-out teacher trajectories on which the final predictor is compared with its plain '
+              'base solver at the same NFE (a "helps / does not help" line, stats.jsonl, the snapshot); 0: no check',
+              type=click.IntRange(min=0), default=D['check'])
+@click.option('--predictor', help='network: the paper\'s ~9k-parameter network reading the model\'s 8x8 feature; '
+              'table: one r (and scales) per student interval, no feature', type=click.Choice(['network', 'table']),
+              default=D['predictor'])
 # Loss options.
 @click.option('--loss', help='interval: the official per-interval loss; trajectory: the whole student run against '
               'the teacher\'s final state, gradients through every step', type=click.Choice(list(LOSSES)),
@@ -109,19 +115,19 @@ class HalfWidth(click.ParamType):
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
 @click.pass_context
 @cli.user_errors
-def main(ctx, dry_run, progress, device, resume, recipe, **opts):
+def main(ctx, dry_run, progress, device, resume, **opts):
     """Train an AMED predictor; the run lands in a new folder of --outdir (with --resume: the run's
     own folder). Exits with 128 + the signal number after SIGINT/SIGTERM, once the partial snapshot
     and the training state are saved. The run folder is locked while the run writes it: a second
     --resume of a running run is refused."""
-    explicit = {p.name: p.opts[0] for p in ctx.command.params
-                if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT}
-    if resume is not None and (explicit or recipe):
-        raise click.ClickException(f"--resume takes the run's stored options; remove "
-                                   f"{', '.join([*explicit.values(), *(['--recipe'] if recipe else [])])}")
-    if recipe is not None:
-        opts = {**opts, **RECIPES[recipe].options, **{k: opts[k] for k in explicit}}
-    if resume is None and opts['dataset_name'] is None:
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in opts and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+    if resume is not None and given:
+        raise click.ClickException(f"--resume takes the run's stored options; remove {', '.join(given)}")
+    if opts['recipe'] is not None:     # the recipe's values (training.launch), then the options given explicitly
+        explicit = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT}
+        opts = {k: v for k, v in opts.items() if k in explicit}
+    if resume is None and opts.get('dataset_name') is None:
         raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     dev = dist.init(device)
     plan = plan_resume(resume, dev) if resume is not None else plan_training(opts, dev)

@@ -19,16 +19,14 @@ import tempfile
 import time
 
 import click
-import numpy as np
 import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import solvers  # noqa: E402
-from models.presets import load_model  # noqa: E402
+from models.presets import load_model, training_data  # noqa: E402
 from evaluation import accuracy  # noqa: E402
-from generation import generate  # noqa: E402
 from metrics import frechet  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from predictors.settings import SolverSettings  # noqa: E402
@@ -38,24 +36,27 @@ FD_SEEDS = range(300000, 310000)
 FD_DATA_SEEDS = (7, 8)     # two independent sets of exact data for the FD noise floor
 
 
-def seed_set(model, name, cache_dir):
-    """Latents, conditioning and exact ODE solutions of a named seed set (exact solutions cached)."""
-    path = os.path.join(cache_dir, f'exact-{type(model).__name__}-{name}.pt')
+def seed_set(model, name, cache_dir, num=None):
+    """Latents, conditioning and exact ODE solutions of a named seed set, or of its first ``num``
+    seeds (exact solutions cached)."""
+    seeds = SEED_SETS[name][:num]
+    tag = getattr(model, 'dataset_name', type(model).__name__) + ('' if num is None else f'-{num}')
+    path = os.path.join(cache_dir, f'exact-{tag}-{name}.pt')
     if os.path.exists(path):
-        latents, cond = accuracy.seeded_inputs(model, SEED_SETS[name])
+        latents, cond = accuracy.seeded_inputs(model, seeds)
         exact = torch.load(path, weights_only=True)
     else:
-        latents, cond, exact = accuracy.reference_set(model, SEED_SETS[name])
+        latents, cond, exact = accuracy.reference_set(model, seeds)
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(exact, path)
     return latents, cond, exact
 
 
-def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir):
+def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir, dataset_name='toy'):
     """Train one predictor; returns (predictor, settings, seconds)."""
     t0 = time.time()
     _, predictor, settings = accuracy.train_recipe(dict(accuracy.AMED_RECIPES[recipe], **overrides), nfe,
-                                                   dataset_name='toy', batch=batch, total_kimg=kimg, tick_kimg=kimg,
+                                                   dataset_name=dataset_name, batch=batch, total_kimg=kimg, tick_kimg=kimg,
                                                    outdir=outdir, seed=seed, loss=loss)
     return predictor, settings, time.time() - t0
 
@@ -186,9 +187,7 @@ def merge(files):
 
 def pixel_stats(images):
     """FD-pixel8 statistics (mu, sigma) of [-1, 1] images, quantised to uint8 as a PNG would be."""
-    u8 = torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)
-    f = frechet.PixelFeatures()(u8).numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
+    return frechet.image_stats(images, 'pixel')
 
 
 @main.command()
@@ -283,6 +282,142 @@ def memory(batch, num_steps, variant):
     loss.sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print((peak - before) / batch / 2 ** 20)
+
+
+# ----------------------------------------------------------------------------
+# Every built-in model, every learned method over training seeds, two metrics.
+
+#: The no-network distribution metrics reported next to the per-sample error.
+DIST_METRICS = ('pixel', 'spectrum')
+FD_REF_SEED = 9       # the data set the FD columns compare with
+FD_FLOOR_SEED = 10    # a second, independent data set: the FD noise floor
+
+
+def plain_rows():
+    """(label, solver options) of the plain solvers: :data:`evaluation.accuracy.BASELINES`."""
+    return list(accuracy.BASELINES)
+
+
+def _done(path):
+    """The cells already in the JSONL file ``path`` (so an interrupted run resumes)."""
+    if not path or not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {(r['model'], r['label'], r['nfe'], r['train_seed']) for r in map(json.loads, f) if r.get('label')}
+
+
+def _append(path, record):
+    print(json.dumps(record), flush=True)
+    if path:
+        with open(path, 'at') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+@main.command()
+@click.option('--model', 'dataset_name', type=click.Choice(['toy', 'toy_unet', 'photo_unet']), default='toy',
+              show_default=True)
+@click.option('--nfe', 'nfes', default='3,5,7', show_default=True)
+@click.option('--recipes', default='amed,ipndm', show_default=True, help='AMED recipes (evaluation.accuracy)')
+@click.option('--losses', default='interval,trajectory', show_default=True)
+@click.option('--train_seeds', default='0,1,2', show_default=True, help='one training run per seed')
+@click.option('--amed_nfe', default=None, help='NFEs of the learned rows (default: --nfe)')
+@click.option('--kimg', type=float, default=2.0, show_default=True, help='training trajectories (thousands)')
+@click.option('--batch', type=int, default=32, show_default=True)
+@click.option('--num', type=click.IntRange(1, 256), default=64, show_default=True,
+              help='evaluation seeds 100000.. for the per-sample error')
+@click.option('--fd_num', type=click.IntRange(2, len(FD_SEEDS)), default=1000, show_default=True,
+              help='evaluation seeds 300000.. for the distribution metrics')
+@click.option('--plain/--no-plain', default=True, show_default=True, help='the plain solvers\' rows')
+@click.option('--solvers', default=None, help='only these plain solvers (labels, comma-separated; default: all)')
+@click.option('--out', type=str, help='append one JSON line per cell here (cells already there are skipped)')
+@click.option('--cache', type=str, default='samples/loss_study', show_default=True)
+def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, batch, num, fd_num, plain, solvers, out,
+            cache):
+    """Plain solvers and AMED (each recipe, loss and training seed) on one built-in model: RMS error to
+    the reference ODE solution and FD-pixel8 / FD-spectrum against the model's training data."""
+    model = load_model(dataset_name)
+    t0 = time.time()
+    latents, cond, exact = seed_set(model, 'evaluation', cache, num)
+    print(f'reference of {num} samples: {time.time() - t0:.0f} s', flush=True)
+    data = training_data(dataset_name)
+    ref = data.sample(fd_num, generator=torch.Generator().manual_seed(FD_REF_SEED)).float()
+    ref_stats = {m: frechet.image_stats(ref, m) for m in DIST_METRICS}
+    fd_latents, fd_cond = accuracy.seeded_inputs(model, FD_SEEDS[:fd_num])
+    done = _done(out)
+    base = dict(model=dataset_name, num=num, fd_num=fd_num, command=' '.join(sys.argv))
+
+    def record(label, nfe, train_seed, predictor=None, extra=None, **kwargs):
+        t = time.time()
+        x = accuracy.sample_all(model, latents, cond, predictor=predictor, **kwargs)
+        y = accuracy.sample_all(model, fd_latents, fd_cond, predictor=predictor, batch=250, **kwargs)
+        row = dict(base, label=label, nfe=nfe, train_seed=train_seed, error=accuracy.rms_error(x, exact),
+                   **{f'fd_{m}': frechet.image_fd(y, ref_stats[m], m) for m in DIST_METRICS},
+                   eval_seconds=time.time() - t, **(extra or {}))
+        _append(out, row)
+
+    if (dataset_name, 'data (second set)', 0, None) not in done:
+        other = data.sample(fd_num, generator=torch.Generator().manual_seed(FD_FLOOR_SEED)).float()
+        _append(out, dict(base, label='data (second set)', nfe=0, train_seed=None, error=None,
+                          **{f'fd_{m}': frechet.image_fd(other, ref_stats[m], m) for m in DIST_METRICS}))
+    nfes = [int(n) for n in nfes.split(',')]
+    if plain:
+        for nfe in nfes:   # in the order given: the first NFE's rows complete first
+            for label, kwargs in plain_rows():
+                if (dataset_name, label, nfe, None) not in done and (solvers is None or label in solvers.split(',')):
+                    num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
+                    record(label, nfe, None, num_steps=num_steps, afs=True, **kwargs)
+    amed_nfes = [int(n) for n in (amed_nfe or ','.join(map(str, nfes))).split(',')]
+    with tempfile.TemporaryDirectory() as tmp:
+        for nfe in amed_nfes:
+            for recipe in [r for r in recipes.split(',') if r]:
+                for loss in losses.split(','):
+                    label = f'{accuracy.AMED_LABELS[recipe]}, {loss} loss'
+                    for seed in [int(x) for x in train_seeds.split(',')]:
+                        if (dataset_name, label, nfe, seed) in done:
+                            continue
+                        predictor, settings, seconds = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp,
+                                                             dataset_name=dataset_name)
+                        record(label, nfe, seed, predictor=predictor, extra=dict(kimg=kimg, batch=batch,
+                               train_seconds=seconds), **SolverSettings.from_dict(settings).sample_kwargs())
+
+
+def _cell(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return fmt % values[0]
+    return f'{fmt % (sum(values) / len(values))} ({fmt % min(values)}-{fmt % max(values)})'
+
+
+@main.command()
+@click.argument('files', nargs=-1, required=True)
+def report(files):
+    """Markdown tables from the JSONL files of ``compare``: per model, RMS error, FD-pixel8 and FD-spectrum
+    by NFE; learned rows as mean (min-max) over training seeds, with their count."""
+    rows = []
+    for path in files:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    for model in dict.fromkeys(r['model'] for r in rows):
+        mine = [r for r in rows if r['model'] == model]
+        nfes = sorted({r['nfe'] for r in mine if r['nfe']})
+        labels = list(dict.fromkeys(r['label'] for r in mine if r['nfe']))
+        floor = next((r for r in mine if not r['nfe']), None)
+        print(f"\n### {model} (per-sample error: {mine[0]['num']} samples; FD: {mine[0]['fd_num']} samples against "
+              f"{mine[0]['fd_num']} of the training data)\n")
+        for key, title, fmt in (('error', 'RMS error to the reference', '%.4f'), ('fd_pixel', 'FD-pixel8', '%.4g'),
+                                ('fd_spectrum', 'FD-spectrum', '%.4g')):
+            print(f"| {title} | " + ' | '.join(f'NFE {n}' for n in nfes) + ' | training seeds |')
+            print('|---|' + '---|' * (len(nfes) + 1))
+            for label in labels:
+                cells = [[r[key] for r in mine if r['label'] == label and r['nfe'] == n] for n in nfes]
+                seeds = sorted({r['train_seed'] for r in mine if r['label'] == label and r['train_seed'] is not None})
+                print(f'| {label} | ' + ' | '.join(_cell(c, fmt) for c in cells) +
+                      f" | {','.join(map(str, seeds)) or '-'} |")
+            if floor and key != 'error':
+                print(f"| data against data (noise floor) | {fmt % floor[key]} |" + ' |' * len(nfes))
+            print()
 
 
 if __name__ == '__main__':

@@ -1,7 +1,12 @@
-"""How good a stand-in for a real image network the built-in learned model ``toy_unet`` is: the
-quality table of docs/findings.md.
+"""How good a stand-in for a real image network a built-in learned model (``toy_unet``, or with
+``--model=photo_unet`` the model of photographs) is: the quality tables of docs/findings.md and
+docs/photo_unet.md.
 
     python benchmarks/toy_unet_quality.py --out=docs/toy_unet/quality.json
+    python benchmarks/toy_unet_quality.py --model=photo_unet --num=16 --fd_num=2000 --kimg=0 --out=docs/photo_unet/quality.json
+
+Parts 3 (the exact denoiser exists for toy_unet only) and 5 (``--kimg=0``) can be left out; FD
+compares with the model's training data (exact mixture samples, or crops of the training photographs).
 
 Measures, on the shipped checkpoint (seeds as in benchmarks/loss_study.py: EVALUATION seeds
 100000-100063 for per-sample errors, 300000-... for the FD samples, exact data sets 7 and 8):
@@ -28,11 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.loss_study import FD_DATA_SEEDS, pixel_stats  # noqa: E402
+from benchmarks.loss_study import FD_DATA_SEEDS  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from metrics import frechet  # noqa: E402
-from models import toy_unet  # noqa: E402
-from models.presets import load_model  # noqa: E402
+from models.presets import load_model, training_data  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from predictors.settings import SolverSettings  # noqa: E402
 
@@ -62,15 +66,18 @@ def fd_solver_kwargs(spec):
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--fd_num', type=int, default=10000, help='samples for FD-pixel8')
+@click.option('--model', 'dataset_name', type=click.Choice(['toy_unet', 'photo_unet']), default='toy_unet')
+@click.option('--num', type=click.IntRange(2, len(EVAL_SEEDS)), default=len(EVAL_SEEDS),
+              help='evaluation samples of the reference and its convergence')
+@click.option('--fd_num', type=int, default=10000, help='samples for FD-pixel8 and FD-spectrum')
 @click.option('--fd_solver', default='ipndm:21', help='solver:num_steps of the FD samples')
-@click.option('--kimg', type=float, default=2.0, help='AMED training trajectories (thousands), batch 32')
+@click.option('--kimg', type=float, default=2.0, help='AMED training trajectories (thousands), batch 32; 0: no NFE-5 part')
 @click.option('--out', type=str, help='write the results as JSON here')
-def main(fd_num, fd_solver, kimg, out):
-    """Measure toy_unet's cost, reference convergence, denoiser error, FD-pixel8 and NFE-5 ordering."""
+def main(dataset_name, num, fd_num, fd_solver, kimg, out):
+    """Measure a built-in U-Net's cost, reference convergence, denoiser error, FD and NFE-5 ordering."""
     dist.init('cpu')
     res = dict(command='python benchmarks/toy_unet_quality.py ' + ' '.join(sys.argv[1:]), torch_threads=torch.get_num_threads())
-    net = load_model('toy_unet')
+    net = load_model(dataset_name)
     exact_model = load_model('toy')
 
     def save():
@@ -89,27 +96,27 @@ def main(fd_num, fd_solver, kimg, out):
             net(x, torch.full((64,), 1.0))
             times.append(time.time() - t0)
     res['call_batch64_s'] = sorted(times)[2]
-    latents, cond = accuracy.seeded_inputs(net, EVAL_SEEDS)
+    latents, cond = accuracy.seeded_inputs(net, EVAL_SEEDS[:num])
     t0 = time.time()
     ref = accuracy.exact_solution(net, latents, net.sigma_max, net.sigma_min)
-    res['reference_64_s'] = time.time() - t0
-    steps = toy_unet.REFERENCE_STEPS_PER_UNIT
+    res[f'reference_{num}_s'] = time.time() - t0
+    steps = net.steps_per_unit
     fine = accuracy.exact_solution(net, latents, net.sigma_max, net.sigma_min, steps_per_unit=2 * steps)
     half = accuracy.exact_solution(net, latents, net.sigma_max, net.sigma_min, steps_per_unit=steps // 2)
     res['reference'] = dict(steps_per_unit=steps, doubled_max=rel_change(ref, fine).max().item(),
                             doubled_median=rel_change(ref, fine).median().item(),
                             halved_max=rel_change(half, fine).max().item())
-    print(f"network call, batch 64: {res['call_batch64_s']:.3f} s; reference of 64 samples: "
-          f"{res['reference_64_s']:.1f} s; {res['reference']}", flush=True)
+    print(f"network call, batch 64: {res['call_batch64_s']:.3f} s; reference of {num} samples: "
+          f"{res[f'reference_{num}_s']:.1f} s; {res['reference']}", flush=True)
     save()
 
     # 3. Denoiser error against the exact one.
+    res['denoiser'] = []
     g = torch.Generator().manual_seed(11)
     x0 = exact_model.sample(512, generator=g)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    res['denoiser'] = []
     with torch.no_grad():
-        for sigma in SIGMAS:
+        for sigma in SIGMAS if dataset_name == 'toy_unet' else ():
             s = torch.full((len(x0),), sigma, dtype=torch.float64)
             xn = x0 + sigma * noise
             d_exact = exact_model(xn, s)
@@ -120,26 +127,28 @@ def main(fd_num, fd_solver, kimg, out):
             print(row, flush=True)
     save()
 
-    # 4. FD-pixel8.
-    data = [exact_model.sample(fd_num, generator=torch.Generator().manual_seed(s)) for s in FD_DATA_SEEDS]
-    ref_mu, ref_sigma = pixel_stats(data[0])
-    floor = frechet.frechet_distance(*pixel_stats(data[1]), ref_mu, ref_sigma)
+    # 4. FD-pixel8 and FD-spectrum against the training data.
+    source = training_data(dataset_name)
+    data = [source.sample(fd_num, generator=torch.Generator().manual_seed(s)).float() for s in FD_DATA_SEEDS]
     kw = fd_solver_kwargs(fd_solver)
     fd_latents, _ = accuracy.seeded_inputs(net, range(FD_SEED0, FD_SEED0 + fd_num))
     t0 = time.time()
     samples = accuracy.sample_all(net, fd_latents, batch=256, **kw)
-    fd_time = time.time() - t0
-    fd_net = frechet.frechet_distance(*pixel_stats(samples), ref_mu, ref_sigma)
-    fd_solver_dist = accuracy.solver_error(net, latents, ref, **kw)
-    res['fd'] = dict(num=fd_num, solver=fd_solver, seconds=fd_time, toy_unet=fd_net, noise_floor=floor,
-                     solver_rms_to_reference=fd_solver_dist)
+    res['fd'] = dict(num=fd_num, solver=fd_solver, seconds=time.time() - t0,
+                     solver_rms_to_reference=accuracy.solver_error(net, latents, ref, **kw))
+    for metric in ('pixel', 'spectrum'):
+        stats = frechet.image_stats(data[0], metric)
+        res['fd'][metric] = {dataset_name: frechet.image_fd(samples, stats, metric),
+                             'noise_floor': frechet.image_fd(data[1], stats, metric)}
     print(res['fd'], flush=True)
     save()
+    if not kimg:
+        return
 
     # 5. NFE-5 ordering on both models.
     res['nfe5'] = {}
-    for name, model in (('toy_unet', net), ('toy', exact_model)):
-        lat, c, exact = (latents, None, ref) if name == 'toy_unet' else accuracy.reference_set(model, EVAL_SEEDS)
+    for name, model in ((dataset_name, net), ('toy', exact_model)):
+        lat, c, exact = (latents, None, ref) if name == dataset_name else accuracy.reference_set(model, EVAL_SEEDS[:num])
         rows = {}
         for label, kwargs in accuracy.BASELINES:
             num_steps = accuracy.steps_for_nfe(kwargs['solver'], 5, afs=True, with_predictor=False)
@@ -162,9 +171,9 @@ def main(fd_num, fd_solver, kimg, out):
     for r in res['denoiser']:
         print(f"| {r['sigma']:g} | {r['net_vs_exact']:.4f} | {r['relative']:.4f} | {r['exact_vs_data']:.4f} |")
     order = sorted(PAPER_CIFAR10, key=PAPER_CIFAR10.get)
-    print('\n| NFE 5 | toy_unet: RMS error to reference | toy: RMS error to exact | CIFAR-10 FID (paper) |\n|---|---|---|---|')
+    print(f'\n| NFE 5 | {dataset_name}: RMS error to reference | toy: RMS error to exact | CIFAR-10 FID (paper) |\n|---|---|---|---|')
     for label in order:
-        print(f"| {label} | {res['nfe5']['toy_unet'][label]:.4f} | {res['nfe5']['toy'][label]:.4f} | {PAPER_CIFAR10[label]} |")
+        print(f"| {label} | {res['nfe5'][dataset_name][label]:.4f} | {res['nfe5']['toy'][label]:.4f} | {PAPER_CIFAR10[label]} |")
 
 
 if __name__ == '__main__':

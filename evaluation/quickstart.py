@@ -83,8 +83,10 @@ def reference(model, dataset_name, num, device, cache_dir):
               help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe); the '
               'plot and the strip go beside it  [default: samples/quickstart/grid.png; '
               'samples/quickstart-<dataset>/grid.png for the others]')
+@click.option('--check', help='Held-out trajectories of each run\'s end-of-training check (0: none)', type=int,
+              default=64)
 @click.option('--progress/--no-progress', default=False)
-def main(dataset_name, nfes, kimg, batch, num, outdir, cache_dir, grid_path, progress):
+def main(dataset_name, nfes, kimg, batch, num, outdir, cache_dir, grid_path, check, progress):
     """Train, print the error table, draw the grid, the plot and the strip."""
     start = time.time()
     device = dist.init('cpu')
@@ -119,7 +121,8 @@ def main(dataset_name, nfes, kimg, batch, num, outdir, cache_dir, grid_path, pro
             t0 = time.time()
             _, predictor, settings = accuracy.train_recipe(recipe, nfe, device, progress=progress,
                                                            dataset_name=dataset_name, batch=batch, total_kimg=kimg,
-                                                           tick_kimg=kimg, outdir=outdir, desc='quickstart')
+                                                           tick_kimg=kimg, outdir=outdir, desc='quickstart',
+                                                           check=check)
             values[nfe] = measure(label, nfe, predictor, **SolverSettings.from_dict(settings).sample_kwargs())
             print(f'{label} NFE {nfe}: trained in {time.time() - t0:.1f} s, RMS error {values[nfe]:.4f}')
             if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory' and nfe == grid_nfe:

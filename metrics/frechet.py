@@ -9,7 +9,13 @@ Two metrics, each with its own label, and statistics files that say which one ma
   ``pt_inception-2015-12-05-6726825d.pth``).
 * ``'pixel'`` (label ``FD-pixel8``): no network, nothing to download. Images in [0, 1] are
   average-pooled to 8x8 and flattened (3*8*8 = 192 dims). A Frechet distance of raw
-  low-resolution pixels: meaningful for the built-in analytic model, never comparable to FID.
+  low-resolution pixels: meaningful for the built-in models, never comparable to FID. The pooling
+  removes what few-step samplers get wrong first, residual noise and blur.
+* ``'spectrum'`` (label ``FD-spectrum``): no network, nothing to download. Per image and channel,
+  the log of the power spectrum (images in [0, 1], Hann-windowed, unitary 2-D FFT) averaged over
+  half-octave bands of radial frequency from 1/32 cycle per pixel to 1/2, and the corners (9 bands,
+  3*9 = 27 dims; images of at least 32x32). Noise raises the top bands and blur lowers them, which
+  FD-pixel8 cannot see; chosen among candidates by measurement (docs/metrics.md).
 
 Statistics (EDM's format, extended): an ``.npz`` with ``mu`` (float64 [D]), ``sigma`` (float64
 [D, D]) and ``metric`` (the label as a string; files without it, such as EDM's published
@@ -48,7 +54,7 @@ from torch_utils.misc import atomic_write, check_output_file, state_dict_mismatc
 DEFAULT_DETECTOR = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                     'inception-2015-12-05.pkl')
 PIXEL_RES = 8
-METRICS = {'fid': 'FID', 'pixel': f'FD-pixel{PIXEL_RES}'}   # CLI name -> label (stored in the npz)
+METRICS = {'fid': 'FID', 'pixel': f'FD-pixel{PIXEL_RES}', 'spectrum': 'FD-spectrum'}   # CLI name -> label (in the npz)
 
 
 def _uint8_chw(images, i, img, size):
@@ -63,14 +69,81 @@ def _uint8_chw(images, i, img, size):
 # Detectors: callables detector(uint8 (N, 3, H, W), return_features=True) -> (N, D).
 
 class PixelFeatures(torch.nn.Module):
-    """The 'pixel' metric's features: images in [0, 1] average-pooled to 8x8 and flattened
-    (C*8*8 dims, float64). Uses no weights."""
+    """The 'pixel' metric's features: images in [0, 1] average-pooled to ``res`` x ``res`` (8: FD-pixel8)
+    and flattened (C*res*res dims, float64). Uses no weights."""
+
+    def __init__(self, res=PIXEL_RES):
+        super().__init__()
+        self.res = int(res)
 
     def forward(self, images, return_features=True):
         if not return_features:
-            raise ValueError('PixelFeatures only returns features')
-        x = images.to(torch.float64) / 255
-        return F.adaptive_avg_pool2d(x, PIXEL_RES).flatten(1)
+            raise ValueError(f'{type(self).__name__} only returns features')
+        return self.features(images.to(torch.float64) / 255)
+
+    def features(self, x):
+        return F.adaptive_avg_pool2d(x, self.res).flatten(1)
+
+
+#: Edges of the 'spectrum' metric's radial frequency bands in cycles per pixel: half octaves from
+#: 1/32 to 1/2, and one band from 1/2 to the corners (the DC term is left out).
+SPECTRUM_EDGES = tuple(2.0 ** (k / 2 - 5) for k in range(9)) + (1.0,)
+#: Added to each band's mean power before the log: the power of uint8 quantisation noise, 1/(12 * 255^2).
+SPECTRUM_FLOOR = 1 / (12 * 255 ** 2)
+
+
+class SpectrumFeatures(PixelFeatures):
+    """The 'spectrum' metric's features: per image and channel, log(mean power + floor) in each radial
+    frequency band of :data:`SPECTRUM_EDGES` (C * 9 dims, float64). The power spectrum is |F(w x)|^2 of
+    the image in [0, 1] times a separable Hann window w scaled to unit mean square (white noise of
+    variance s^2 has power s^2 at every frequency), unitary 2-D FFT. ``window=False``: no window."""
+
+    def __init__(self, window=True, edges=SPECTRUM_EDGES):
+        super().__init__()
+        self.window = bool(window)
+        self.edges = tuple(edges)
+
+    def features(self, x):
+        h, w = x.shape[-2:]
+        if min(h, w) < 32:
+            raise MetricError(f'FD-spectrum needs images of at least 32x32 pixels, got {w}x{h}')
+        if self.window:
+            win = torch.outer(torch.hann_window(h, periodic=False, dtype=x.dtype),
+                              torch.hann_window(w, periodic=False, dtype=x.dtype))
+            x = (x - x.mean((-2, -1), keepdim=True)) * (win / win.square().mean().sqrt())
+        power = torch.fft.fft2(x, norm='ortho').abs().square().flatten(2)
+        fy, fx = torch.fft.fftfreq(h, dtype=x.dtype), torch.fft.fftfreq(w, dtype=x.dtype)
+        radius = (fy[:, None].square() + fx[None, :].square()).sqrt().flatten()
+        bands = [(radius >= lo) & (radius < hi) for lo, hi in zip(self.edges[:-1], self.edges[1:])]
+        means = torch.stack([power[..., m].mean(-1) for m in bands], -1)   # (N, C, bands)
+        return (means + SPECTRUM_FLOOR).log().flatten(1)
+
+
+#: The no-network metrics' features and how the provenance record names them.
+PIXEL_DETECTORS = {'pixel': (PixelFeatures, f'{METRICS["pixel"]}: {PIXEL_RES}x{PIXEL_RES} average-pooled pixels in [0, 1]'),
+                   'spectrum': (SpectrumFeatures, f'{METRICS["spectrum"]}: log band powers of the Hann-windowed '
+                                f'power spectrum, {len(SPECTRUM_EDGES) - 1} half-octave bands per channel')}
+
+
+def image_features(images, metric):
+    """Features of a no-network metric (``metric``: 'pixel', 'spectrum' or a feature extractor such as
+    :class:`PixelFeatures`) of [-1, 1] images (N, C, H, W), quantised to uint8 as a PNG would be (as
+    ``fid.py`` reads them): float64 numpy (N, D)."""
+    from generation.generate import to_uint8   # pylint: disable=import-outside-toplevel
+    u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+    detector = PIXEL_DETECTORS[metric][0]() if isinstance(metric, str) else metric
+    return detector(u8).numpy()
+
+
+def image_stats(images, metric):
+    """(mu, sigma) of :func:`image_features`: what :func:`frechet_distance` compares."""
+    f = image_features(images, metric)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def image_fd(images, ref_stats, metric):
+    """Frechet distance of [-1, 1] ``images`` to ``ref_stats`` (mu, sigma) under a no-network metric."""
+    return frechet_distance(*image_stats(images, metric), *ref_stats)
 
 
 def _local_file(spec):
@@ -137,13 +210,13 @@ def load_detector(spec, device=torch.device('cpu')):
 
 
 def make_detector(metric, detector=None, device=torch.device('cpu')):
-    """The feature extractor for ``metric`` ('fid' or 'pixel'); ``detector`` is the path/URL
-    for 'fid' (default :data:`DEFAULT_DETECTOR`) and must be None for 'pixel'."""
+    """The feature extractor for ``metric`` ('fid', 'pixel' or 'spectrum'); ``detector`` is the
+    path/URL for 'fid' (default :data:`DEFAULT_DETECTOR`) and must be None for the others."""
     _check_metric(metric)
-    if metric == 'pixel':
+    if metric in PIXEL_DETECTORS:
         if detector is not None:
-            raise MetricError('--detector does not apply to --metric=pixel (it uses no network)')
-        return PixelFeatures()
+            raise MetricError(f'--detector does not apply to --metric={metric} (it uses no network)')
+        return PIXEL_DETECTORS[metric][0]()
     return load_detector(detector or DEFAULT_DETECTOR, device)
 
 
@@ -281,9 +354,10 @@ def _check_metric(metric):
 
 
 def detector_record(metric, detector=None):
-    """The ``detector`` entry of a provenance record: the file and its sha256 ('fid'); no file ('pixel')."""
-    if metric == 'pixel':
-        return dict(name=f'{METRICS["pixel"]}: {PIXEL_RES}x{PIXEL_RES} average-pooled pixels in [0, 1]', sha256=None)
+    """The ``detector`` entry of a provenance record: the file and its sha256 ('fid'); no file ('pixel',
+    'spectrum')."""
+    if metric in PIXEL_DETECTORS:
+        return dict(name=PIXEL_DETECTORS[metric][1], sha256=None)
     return prov.file_record(detector or DEFAULT_DETECTOR)
 
 

@@ -32,9 +32,11 @@ def _build_toy(conditional):
     return build
 
 
-def _build_toy_unet(model_path=None, **kwargs):
-    from models.toy_unet import load
-    return load(model_path)
+def _build_builtin_unet(module):
+    def build(model_path=None, **kwargs):
+        import importlib
+        return importlib.import_module(f'models.{module}').load(model_path)
+    return build
 
 
 def _build_edm(dataset_name):
@@ -74,9 +76,12 @@ def _build_sd(model_path=None, guidance_type=None, guidance_rate=None, prompt_pa
 PRESETS = {
     'toy': Preset('toy', _build_toy(False), 'built-in analytic Gaussian mixture, 3x32x32, unconditional'),
     'toy_cond': Preset('toy_cond', _build_toy(True), 'built-in analytic Gaussian mixture, 3x32x32, 10 classes'),
-    'toy_unet': Preset('toy_unet', _build_toy_unet, 'built-in learned model: a small EDM U-Net trained on the toy '
-                       'mixture, 3x32x32, unconditional (--model_path: another checkpoint with its sidecar)',
-                       takes_model_path=True),
+    'toy_unet': Preset('toy_unet', _build_builtin_unet('toy_unet'), 'built-in learned model: a small EDM U-Net '
+                       'trained on the toy mixture, 3x32x32, unconditional (--model_path: another checkpoint with its '
+                       'sidecar)', takes_model_path=True),
+    'photo_unet': Preset('photo_unet', _build_builtin_unet('photo_unet'), 'built-in learned model of real '
+                         'photographs: a small EDM U-Net trained on 32x32 crops of scikit-image\'s sample photographs, '
+                         'unconditional (--model_path: another checkpoint with its sidecar)', takes_model_path=True),
     'cifar10': Preset('cifar10', _build_edm('cifar10'), 'EDM CIFAR-10 32x32 unconditional VP', takes_model_path=True),
     'ffhq': Preset('ffhq', _build_edm('ffhq'), 'EDM FFHQ 64x64 unconditional VP', takes_model_path=True),
     'afhqv2': Preset('afhqv2', _build_edm('afhqv2'), 'EDM AFHQv2 64x64 unconditional VP', takes_model_path=True),
@@ -95,6 +100,29 @@ PRESETS = {
                       'MS-COCO captions', guidance_types=('cfg',), takes_model_path=True, takes_fp16=True,
                       takes_prompts=True, needs='diffusers, transformers'),
 }
+
+
+def _toy_data():
+    from models.toy import GaussianMixture
+    return GaussianMixture(seed=0)
+
+
+def _photo_data():
+    from models.photo_unet import PhotoCrops
+    return PhotoCrops()
+
+
+#: The data each built-in model was trained on (or is, for the analytic one): what a distribution
+#: metric compares its samples with, as FID compares with the training set. Each entry builds an
+#: object whose ``sample(n, generator=...)`` draws (n, 3, 32, 32) images in [-1, 1].
+TRAINING_DATA = {'toy': _toy_data, 'toy_unet': _toy_data, 'photo_unet': _photo_data}
+
+
+def training_data(dataset_name):
+    """The data source of a built-in model (see :data:`TRAINING_DATA`); ValueError for other models."""
+    if dataset_name not in TRAINING_DATA:
+        raise ValueError(f"no built-in data for {dataset_name!r} (choose one of {', '.join(sorted(TRAINING_DATA))})")
+    return TRAINING_DATA[dataset_name]()
 
 
 def dataset_names():

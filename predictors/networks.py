@@ -20,7 +20,7 @@ import operator
 import torch
 from torch.nn.functional import silu
 
-__all__ = ['AMEDPredictor', 'Linear', 'PositionalEmbedding']
+__all__ = ['AMEDPredictor', 'TablePredictor', 'KINDS', 'build_predictor', 'Linear', 'PositionalEmbedding']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,17 +168,90 @@ class AMEDPredictor(torch.nn.Module):
 
         r = torch.sigmoid(self.fc_r(out))[:, 0]
         if self.scale_dir > 0:
-            scale_dir = torch.sigmoid(self.fc_scale_dir(out))[:, 0] * (2 * self.scale_dir) + (1 - self.scale_dir)
+            scale_dir = _scale(self.fc_scale_dir(out)[:, 0], self.scale_dir)
         else:
             scale_dir = torch.ones_like(r)
         if self.scale_time > 0:
-            scale_time = torch.sigmoid(self.fc_scale_time(out))[:, 0] * (2 * self.scale_time) + (1 - self.scale_time)
+            scale_time = _scale(self.fc_scale_time(out)[:, 0], self.scale_time)
         else:
             scale_time = torch.ones_like(r)
         return r, scale_dir, scale_time
 
     def extra_repr(self):
         return f'scale_dir={self.scale_dir}, scale_time={self.scale_time}'
+
+
+def _scale(logit, half_width):
+    """A scale in (1 - s, 1 + s) from a logit, as the network's heads: sigmoid * 2s + (1 - s)."""
+    return torch.sigmoid(logit) * (2 * half_width) + (1 - half_width)
+
+
+class TablePredictor(torch.nn.Module):
+    """The AMED predictor as a table of per-interval scalars instead of a network (EPD-style):
+    interval k of the student's schedule ``t_steps`` gets its own r_k = sigmoid(``r[k]``) and scales
+    in the same ranges as :class:`AMEDPredictor` (``scale_dir``, ``scale_time`` half-widths; 0 turns
+    a scale off). It reads no feature (``needs_feature`` False: the model is not hooked), so every
+    sample of an interval gets the same values. It starts at r = 1/2 and both scales 1.
+
+    It is called with an interval of its schedule only: ValueError for any other (t_cur, t_next).
+    """
+
+    needs_feature = False
+
+    def __init__(self, t_steps, scale_dir=0.01, scale_time=0.0):
+        super().__init__()
+        self.t_steps = [float(t) for t in t_steps]
+        if len(self.t_steps) < 2 or any(b >= a for a, b in zip(self.t_steps, self.t_steps[1:])):
+            raise ValueError('t_steps of a table predictor must be a descending list of at least 2 noise levels')
+        self.scale_dir = check_half_width('scale_dir', scale_dir)
+        self.scale_time = check_half_width('scale_time', scale_time)
+        n = len(self.t_steps) - 1
+        self.r = torch.nn.Parameter(torch.zeros(n))
+        if self.scale_dir > 0:
+            self.scale_dir_logit = torch.nn.Parameter(torch.zeros(n))
+        if self.scale_time > 0:
+            self.scale_time_logit = torch.nn.Parameter(torch.zeros(n))
+
+    def config(self):
+        """The constructor arguments plus ``kind='table'`` (:func:`build_predictor`)."""
+        return dict(kind='table', t_steps=self.t_steps, scale_dir=self.scale_dir, scale_time=self.scale_time)
+
+    def interval(self, t_cur, t_next):
+        """The index k of the interval [t_cur, t_next] in the table's schedule."""
+        t_cur, t_next = float(t_cur), float(t_next)
+        for k in range(len(self.t_steps) - 1):
+            if math.isclose(self.t_steps[k], t_cur, rel_tol=1e-6) and \
+                    math.isclose(self.t_steps[k + 1], t_next, rel_tol=1e-6):
+                return k
+        raise ValueError(f'the table predictor has no interval [{t_cur:g}, {t_next:g}]: it was trained for the '
+                         f'schedule {[round(t, 6) for t in self.t_steps]}')
+
+    def forward(self, feature, t_cur, t_next, class_labels=None):
+        """(r, scale_dir, scale_time) of the interval [t_cur, t_next], each (B,) for a (B, ...) feature."""
+        k = self.interval(t_cur, t_next)
+        ones = torch.ones(feature.shape[0], dtype=torch.float32, device=feature.device)
+        r = torch.sigmoid(self.r[k]) * ones
+        scale_dir = _scale(self.scale_dir_logit[k], self.scale_dir) * ones if self.scale_dir > 0 else ones
+        scale_time = _scale(self.scale_time_logit[k], self.scale_time) * ones if self.scale_time > 0 else ones
+        return r, scale_dir, scale_time
+
+    def extra_repr(self):
+        return f'intervals={len(self.t_steps) - 1}, scale_dir={self.scale_dir}, scale_time={self.scale_time}'
+
+
+#: The predictor's forms by ``kind`` (``train.py --predictor``): the paper's network, or the table.
+KINDS = {'network': AMEDPredictor, 'table': TablePredictor}
+
+
+def build_predictor(config):
+    """A predictor from its ``config()`` (a snapshot's ``predictor_config``): ``kind`` picks the
+    class (default ``network``, which is what a config without ``kind`` is); ValueError for an
+    unknown kind."""
+    config = dict(config)
+    kind = config.pop('kind', 'network')
+    if kind not in KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r} (choose one of {', '.join(KINDS)})")
+    return KINDS[kind](**config)
 
 
 def check_half_width(name, value):

@@ -32,7 +32,7 @@ import torch
 from torch_utils.misc import atomic_write, state_dict_mismatch, torch_file_problem
 
 from predictors import experiments
-from predictors.networks import AMEDPredictor
+from predictors.networks import build_predictor
 
 __all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'resolve_predictor_path', 'latest_snapshot',
            'find_run', 'resolve_run_dir', 'run_snapshot', 'check_compatible', 'save_torch']
@@ -150,7 +150,7 @@ def load_snapshot(path, device='cpu'):
     # Building the module draws its (discarded) initial weights: keep the global RNG untouched.
     with torch.random.fork_rng(devices=[]):
         try:
-            predictor = AMEDPredictor(**config)
+            predictor = build_predictor(config)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{path}: bad predictor_config in AMED predictor snapshot: {e}') from None
     mismatch = state_dict_mismatch(predictor, state)

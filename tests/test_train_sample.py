@@ -60,7 +60,7 @@ def test_train_creates_run_folder(in_tmp):
     opts = json.load(open(os.path.join(run, 'training_options.json')))
     assert opts['scale_time'] == 0.2 and opts['scale_dir'] == 0.01
     stats = [json.loads(line) for line in open(os.path.join(run, 'stats.jsonl'))]
-    assert stats and 'Loss/loss' in stats[-1] and 'Pred/r' in stats[-1]
+    assert 'Loss/loss' in stats[-2] and 'Pred/r' in stats[-2] and 'Check/ratio' in stats[-1]   # the last tick, the check
     assert 'tick' in open(os.path.join(run, 'log.txt')).read()
     predictor, settings = load_snapshot(snapshot_of(run))
     assert settings['solver'] == 'amed' and settings['num_steps'] == 3 and settings['afs'] is True

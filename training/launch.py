@@ -15,12 +15,13 @@ from torch_utils import locks
 from torch_utils.stopping import write_error
 from torch_utils.misc import check_name_length, check_output_dir
 from predictors import experiments
-from predictors.networks import AMEDPredictor, check_half_width
+from predictors.networks import KINDS, build_predictor, check_half_width
 from predictors import load_predictor
 from predictors.settings import SolverSettings
 from predictors.snapshot import resolve_run_dir
 from training.state import STATE_FILE, load_training_state
 from training.loss import LOSS_OPTIONS, LOSSES, AMEDLoss, make_loss
+from training.recipes import recipe_options
 from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted, split_batch, training_loop
 
 #: Defaults of every training option (the official README's parameter table, plus ours). None: the model's
@@ -31,7 +32,7 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', **LOSS_OPTIONS)
+    use_fp16=False, loss='interval', **LOSS_OPTIONS, check=64, predictor='network', recipe=None)
 
 
 class Logger:
@@ -52,7 +53,7 @@ class Logger:
             self.file.close()
 
 
-_INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1)
+_INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1, check=0)
 _FLOATS = dict(total_kimg=True, lr=True, tick_kimg=True, snap_kimg=False, scale_dir=False, scale_time=False,
                schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, guidance_rate=None)
 _BOOLS = ('afs', 'checkpointing', 'use_fp16', *(n for n in solvers.OPTIONS if solvers.option_type(n) is bool))
@@ -83,11 +84,13 @@ def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
     function. Writes nothing."""
-    o = dict(DEFAULTS, **options)
+    o = {**DEFAULTS, **recipe_options(options.get('recipe')), **options}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     check_option_types(o)
+    if o['predictor'] not in KINDS:
+        raise ValueError(f"unknown predictor {o['predictor']!r} (choose one of {', '.join(KINDS)})")
     for opt in ('scale_dir', 'scale_time'):
         check_half_width(opt, o[opt])
     if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
@@ -126,6 +129,8 @@ def plan_training(options, device):
         guidance_type=o['guidance_type'], guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'],
         model_path=o['model_path'], img_shape=list(model.img_shape), label_dim=int(model.label_dim))
     predictor_kwargs = dict(scale_dir=o['scale_dir'], scale_time=o['scale_time'])
+    if o['predictor'] == 'table':
+        predictor_kwargs.update(kind='table', t_steps=loss_fn.t_student)
     init_state = None
     if o['predictor_path'] is not None:
         init_state = initial_weights(o['predictor_path'], settings, predictor_kwargs)
@@ -144,7 +149,7 @@ def initial_weights(spec, settings, predictor_kwargs):
         if loaded.get(key) != settings[key]:
             raise ValueError(f"--predictor_path was trained with {key}={loaded.get(key)!r}, this run uses {settings[key]!r}")
     state = getattr(predictor, 'net', predictor).state_dict()
-    target = AMEDPredictor(**predictor_kwargs)
+    target = build_predictor(predictor_kwargs)
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"--predictor_path has other scale heads than --scale_dir/--scale_time ask for "
@@ -235,7 +240,7 @@ def _run(plan, run_dir, progress):
                                     seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
                                     snap_kimg=o['snap_kimg'], progress=progress, log=log,
                                     init_state=plan.get('init_state'), resume=resume,
-                                    identity=experiments.run_identity(o))
+                                    identity=experiments.run_identity(o), check_num=o['check'])
         except (TrainingInterrupted, TrainingDiverged, TrainingFailed) as e:
             if dist.is_main():
                 log(str(e), console=False)

@@ -76,6 +76,7 @@ class AMEDLoss:
         self.num_steps, self.M, self.afs = int(num_steps), int(M), bool(afs)
         self.student, self.teacher = build_solvers(model, sampler_stu, sampler_tea, **options)
         sched = dict(sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type, schedule_rho=schedule_rho)
+        self.schedule = sched
         self.t_student = solvers.get_model_schedule(model, self.num_steps, **sched).tolist()
         self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1, **sched).tolist()
 

@@ -7,11 +7,16 @@ given explicitly override it.
 * ``paper-plugin``: AMED-Plugin on iPNDM as the paper trains it on CIFAR-10 (iPNDM teacher with two
   inserted points, polynomial schedule rho 7, order 4, scale_time 0.2);
 * ``plugin-dpmpp``: AMED-Plugin on DPM-Solver++(3M) on the logSNR schedule, with the iPNDM
-  recipe's other settings (not a recipe of the paper; the evaluation's third student).
+  recipe's other settings (not a recipe of the paper; the evaluation's third student);
+* ``recommended``: chosen on validation seeds over the built-in models (docs/recipes.md): AMED-Plugin
+  on iPNDM as a table of per-interval scalars, trained on the final output (trajectory loss)
+  against an iPNDM teacher with M=5.
 
 Each recipe splits into its ``solver`` part (student, teacher, M, schedule, solver options, scale
 heads: what the evaluation trains at any NFE) and its ``run`` part (time points, AFS, batch,
-length, learning rate).
+length, learning rate). The options given explicitly (on the command line, or in the options
+dict of :func:`training.launch.plan_training`) override a recipe; the rest of the run keeps the
+usual defaults.
 """
 
 import dataclasses
@@ -45,6 +50,11 @@ RECIPES = {r.name: r for r in (
     Recipe('plugin-dpmpp', 'AMED-Plugin (DPM-Solver++)', 'AMED-Plugin on DPM-Solver++(3M), logSNR schedule',
            dict(sampler_stu='dpmpp', sampler_tea='dpmpp', M=2, schedule_type='logsnr', max_order=3,
                 scale_dir=0.01, scale_time=0.2), _PAPER_RUN),
+    Recipe('recommended', 'AMED-Plugin (iPNDM, recommended)', 'AMED-Plugin on iPNDM as a per-interval table, '
+           'trajectory loss (docs/recipes.md)',
+           dict(sampler_stu='ipndm', sampler_tea='ipndm', M=5, schedule_type='polynomial', schedule_rho=7.0,
+                max_order=4, scale_dir=0.01, scale_time=0.2, predictor='table', loss='trajectory'),
+           dict(afs=True, batch=32, total_kimg=2.0, lr=0.05)),
 )}
 
 
@@ -53,6 +63,11 @@ def recipe(name):
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r} (choose one of {', '.join(RECIPES)})")
     return RECIPES[name]
+
+
+def recipe_options(name):
+    """The options of recipe ``name`` (None: no recipe, {}); ValueError for an unknown recipe."""
+    return {} if name is None else recipe(name).options
 
 
 def describe(name, width=76):

@@ -33,8 +33,9 @@ from torch_utils import distributed as dist
 from models.base import seeded_inputs
 from torch_utils.stopping import StopSignals, write_error
 from predictors import experiments
-from predictors.networks import AMEDPredictor
+from predictors.networks import build_predictor as build_module
 from predictors.snapshot import save_snapshot
+from training import check
 from training.state import STATE_FILE, save_training_state
 
 #: Consecutive batches with a non-finite loss or predictor output after which training stops (a
@@ -122,7 +123,7 @@ def build_predictor(predictor_kwargs, seed, init_state, device):
     random state, so the caller's global RNG is left as it was), or ``init_state``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        predictor = AMEDPredictor(**predictor_kwargs)
+        predictor = build_module(predictor_kwargs)
     if init_state is not None:
         predictor.load_state_dict(init_state)
     return predictor.to(device).train()
@@ -172,13 +173,32 @@ def agree(signum, outputs_finite, weights_ok):
     return (signum or signals // max(stopping, 1)), bad_outputs == 0, bad_weights == 0
 
 
+def run_check(loss_fn, predictor, seed, num_batches, batch, num, device, batch_gpu, run_dir, log):
+    """The end-of-training check (:mod:`training.check`) on ``num`` held-out trajectories, disjoint
+    from the ``num_batches`` batches of training seed ``seed``: logged, appended to stats.jsonl
+    (with its time) and returned for the snapshot's settings."""
+    t0 = time.time()
+    trained = (s for b in range(num_batches) for s in sample_seeds(seed, b, batch))
+    seeds = check.held_out_seeds(seed, num, exclude=trained)
+    result = check.check_predictor(loss_fn, predictor.eval(), seeds, device, batch=batch_gpu)
+    result['seconds'] = time.time() - t0
+    log(check.check_line(result))
+    with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
+        f.write(json.dumps({'Check/ratio': dict(num=result['num'], mean=result['ratio'], std=result['ratio_se']),
+                            'Check/error': dict(num=result['num'], mean=result['error'], std=0.0),
+                            'Check/base_error': dict(num=result['num'], mean=result['base_error'], std=0.0),
+                            'Timing/check_sec': dict(num=1, mean=result['seconds'], std=0.0),
+                            'timestamp': time.time()}) + '\n')
+    return result
+
+
 def snapshot_name(cur_nimg):
     return f'network-snapshot-{cur_nimg // 1000:06d}.pt'
 
 
 def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0, snap_kimg=0.0,
-                  progress=True, log=_console, init_state=None, resume=None, identity=None):
+                  progress=True, log=_console, init_state=None, resume=None, identity=None, check_num=0):
     """Train an AMED predictor with ``objective`` (a :class:`training.loss.Loss`, e.g.
     :class:`~training.loss.IntervalLoss`, over the :class:`training.loss.AMEDLoss` of the frozen
     ``model``: it trains one global batch) and write snapshots and stats to ``run_dir`` (rank 0).
@@ -194,6 +214,9 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
     :data:`PATIENCE` consecutive batches with a non-finite loss or predictor output (or such a
     last batch), or non-finite weights, raise :class:`TrainingDiverged`; no snapshot is saved after
     a batch with non-finite values (periodic ones and a stop wait for a finite batch).
+    After the last batch, rank 0 checks the predictor against its plain base solver on ``check_num``
+    held-out teacher trajectories (0: no check; :mod:`training.check`): one log line, a
+    ``Check/ratio`` line in stats.jsonl and ``settings['check']`` in the final snapshot.
     Returns the trained predictor (unwrapped, eval mode) and the snapshot path (rank 0; None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_gpu_total, batch_gpu, rounds = split_batch(batch, batch_gpu, world)
@@ -313,6 +336,9 @@ def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=6
         if stats_file is not None:
             stats_file.close()
 
+    if rank == 0 and check_num > 0:
+        settings = dict(settings, check=run_check(loss_fn, predictor, seed, num_batches, batch, check_num, device,
+                                                  batch_gpu, run_dir, log))
     path = writing(save, False) if rank == 0 else None
     dist.barrier()
     return predictor.eval().requires_grad_(False), path
