@@ -197,7 +197,9 @@ class IPNDMv(IPNDM):
 
     name = 'ipndm_v'
     legacy_name = 'ipndm_v_sampler'
-    orders = ()   # measured by tests/test_baselines.py on non-uniform grids
+    # On a uniform grid its order 1-3 coefficients are iPNDM's (the official order-4 weights are
+    # not AB4's); tests/test_baselines.py measures them on non-uniform grids.
+    orders = tuple((dict(max_order=k), 'polynomial', k) for k in range(1, 4))
 
     def advance(self, x, t_from, t_to, m, history, order, scale):
         sig = [t_to] + _sigmas(t_from, history, order)
@@ -217,7 +219,8 @@ class DEIS(IPNDM):
                Option('deis_mode', solver_utils.DEIS_MODES, 'interpolate the direction in VP time (tab), sigma '
                       '(rhoab) or log sigma (logrho, as diffusers)', 'tab'))
     legacy_name = 'deis_sampler'
-    orders = ()   # measured by tests/test_baselines.py on non-uniform grids
+    # Order k in every mode (tests/test_baselines.py measures each mode and order on non-uniform grids).
+    orders = ((dict(max_order=3, deis_mode='logrho'), 'logsnr', 3),)
 
     def __init__(self, max_order=None, deis_mode='tab'):
         super().__init__(max_order)
@@ -303,6 +306,8 @@ class UniPC(_Exponential):
     name = 'unipc'
     student = False
     corrector = True
+    # UniC raises UniP's order by one (tests/test_baselines.py measures order 3 too, on fewer steps).
+    orders = tuple((dict(max_order=k, lower_order_final=False, thresholding=False), 'logsnr', k + 1) for k in (1, 2))
     options = (Option('max_order', int, 'multistep order 1-3', 3),
                Option('predict_x0', bool, 'data prediction (False: noise prediction)', True),
                Option('lower_order_final', bool, 'lower orders on the last steps', True),

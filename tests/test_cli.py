@@ -3,6 +3,7 @@ the options every registered solver brings, and the one error policy."""
 
 import json
 import os
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -44,7 +45,7 @@ def test_sample_dry_run_validates_loads_and_writes_nothing(tmp_path, monkeypatch
     assert dry_run_options(out[out.index('{'):])['solver']['corrected_3m'] is True
     assert os.listdir('.') == []
     code, out = run(sample.main, ['--dataset_name=toy', '--solver=euler', '--max_order=2', '--dry-run'])
-    assert code == 1 and out == "Error: max_order is an option of ipndm and dpmpp only, not of solver 'euler'\n"
+    assert code == 1 and re.fullmatch(r"Error: max_order is an option of [a-z_, ]+ only, not of solver 'euler'\n", out)
 
 
 @pytest.mark.parametrize('cmd', [sample.main, train.main])
