@@ -100,8 +100,11 @@ def errors(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
 
 
 def ratio_of(e_pred, e_base):
-    """(ratio of the mean errors, its standard error (None for one sample), verdict)."""
+    """(ratio of the mean errors, its standard error (None for one sample), verdict); the ratio is
+    None (verdict 'unclear') when the base solver's error is 0, as when it is its own teacher."""
     n = len(e_pred)
+    if not float(e_base.mean()) > 0:   # the base reproduces the teacher exactly: no ratio to speak of
+        return None, None, 'unclear'
     ratio = float(e_pred.mean() / e_base.mean())
     se = float((e_pred - ratio * e_base).std() / math.sqrt(n) / e_base.mean()) if n > 1 else None
     return ratio, se, verdict(ratio, se)
@@ -120,6 +123,8 @@ def check_predictor(loss_fn, predictor, seeds, device=torch.device('cpu'), batch
 def check_line(result):
     """The console line of a check."""
     se = '' if result['ratio_se'] is None else f" (+-{result['ratio_se']:.3f})"
+    ratio = 'n/a (the base has no error against the teacher), ' if result['ratio'] is None else \
+        f"{result['ratio']:.3f}x{se}"
     return (f"Check on {result['num']} held-out trajectories (against the teacher): the predictor's error is "
-            f"{result['ratio']:.3f}x{se} plain {result['base_solver']}'s at NFE "
+            f"{ratio} plain {result['base_solver']}'s at NFE "
             f"{result['nfe']} ({result['error']:.4g} vs {result['base_error']:.4g}): {result['verdict']}")
