@@ -344,7 +344,9 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
     ref_stats = {m: frechet.image_stats(ref, m) for m in DIST_METRICS}
     fd_latents, fd_cond = accuracy.seeded_inputs(model, FD_SEEDS[:fd_num])
     done = _done(out)
-    base = dict(model=dataset_name, num=num, fd_num=fd_num, command=' '.join(sys.argv))
+    # The command as recorded: without --cache, a local scratch folder that does not change the numbers.
+    command = ' '.join(a for a in sys.argv if not a.startswith('--cache='))
+    base = dict(model=dataset_name, num=num, fd_num=fd_num, command=command)
 
     def record(label, nfe, train_seed, predictor=None, extra=None, **kwargs):
         t = time.time()

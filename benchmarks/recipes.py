@@ -5,7 +5,7 @@ training seeds, against plain iPNDM at the same NFE.
     python benchmarks/recipes.py run --model=toy --recipe=recommended --seeds=evaluation --out=...
     python benchmarks/recipes.py check-spread --model=toy                                 # the check's spread
 
-Seeds (the research protocol of DESIGN.md): training draws its per-batch seeds from each training
+Seeds (train on training seeds, choose on validation seeds, report on evaluation seeds): training draws its per-batch seeds from each training
 seed (training/training_loop.sample_seeds); ``--seeds=validation`` (sampling seeds
 200000-200255, the default) is where every choice was made, ``--seeds=evaluation`` (100000-100255)
 only reports. Error = mean per-sample RMS pixel difference to the model's reference ODE solution
