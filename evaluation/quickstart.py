@@ -161,10 +161,10 @@ class Jobs:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def cpu_seconds():
-    """User + system CPU time of this process and of its finished child processes."""
-    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ('ru_utime', 'ru_stime'))
+def cpu_seconds(who=resource.RUSAGE_SELF):
+    """User + system CPU time of this process (or of its finished child processes: RUSAGE_CHILDREN)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -286,7 +286,9 @@ def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cach
     smallest = min(v for _, values in rows for v in values.values())
     print(f'\nReference check: halving its steps changes it by {halving_change:.1e} (RMS), '
           f'{smallest / max(halving_change, 1e-300):.0e} times below the smallest error above ({smallest:.4f}).')
-    print(f'Total time: {time.time() - start:.0f} s, {cpu_seconds():.0f} s of CPU (user + sys, all processes)')
+    own, workers = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    print(f'Total time: {time.time() - start:.0f} s; CPU time (user + sys): {own + workers:.0f} s, of which '
+          f'{own:.0f} s in this process')
     dist.shutdown()
 
 
