@@ -4,7 +4,6 @@ calc and clip run appends its value and provenance to metrics.jsonl beside the i
 (metrics/provenance.py).
 
 Examples:
-
     # FID of 50k samples against EDM's CIFAR-10 reference statistics
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples/cifar10/amed_nfe5 \\
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
@@ -23,41 +22,17 @@ Examples:
 """
 
 import functools
-import sys
 
 import click
 
+import cli
 from metrics import clip_score
 from models import clip as clip_models
 from torch_utils import distributed as dist
 from torch_utils.misc import SEED_LIMIT
-from torch_utils.stopping import Stopped
 from generation import generate
 from metrics import frechet
 from metrics.image_sets import start
-
-
-def _one_line_errors(fn):
-    """Turn the libraries' user errors (MetricError and the generation library's ValueError are both
-    ValueErrors) into click's one-line 'Error: ...'."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-        except Stopped as e:
-            dist.print0(e)
-            sys.exit(e.code)
-        finally:
-            dist.shutdown()
-    return wrapper
-
-
-def _apply(fn, options):
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 def _run_options(min_num, num_help='default: all'):
@@ -77,7 +52,7 @@ def _run_options(min_num, num_help='default: all'):
 
 def _stats_options(fn, num_help='default: all'):
     """Options shared by calc and ref."""
-    return _apply(fn, [
+    return cli.apply(fn, [
         click.option('--metric', help='fid: Inception features; pixel: 8x8 average-pooled pixels (FD-pixel8); '
                      'spectrum: log band powers of the power spectrum, which see noise and blur (FD-spectrum); '
                      'pixel and spectrum download nothing', type=click.Choice(list(frechet.METRICS)), default='fid'),
@@ -91,7 +66,7 @@ _METRICS_FILE = click.option('--metrics_file', help='Append the value and its pr
                              '[default: metrics.jsonl in the image folder, or beside the zip]', type=str)
 
 
-@click.group()
+@click.group(epilog=cli.epilog(__doc__[__doc__.index('Examples:'):]))
 def main():
     """Metrics of image sets: calc (Frechet distance to reference statistics), clip (CLIP score
     against captions), ref (statistics of an image set) and toydata (exact samples of the built-in
@@ -104,7 +79,7 @@ def main():
 @functools.partial(_stats_options, num_help=f'default: {frechet.STANDARD_NUM}, as EDM; when fewer are found, all '
                    'of them, with a warning in the output and in metrics.jsonl')
 @_METRICS_FILE
-@_one_line_errors
+@cli.user_errors
 def calc(images, ref, metric, detector, num, seed, batch, workers, device, progress, metrics_file):
     """Frechet distance of --images to the statistics --ref (printed as 'FID: %g' or 'FD-pixel8: %g'),
     also appended with its provenance to the metrics file."""
@@ -123,9 +98,9 @@ def calc(images, ref, metric, detector, num, seed, batch, workers, device, progr
 @click.option('--weights', help='open_clip checkpoint (.bin/.pt/.safetensors), path or URL  [default: '
               './src/clip/<model>-<tag>/open_clip_pytorch_model.bin, else the released file, downloaded once]',
               type=str)
-@functools.partial(_apply, options=_run_options(min_num=1))
+@functools.partial(cli.apply, options=_run_options(min_num=1))
 @_METRICS_FILE
-@_one_line_errors
+@cli.user_errors
 def clip(images, prompt_path, model, weights, num, seed, batch, workers, device, progress, metrics_file):
     """CLIP score: mean of 100 cos(image embedding, caption embedding) over --images, caption i for
     seed i (printed as 'CLIP score (<model>): %g'), also appended with its provenance to the metrics file."""
@@ -138,7 +113,7 @@ def clip(images, prompt_path, model, weights, num, seed, batch, workers, device,
 @click.option('--dest', help='Output statistics (.npz with mu, sigma, metric)', type=str, required=True)
 @click.option('--overwrite', help='Replace --dest if it exists', is_flag=True)
 @_stats_options
-@_one_line_errors
+@cli.user_errors
 def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, device, progress):
     """Statistics (mean and covariance of the features) of --data, written to --dest (checked before
     the feature pass; an existing --dest is refused unless --overwrite)."""
@@ -155,7 +130,7 @@ def ref(data, dest, overwrite, metric, detector, num, seed, batch, workers, devi
 @click.option('--overwrite', help='Replace the images of another seed or model in --dest (they are removed first)',
               is_flag=True)
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True)
-@_one_line_errors
+@cli.user_errors
 def toydata(dest, num, seed, dataset_name, overwrite, progress):
     """Write --num exact data samples of the built-in analytic model as PNGs (for `ref --metric=pixel`),
     with a manifest.json: a --dest holding images of another seed or model, or images without a

@@ -53,6 +53,21 @@ from torch_utils import distributed as dist
 # ----------------------------------------------------------------------------------------------
 # Solver definitions: how each solver moves between two times, and its facts as class data.
 
+class Option(str):
+    """A solver option: its name (the string itself, so ``'max_order' in cls.options`` works), its
+    value ``type`` (int, bool or float), a ``help`` line and its ``default`` (a value, or a phrase
+    when the default depends on something else). The CLIs build their options from these
+    (:mod:`cli`); a plain string is an option without help."""
+
+    def __new__(cls, name, type=bool, help='', default=None):
+        self = super().__new__(cls, name)
+        self.type, self.help, self.default = type, help, default
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.type, self.help, self.default
+
+
 class Solver:
     """Base class: a single-stage, one-step solver (Euler's rule). Each subclass declares its facts
     once, as class data, and every other place (the CLIs' choice lists, the loss, NFE counting,
@@ -67,9 +82,13 @@ class Solver:
     * ``corrector``: after some steps (:meth:`corrects`) it evaluates the model at the point it
       reached and corrects that point with the output (UniPC); the next step reuses the output
       instead of calling the model, so the correction costs no extra call except after the last step.
-    * ``options``: the keyword options its constructor takes; ``max_order_limit``: the highest
-      ``max_order``.
+    * ``options``: the keyword options its constructor takes (:class:`Option`: name, type, help
+      and default; a tuple type lists the choices); ``max_order_limit``: the highest ``max_order``.
     * ``legacy_name``: the sampler function of the official ``solvers_amed`` module.
+    * ``orders``: its declared convergence orders, ``(options, schedule, order)`` triples: with
+      these options on this schedule (rho 1) the global error falls as h^order. The common test
+      of every registered solver (tests/test_registry.py) checks them against the exact ODE
+      solution of the analytic model.
     """
 
     name = None
@@ -84,6 +103,7 @@ class Solver:
     max_order_limit = None
     legacy_name = None
     history_size = 0
+    orders = ()
 
     @classmethod
     def build(cls, latent=False, **options):
@@ -133,6 +153,7 @@ def _order(cls, max_order):
 class Euler(Solver):
     name = 'euler'
     legacy_name = 'euler_sampler'
+    orders = (({}, 'polynomial', 1),)
 
 
 class IPNDM(Solver):
@@ -140,9 +161,11 @@ class IPNDM(Solver):
 
     name = 'ipndm'
     multistep = True
-    options = ('max_order',)
+    options = (Option('max_order', int, 'multistep order 1-4', 4),)
     max_order_limit = 4
     legacy_name = 'ipndm_sampler'
+    # Its fixed coefficients are Adams-Bashforth only on a grid uniform in sigma (polynomial, rho 1).
+    orders = tuple((dict(max_order=k), 'polynomial', k) for k in range(1, 5))
 
     def __init__(self, max_order=None):
         self.max_order = _order(type(self), max_order)
@@ -174,6 +197,9 @@ class IPNDMv(IPNDM):
 
     name = 'ipndm_v'
     legacy_name = 'ipndm_v_sampler'
+    # On a uniform grid its order 1-3 coefficients are iPNDM's (the official order-4 weights are
+    # not AB4's); tests/test_baselines.py measures them on non-uniform grids.
+    orders = tuple((dict(max_order=k), 'polynomial', k) for k in range(1, 4))
 
     def advance(self, x, t_from, t_to, m, history, order, scale):
         sig = [t_to] + _sigmas(t_from, history, order)
@@ -189,8 +215,12 @@ class DEIS(IPNDM):
     actually visits, whichever schedule (or refined grid) they belong to."""
 
     name = 'deis'
-    options = ('max_order', 'deis_mode')
+    options = (Option('max_order', int, 'multistep order 1-4', 4),
+               Option('deis_mode', solver_utils.DEIS_MODES, 'interpolate the direction in VP time (tab), sigma '
+                      '(rhoab) or log sigma (logrho, as diffusers)', 'tab'))
     legacy_name = 'deis_sampler'
+    # Order k in every mode (tests/test_baselines.py measures each mode and order on non-uniform grids).
+    orders = ((dict(max_order=3, deis_mode='logrho'), 'logsnr', 3),)
 
     def __init__(self, max_order=None, deis_mode='tab'):
         super().__init__(max_order)
@@ -239,8 +269,22 @@ class DPMpp(_Exponential):
     """Multistep DPM-Solver++ (``predict_x0``) or DPM-Solver."""
 
     name = 'dpmpp'
-    options = ('max_order', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
+    options = (Option('max_order', int, 'multistep order 1-3', 3),
+               Option('predict_x0', bool, 'data prediction (DPM-Solver++; False: noise prediction, DPM-Solver)', True),
+               Option('lower_order_final', bool, 'lower orders on the last steps', True),
+               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
+                      'predict_x0 on pixel models, False on latent models'),
+               Option('corrected_3m', bool, 'third-order-accurate order-3 update', 'False, the official update'))
     legacy_name = 'dpm_pp_sampler'
+    # Any grid (logsnr here). The official order-3 update (as DPM-Solver's and k-diffusion's) is only
+    # second-order accurate; corrected_3m restores order 3 (solver_utils.dpm_multistep_update).
+    orders = ((dict(max_order=1, thresholding=False), 'logsnr', 1),
+              (dict(max_order=2, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, thresholding=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3),
+              (dict(max_order=2, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False), 'logsnr', 2),
+              (dict(max_order=3, predict_x0=False, lower_order_final=False, corrected_3m=True), 'logsnr', 3))
 
     def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, corrected_3m=False,
                  latent=False):
@@ -262,7 +306,14 @@ class UniPC(_Exponential):
     name = 'unipc'
     student = False
     corrector = True
-    options = ('max_order', 'predict_x0', 'lower_order_final', 'thresholding', 'variant')
+    # UniC raises UniP's order by one (tests/test_baselines.py measures order 3 too, on fewer steps).
+    orders = tuple((dict(max_order=k, lower_order_final=False, thresholding=False), 'logsnr', k + 1) for k in (1, 2))
+    options = (Option('max_order', int, 'multistep order 1-3', 3),
+               Option('predict_x0', bool, 'data prediction (False: noise prediction)', True),
+               Option('lower_order_final', bool, 'lower orders on the last steps', True),
+               Option('thresholding', bool, 'dynamic thresholding of the data prediction',
+                      'predict_x0 on pixel models, False on latent models'),
+               Option('variant', solver_utils.UNIPC_VARIANTS, 'B(h) = h (bh1) or e^h - 1 (bh2)', 'bh2'))
     legacy_name = 'unipc_sampler'
 
     def __init__(self, max_order=None, predict_x0=True, lower_order_final=True, thresholding=None, variant='bh2',
@@ -313,6 +364,7 @@ class DPM2(TwoStage):
     name = 'dpm'
     fixed_r = 0.5
     legacy_name = 'dpm_2_sampler'
+    orders = (({}, 'polynomial', 2),)
 
 
 class Heun(TwoStage):
@@ -322,6 +374,7 @@ class Heun(TwoStage):
     student = False
     fixed_r = 1.0
     legacy_name = 'heun_sampler'
+    orders = (({}, 'polynomial', 2),)
 
 
 #: Every solver, by name: the one list of solvers and of their kinds.
@@ -331,6 +384,16 @@ STUDENTS = tuple(n for n, c in REGISTRY.items() if c.student)
 TEACHERS = tuple(n for n, c in REGISTRY.items() if c.teacher)
 PLAIN = tuple(n for n, c in REGISTRY.items() if not c.needs_predictor)     # usable without a predictor
 OPTIONS = tuple(dict.fromkeys(opt for c in REGISTRY.values() for opt in c.options))
+
+
+def option_type(name):
+    """The value type of solver option ``name`` from its :class:`Option` data (a tuple lists the
+    choices of a string option; a plain-string option is a bool)."""
+    for cls in REGISTRY.values():
+        for opt in cls.options:
+            if opt == name:
+                return getattr(opt, 'type', bool)
+    raise KeyError(f'no solver takes the option {name!r}')
 
 
 def solver_class(name, role='solver'):

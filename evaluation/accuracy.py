@@ -8,8 +8,8 @@ import math
 import torch
 
 import solvers
-from torch_utils.misc import StackedRandomGenerator
-from training import plan_training, run_training
+from models.base import seeded_inputs
+from training import RECIPES, plan_training, run_training
 from predictors import load_predictor
 
 #: The comparison of the quickstart: (label, solver options) of the baselines, as in
@@ -22,17 +22,12 @@ BASELINES = [
     ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
 ]
 
-#: The AMED recipes of the paper (the official launch script, CIFAR-10; used with AFS), by student, and
-#: the DPM-Solver++ plugin on the baseline's logSNR schedule with the iPNDM recipe's other settings.
-AMED_RECIPES = {
-    'amed': dict(sampler_stu='amed', sampler_tea='heun', M=1, schedule_type='time_uniform', schedule_rho=1.0,
-                 scale_dir=0.01, scale_time=0.0),
-    'ipndm': dict(sampler_stu='ipndm', sampler_tea='ipndm', M=2, schedule_type='polynomial', schedule_rho=7.0,
-                  max_order=4, scale_dir=0.01, scale_time=0.2),
-    'dpmpp': dict(sampler_stu='dpmpp', sampler_tea='dpmpp', M=2, schedule_type='logsnr', max_order=3,
-                  scale_dir=0.01, scale_time=0.2),
-}
-AMED_LABELS = {'amed': 'AMED-Solver', 'ipndm': 'AMED-Plugin (iPNDM)', 'dpmpp': 'AMED-Plugin (DPM-Solver++)'}
+#: The students of the quickstart's comparison by short name: the solver part of the training
+#: recipes (:mod:`training.recipes`), trained at each NFE with AFS.
+AMED_RECIPES = {key: RECIPES[name].solver for key, name in
+                (('amed', 'paper-solver'), ('ipndm', 'paper-plugin'), ('dpmpp', 'plugin-dpmpp'))}
+AMED_LABELS = {key: RECIPES[name].label for key, name in
+               (('amed', 'paper-solver'), ('ipndm', 'paper-plugin'), ('dpmpp', 'plugin-dpmpp'))}
 
 
 def steps_for_nfe(solver, nfe, afs, with_predictor):
@@ -75,14 +70,6 @@ def baseline_samples(model, latents, cond, nfe, batch=64):
 def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
     """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
     return rms_error(sample_all(model, latents, cond, predictor, batch, **solver_kwargs), exact)
-
-
-def seeded_inputs(model, seeds, device=torch.device('cpu')):
-    """(latents, cond) of the given sampling seeds, from one generator per seed as sample.py draws them."""
-    seeds = list(seeds)
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), *model.img_shape])
-    return latents, model.sample_cond(rnd, len(seeds))
 
 
 def reference_set(model, seeds, device=torch.device('cpu'), steps_per_unit=None):

@@ -20,19 +20,16 @@ from tqdm import tqdm
 import solver_utils
 import solvers
 from models import toy
+from models.base import seeded_inputs
 from models.presets import load_model
 from generation import manifest
 from generation.manifest import seed_path
 from torch_utils import distributed as dist
 from torch_utils import locks
-from torch_utils.misc import SeedSet, StackedRandomGenerator, atomic_write, check_output_dir, check_seed, parse_seeds
+from torch_utils.misc import SeedSet, atomic_write, check_output_dir, check_seed, parse_seeds
 from torch_utils.stopping import StopSignals, Stopped, agree_stop, continue_command, signal_name, write_error
 from predictors import experiments, load_predictor, snapshot
 from predictors.settings import SolverSettings
-
-#: The schedule options of a run (with ``solver``, ``afs`` and the solvers' own options); an explicit
-#: ``t_steps`` replaces the others.
-SCHEDULE_OPTIONS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max', 't_steps')
 
 TOY_CHUNK = 100   # toy data are drawn in chunks of this many images, one generator per chunk
 
@@ -163,7 +160,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     giving them again is an error. ``seeds``: a list or a string such as ``'0-63'`` or ``'1,2,5-10'``.
     ``outdir``, ``overwrite``, ``resume`` and ``denoise_to_zero``: see :func:`build_plan`."""
     given = {k: v for k, v in solver_options.items() if v is not None}
-    unknown = set(given) - set(PLAIN_DEFAULTS) - set(SCHEDULE_OPTIONS) - set(solvers.OPTIONS)
+    unknown = set(given) - set(SolverSettings.KEYS) - {'t_steps'}
     if unknown:
         raise TypeError(f"plan_sampling() got unknown option(s) {', '.join(sorted(unknown))}")
     source = 'card' if card is not None else 'predictor' if predictor_path is not None else None
@@ -195,7 +192,7 @@ def plan_sampling(predictor_path=None, card=None, dataset_name=None, model_path=
     else:
         if 't_steps' in given:
             given['t_steps'] = parse_t_steps(given['t_steps'])
-            clash = [k for k in SCHEDULE_OPTIONS if k in given and k != 't_steps']
+            clash = [k for k in SolverSettings.SCHEDULE_KEYS if k in given]
             if clash:
                 raise ValueError(f'--t_steps sets the whole schedule: drop --{clash[0]}')
         solver_utils.check_rho_used(given.get('schedule_type'), given.get('schedule_rho'))
@@ -408,9 +405,7 @@ def _generate_images(plan, progress):
 
     def produce(batch_seeds):
         seeds_list = batch_seeds.tolist()
-        rnd = StackedRandomGenerator(device, seeds_list)
-        latents = rnd.randn([len(seeds_list), *model.img_shape])
-        cond = model.sample_cond(rnd, len(seeds_list))
+        latents, cond = seeded_inputs(model, seeds_list, device)
         out = solvers.sample(model, latents, cond, solver=plan.solver, t_steps=plan.t_steps, afs=plan.afs,
                              predictor=plan.predictor, denoise_to_zero=plan.denoise_to_zero,
                              return_inters=plan.return_inters)

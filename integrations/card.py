@@ -25,14 +25,16 @@ import os
 import click
 import torch
 
+import cli
 import solvers
+from models.base import seeded_inputs
 from models.presets import load_model
 from predictors import load_predictor, snapshot
 from predictors.card import (FORMAT, VERSION, REQUIRED, CardPredictor, build_card, card_settings,  # noqa: F401
                              card_solver_settings, kdiffusion_sigmas, load_card, save_card, schedule_points,
                              tail_steps)
 from torch_utils.locks import Lock
-from torch_utils.misc import StackedRandomGenerator, check_output_file, parse_seeds
+from torch_utils.misc import check_output_file, parse_seeds
 
 FEATURE_MODES = ('mean', 'mean_feature', 'zero')
 DEFAULT_FEATURE = 'mean'
@@ -84,9 +86,7 @@ def static_steps(model, spec, t_steps, predictor, afs, feature=DEFAULT_FEATURE, 
     sums = torch.zeros(len(intervals), 3, dtype=torch.float64)
     for i in range(0, len(seed_list), batch):
         part = seed_list[i:i + batch]
-        rnd = StackedRandomGenerator(device, part)
-        latents = rnd.randn([len(part), *model.img_shape])
-        cond = model.sample_cond(rnd, len(part))
+        latents, cond = seeded_inputs(model, part, device)
         recorder.index = 0
         for n, (_, info) in enumerate(solvers.iterate(model, spec, latents * t_list[0], t_list, cond, recorder, afs)):
             sums[n] += torch.stack([v.double().sum().cpu() for v in (info.r, info.scale_dir, info.scale_time)])
@@ -133,12 +133,21 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-@click.group()
+EXAMPLES = """
+Examples:
+  python -m integrations.card export --predictor_path=3 --out=card.json            # experiment 3
+  python -m integrations.card export --predictor_path=exps/00003-.../network-snapshot-000010.pt \\
+      --out=card.json --feature=zero
+  python sample.py --predictor_path=card.json --seeds=0-63 --grid                  # sample with it
+"""
+
+
+@click.group(epilog=cli.epilog(EXAMPLES))
 def main():
     """Solver cards: static AMED schedules as JSON."""
 
 
-@main.command()
+@main.command(epilog=cli.epilog(EXAMPLES))
 @click.option('--predictor_path', help='Predictor snapshot, run folder, experiment number or published .pkl',
               type=str, required=True)
 @click.option('--out', help='Card file to write (JSON)', type=str, required=True)
@@ -146,31 +155,24 @@ def main():
               type=click.Choice(FEATURE_MODES), default=DEFAULT_FEATURE, show_default=True)
 @click.option('--seeds', help='Calibration seeds of the mean modes', type=str, default=DEFAULT_SEEDS, show_default=True)
 @click.option('--batch', help='Calibration batch', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--model_path', help="Model file overriding the predictor's", type=str)
-@click.option('--classifier_path', help='Classifier of a classifier-guided model', type=str)
-@click.option('--prompt', help='ms_coco: one prompt for the calibration', type=str)
-@click.option('--prompt_path', help='ms_coco: captions CSV (caption i for calibration seed i)', type=str)
-@click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
+@cli.model_options('model_path', 'classifier_path', 'prompt', 'prompt_path', 'device', device_default='cpu')
 @click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
+@cli.user_errors
 def export(predictor_path, out, feature, seeds, batch, model_path, classifier_path, prompt, prompt_path, device,
            overwrite):
     """Export the solver card of a predictor. --out is checked (and locked) before the calibration;
     an existing card is replaced only with --overwrite."""
-    lock = None
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device=cuda: CUDA is not available here; use --device=cpu')
+    check_output_file(out, '--out', overwrite)
+    lock = Lock(out, f'--out {out}', is_file=True, wait=1.0)
     try:
-        if device == 'cuda' and not torch.cuda.is_available():
-            raise ValueError('--device=cuda: CUDA is not available here; use --device=cpu')
-        check_output_file(out, '--out', overwrite)
-        lock = Lock(out, f'--out {out}', is_file=True, wait=1.0)
         check_output_file(out, '--out', overwrite)   # again, now that no one else writes it
         card = export_card(predictor_path, feature, seeds, batch, model_path=model_path,
                            classifier_path=classifier_path, prompt=prompt, prompt_path=prompt_path, device=device)
         save_card(card, out)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     finally:
-        if lock is not None:
-            lock.release(cleanup=True)
+        lock.release(cleanup=True)
     click.echo(f"Wrote {out}: {card['solver']} card, {card['num_steps']} time points, NFE {card['nfe']}, "
                f"feature {feature}")
 

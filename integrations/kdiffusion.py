@@ -157,9 +157,10 @@ def _predictor_and_options(card, predictor, options, device):
 
 
 def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, card=None, predictor=None,
-                feature_module=None, feature_fn=None, solver=None, afs=None, max_order=None, predict_x0=None,
-                lower_order_final=None, thresholding=None, foreign_sigmas='error'):
+                feature_module=None, feature_fn=None, solver=None, afs=None, foreign_sigmas='error', **solver_options):
     """Sample with AMED from ``x`` (noise scaled to sigmas[0]) along ``sigmas``; see the module docstring.
+    ``solver_options``: the options of ``solver`` (``solvers.REGISTRY[solver].options``, e.g.
+    ``max_order``), for a predictor object only.
 
     Returns the sample at sigmas[-1] (the Euler step to 0 included when sigmas end with 0)."""
     sigmas = torch.as_tensor(sigmas)
@@ -167,8 +168,10 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         raise ValueError('sigmas must be a 1-D list of at least 2 noise levels')
     to_zero = float(sigmas[-1]) == 0
     grid = sigmas[:-1] if to_zero else sigmas
-    options = dict(solver=solver, afs=afs, max_order=max_order, predict_x0=predict_x0,
-                   lower_order_final=lower_order_final, thresholding=thresholding)
+    unknown = set(solver_options) - set(solvers.OPTIONS)
+    if unknown:
+        raise TypeError(f"sample_amed() got unknown solver option(s) {', '.join(sorted(unknown))}")
+    options = dict(solver_options, solver=solver, afs=afs)
     if foreign_sigmas not in ('error', 'warn'):
         raise ValueError(f"foreign_sigmas must be 'error' or 'warn', not {foreign_sigmas!r}")
     predictor, options, card, settings = _predictor_and_options(card, predictor, options, x.device)

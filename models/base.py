@@ -29,6 +29,8 @@ import contextlib
 
 import torch
 
+from torch_utils.misc import StackedRandomGenerator
+
 
 class Denoiser(torch.nn.Module):
     """Base class of every model adapter (see the module docstring)."""
@@ -86,3 +88,15 @@ class Denoiser(torch.nn.Module):
         finally:
             handle.remove()
 
+
+def seeded_inputs(model, seeds, device=torch.device('cpu'), training=False):
+    """(latents, cond) of per-sample ``seeds``: unit-variance latents of ``model.img_shape`` and the
+    model's conditioning, both drawn from one generator per seed (EDM's StackedRandomGenerator), so
+    a sample depends only on its seed. ``training``: conditioning for training (e.g. prompts drawn
+    from the whole caption set instead of caption i for seed i). The one draw that sampling,
+    training, the card calibration and the evaluation share."""
+    seeds = list(seeds)
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *model.img_shape])
+    cond = model.sample_cond(rnd, len(seeds), training=True) if training else model.sample_cond(rnd, len(seeds))
+    return latents, cond

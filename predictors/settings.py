@@ -56,7 +56,7 @@ class SolverSettings:
             raise ValueError(f"{k} is {where}, not of solver {self.solver!r}")
         solvers.make_solver(self.solver, **given)     # checks every value
         set_ = lambda k, v: object.__setattr__(self, k, v)   # noqa: E731 (frozen: normalise once)
-        set_('options', tuple((k, given.get(k)) for k in cls.options))
+        set_('options', tuple((str(k), given.get(k)) for k in cls.options))
         if self.schedule_type not in solver_utils.SCHEDULES:
             raise ValueError(f"unknown schedule_type {self.schedule_type!r} "
                              f"(choose one of {', '.join(solver_utils.SCHEDULES)})")
@@ -86,6 +86,11 @@ class SolverSettings:
         set_('afs', bool(self.afs))
 
     # -- reading it ---------------------------------------------------------------------------
+
+    #: Every key of :meth:`to_dict` (and keyword of :meth:`from_dict`) but the version.
+    KEYS = ('solver', 'num_steps', *_SCHEDULE_DEFAULTS, 'afs', 't_steps', *solvers.OPTIONS)
+    #: The keys an explicit ``t_steps`` replaces.
+    SCHEDULE_KEYS = ('num_steps', *_SCHEDULE_DEFAULTS)
 
     @property
     def solver_options(self):

@@ -12,7 +12,7 @@ FLOORS = [
     ('dnnlib', 'torch_utils'),
     ('solver_utils',),
     ('solvers', 'models'),
-    ('predictors',),
+    ('predictors', 'cli'),
     ('generation', 'metrics', 'integrations', 'training'),
     ('evaluation', 'benchmarks'),
     ('train', 'sample', 'fid'),

@@ -203,7 +203,7 @@ def test_nan_guard_non_finite_weights(in_tmp):
     o = plan['options']
     os.makedirs('run')
     with pytest.raises(TrainingDiverged, match='at 0.008 kimg: the predictor weights are not finite'):
-        training_loop(plan['model'], 'run', plan['loss_fn'], o['predictor_kwargs'], o['settings'], batch=8,
+        training_loop(plan['model'], 'run', plan['objective'], o['predictor_kwargs'], o['settings'], batch=8,
                       total_kimg=0.08, lr=float('inf'), snap_kimg=0.008, progress=False, log=lambda *a, **k: None)
     assert not [f for f in os.listdir('run') if f.endswith('.pt')]
 

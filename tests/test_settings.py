@@ -99,3 +99,38 @@ def test_bad_settings_are_refused_when_built(kwargs, message):
 def test_a_newer_version_is_refused():
     with pytest.raises(ValueError, match='unsupported solver settings version 99'):
         SolverSettings.from_dict(dict(solver='euler', settings_version=99))
+
+
+def test_the_loader_reads_pt_and_card_urls(toy, tmp_path, monkeypatch):
+    """A .pt snapshot and a .json card given as http URLs load (a loopback server; the download
+    goes to the dnnlib cache), with the source naming the URL, the local copy and its sha256."""
+    import functools
+    import http.server
+    import threading
+
+    from dnnlib.util import sha256_file
+
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    served = tmp_path / 'served'
+    served.mkdir()
+    settings = SolverSettings('ipndm', num_steps=4, options=dict(max_order=3), afs=True)
+    save_snapshot(str(served / 'p.pt'), AMEDPredictor(), dict(settings.to_dict(), dataset_name='toy',
+                                                              img_shape=list(toy.img_shape), label_dim=0))
+    C.save_card(C.export_card(str(served / 'p.pt'), feature='zero', model=toy), str(served / 'card.json'))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f'http://127.0.0.1:{httpd.server_address[1]}'
+        for name, kind in (('p.pt', 'predictor'), ('card.json', 'card')):
+            loaded = load_predictor(f'{base}/{name}')
+            assert loaded.source['kind'] == kind and loaded.source['path'] == f'{base}/{name}'
+            assert loaded.source['sha256'] == sha256_file(served / name) == sha256_file(loaded.source['file'])
+            assert loaded.solver.solver == 'ipndm' and loaded.solver.solver_options['max_order'] == 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

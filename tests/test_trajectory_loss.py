@@ -116,16 +116,17 @@ def test_checkpointing_same_gradient_recomputes(toy):
 
 def _train(toy, loss, kimg=2.0, batch=32):
     """A short training of the paper's AMED-Plugin recipe on iPNDM at NFE 5 (AFS)."""
-    from training.training_loop import StatsCollector, build_predictor, draw_batch, sample_seeds, train_batch
+    from training.loss import make_loss
+    from training.training_loop import StatsCollector, build_predictor, draw_batch, sample_seeds
     r = accuracy.AMED_RECIPES['ipndm']
     loss_fn = AMEDLoss(toy, r['sampler_stu'], r['sampler_tea'], num_steps=4, M=r['M'], afs=True,
                        schedule_type=r['schedule_type'], schedule_rho=r['schedule_rho'], max_order=r['max_order'])
     pred = build_predictor(dict(scale_dir=r['scale_dir'], scale_time=r['scale_time']), 0, None, torch.device('cpu'))
     opt = torch.optim.Adam(pred.parameters(), lr=5e-3)
-    stats = StatsCollector()
+    stats, objective = StatsCollector(), make_loss(loss, loss_fn)
     for b in range(int(kimg * 1000) // batch):
         data = draw_batch(loss_fn, sample_seeds(0, b, batch), 0, batch, batch, 1, torch.device('cpu'))
-        train_batch(loss_fn, pred, pred, opt, data, batch, stats, loss=loss)
+        objective.train_batch(pred, pred, opt, data, batch, stats)
     return pred.eval().requires_grad_(False)
 
 

@@ -192,6 +192,10 @@ class FiniteFloat(click.FloatRange):
 
     name = 'finite float'
 
+    def _describe_range(self):
+        """The bounds for --help; nothing when there are none (click would show '[x<=None]')."""
+        return '' if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)
         if not math.isfinite(v):

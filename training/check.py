@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import solvers
+from models.base import seeded_inputs
 
 #: The spawn key of the held-out seed sequence (training's own sequence has none).
 HELD_OUT_KEY = 0xC0FFEE
@@ -76,7 +77,6 @@ def verdict(ratio, se):
 def errors(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
     """Per-sample RMS errors against the teacher of ``loss_fn`` (a :class:`training.loss.AMEDLoss`)
     on ``seeds``: (the predictor's (n,), the plain base solver's (n,), facts of the base run)."""
-    from training.training_loop import draw_inputs   # the training data's draw, for the same kind of noise
     model, student = loss_fn.model, loss_fn.student
     base = base_solver(student.name)
     base_steps = base_num_steps(student.name, loss_fn.num_steps, loss_fn.afs)
@@ -86,7 +86,7 @@ def errors(loss_fn, predictor, seeds, device=torch.device('cpu'), batch=64):
     base_t = solvers.get_model_schedule(model, base_steps, **loss_fn.schedule)
     e_pred, e_base = [], []
     for i in range(0, len(seeds), batch):
-        latents, cond = draw_inputs(model, seeds[i:i + batch], device)
+        latents, cond = seeded_inputs(model, seeds[i:i + batch], device, training=True)   # as training draws
         target = loss_fn.teacher_targets(latents, cond)[-1]
         x = solvers.sample(model, latents, cond, solver=student, t_steps=loss_fn.t_student, afs=loss_fn.afs,
                            predictor=predictor)

@@ -20,7 +20,7 @@ from predictors import load_predictor
 from predictors.settings import SolverSettings
 from predictors.snapshot import resolve_run_dir
 from training.state import STATE_FILE, load_training_state
-from training.loss import LOSSES, AMEDLoss
+from training.loss import LOSS_OPTIONS, LOSSES, AMEDLoss, make_loss
 from training.recipes import recipe_options
 from training.training_loop import TrainingDiverged, TrainingFailed, TrainingInterrupted, split_batch, training_loop
 
@@ -32,8 +32,7 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', inter_weight=0.0, checkpointing=False, check=64, predictor='network',
-    recipe=None)
+    use_fp16=False, loss='interval', **LOSS_OPTIONS, check=64, predictor='network', recipe=None)
 
 
 class Logger:
@@ -57,9 +56,8 @@ class Logger:
 _INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1, check=0)
 _FLOATS = dict(total_kimg=True, lr=True, tick_kimg=True, snap_kimg=False, scale_dir=False, scale_time=False,
                schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, guidance_rate=None)
-_BOOLS = ('afs', 'checkpointing', 'use_fp16', 'predict_x0', 'lower_order_final', 'thresholding', 'corrected_3m')
-_OPTIONAL = ('batch_gpu', 'max_order', 'sigma_min', 'sigma_max', 'guidance_rate', 'predict_x0', 'lower_order_final',
-             'thresholding', 'corrected_3m')
+_BOOLS = ('afs', 'checkpointing', 'use_fp16', *(n for n in solvers.OPTIONS if solvers.option_type(n) is bool))
+_OPTIONAL = ('batch_gpu', 'sigma_min', 'sigma_max', 'guidance_rate', *solvers.OPTIONS)
 
 
 def check_option_types(o):
@@ -98,13 +96,8 @@ def plan_training(options, device):
     if not (o['snap_kimg'] >= 0 and math.isfinite(o['snap_kimg'])):
         raise ValueError(f"--snap must be a finite number of kimg >= 0 (0: only the final snapshot), "
                          f"got {o['snap_kimg']}")
-    if o['loss'] not in LOSSES:
-        raise ValueError(f"unknown loss {o['loss']!r} (choose one of {', '.join(LOSSES)})")
-    if o['loss'] != 'trajectory':
-        if o['inter_weight'] != DEFAULTS['inter_weight'] or o['checkpointing'] != DEFAULTS['checkpointing']:
-            raise ValueError('inter_weight and checkpointing are options of --loss=trajectory only')
-    elif not (o['inter_weight'] >= 0 and math.isfinite(o['inter_weight'])):
-        raise ValueError(f"inter_weight must be a finite number >= 0, got {o['inter_weight']}")
+    loss_options = {k: o[k] for k in LOSS_OPTIONS}
+    make_loss(o['loss'], None, **loss_options)      # the loss and its options, checked before any model loads
     solver_utils.check_rho_used(o['schedule_type'], o['schedule_rho'])
     split_batch(o['batch'], o['batch_gpu'], dist.get_world_size())
 
@@ -112,7 +105,7 @@ def plan_training(options, device):
         nfe = experiments.training_nfe(o['num_steps'], o['afs'], calls_per_eval)
         return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
                                     o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'],
-                                    trajectory=o['loss'] == 'trajectory')
+                                    trajectory=LOSSES[o['loss']].run_tag is not None)
     # Before any model loads: the run folder can be made. Its name is checked with the NFE of a
     # guided model (two calls per evaluation), the longest it can be.
     check_output_dir(o['outdir'])
@@ -124,6 +117,7 @@ def plan_training(options, device):
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
                                      'sigma_min', 'sigma_max', 'afs', *solvers.OPTIONS)}
     loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
+    objective = make_loss(o['loss'], loss_fn, **loss_options)
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
 
     student = loss_fn.student
@@ -143,7 +137,7 @@ def plan_training(options, device):
     options = dict(o, device=str(device), world_size=dist.get_world_size(), loss_kwargs=loss_kwargs,
                    predictor_kwargs=predictor_kwargs, settings=settings)
     solvers.warn_sigma_range(model, loss_fn.t_student)
-    return dict(model=model, loss_fn=loss_fn, options=options, device=device, init_state=init_state,
+    return dict(model=model, loss_fn=loss_fn, objective=objective, options=options, device=device, init_state=init_state,
                 name_fn=lambda run_id: name_fn(run_id, model.calls_per_eval))
 
 
@@ -241,12 +235,11 @@ def _run(plan, run_dir, progress):
                 f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
                 f"{dist.get_world_size()} process(es) on {plan['device']}")
         try:
-            _, path = training_loop(plan['model'], run_dir, plan['loss_fn'], o['predictor_kwargs'], s,
+            _, path = training_loop(plan['model'], run_dir, plan['objective'], o['predictor_kwargs'], s,
                                     batch=o['batch'], batch_gpu=o['batch_gpu'], total_kimg=o['total_kimg'], lr=o['lr'],
                                     seed=o['seed'], device=plan['device'], tick_kimg=o['tick_kimg'],
                                     snap_kimg=o['snap_kimg'], progress=progress, log=log,
-                                    init_state=plan.get('init_state'), loss=o['loss'], inter_weight=o['inter_weight'],
-                                    checkpointing=o['checkpointing'], resume=resume,
+                                    init_state=plan.get('init_state'), resume=resume,
                                     identity=experiments.run_identity(o), check_num=o['check'])
         except (TrainingInterrupted, TrainingDiverged, TrainingFailed) as e:
             if dist.is_main():

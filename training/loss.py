@@ -5,7 +5,9 @@ exactly as it was trained. The teacher solves the same schedule refined by M ins
 student interval; by the schedules' refinement property its grid contains the student's grid at
 every (M+1)-th point, and those points are the targets (the official code).
 
-Two losses share the targets (``train.py --loss``):
+Two losses share the targets (``train.py --loss``); each is an object that trains one global batch
+(:meth:`IntervalLoss.train_batch`, :meth:`TrajectoryLoss.train_batch`), so the training loop only
+draws batches and calls it:
 
 * ``interval`` (the official loss, the default): one student step per interval, per-sample squared
   L2 distance to the teacher point at its end, one optimiser step per interval. Single-step
@@ -18,12 +20,14 @@ Two losses share the targets (``train.py --loss``):
   detached, as in sampling). One optimiser step per batch.
 """
 
+import contextlib
+import math
+
 import torch
 
 import solver_utils
 import solvers
-
-LOSSES = ('interval', 'trajectory')
+from torch_utils import distributed as dist
 
 
 def build_solvers(model, sampler_stu, sampler_tea, **options):
@@ -122,3 +126,120 @@ class AMEDLoss:
                 total = total + weight * (state.x - targets[k + 1]).square().flatten(1).sum(1)
             infos.append(info)
         return total, infos
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses: each trains one global batch.
+
+def sanitize_gradients(module):
+    """Replace NaN/inf gradients in place (NaN -> 0, +-inf -> +-1e5), as the official code."""
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+def add_step_stats(stats, loss, infos):
+    """Record a step's per-sample loss and the predictor's outputs in ``stats``."""
+    stats.add('Loss/loss', loss)
+    stats.add('Loss/l2', loss.sqrt())
+    for info in infos:
+        stats.add('Pred/r', info.r)
+        stats.add('Pred/scale_dir', info.scale_dir)
+        stats.add('Pred/scale_time', info.scale_time)
+
+
+class Loss:
+    """A training loss over the targets of an :class:`AMEDLoss` (``problem``). Class data: its
+    ``name`` (``train.py --loss``), its ``options`` with their defaults, ``run_tag`` (added to the
+    run folder name, or None) and ``ddp`` (its gradients are averaged across processes by
+    DistributedDataParallel). :meth:`train_batch` trains one global batch."""
+
+    name = None
+    options = {}
+    run_tag = None
+    ddp = False
+
+    def __init__(self, problem, **options):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not an option of --loss={self.name}")
+        self.problem = problem
+        for key, default in self.options.items():
+            setattr(self, key, options.get(key, default))
+
+    def train_batch(self, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
+        """One global batch: ``rounds_data`` are this process's accumulation rounds (dicts with
+        ``cond``, ``targets`` and ``state``), ``batch_gpu_total`` its share of the batch; ``ddp`` is
+        ``predictor`` or its DistributedDataParallel wrapper; ``stats`` collects the statistics."""
+        raise NotImplementedError
+
+
+class IntervalLoss(Loss):
+    """The official loss: N-1 Adam steps per batch, one per student interval, each the per-sample
+    squared L2 distance of one student step to the teacher point at the interval's end."""
+
+    name = 'interval'
+    ddp = True
+
+    def train_batch(self, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
+        problem, rounds = self.problem, len(rounds_data)
+        for k in range(problem.num_steps - 1):
+            optimizer.zero_grad(set_to_none=True)
+            for g, data in enumerate(rounds_data):
+                sync = contextlib.nullcontext() if (g == rounds - 1 or ddp is predictor) else ddp.no_sync()
+                with sync:
+                    state = problem.start_state(data['targets'], k, data['state'])
+                    loss, new_state, info = problem(ddp, state, data['targets'][k + 1], data['cond'])
+                    loss.sum().mul(1 / batch_gpu_total).backward()
+                data['state'] = new_state.detach()
+                add_step_stats(stats, loss, [info])
+            sanitize_gradients(predictor)
+            optimizer.step()
+
+
+class TrajectoryLoss(Loss):
+    """The whole student run against the teacher's final state (``inter_weight``: weight of every
+    intermediate point; ``checkpointing``: gradient checkpointing per student step): one backward
+    pass per round, the gradients averaged over the global batch (summed over processes here, not
+    by DDP: the predictor is called N-1 times before one backward pass), one Adam step."""
+
+    name = 'trajectory'
+    options = dict(inter_weight=0.0, checkpointing=False)
+    run_tag = 'traj'
+
+    def __init__(self, problem, **options):
+        super().__init__(problem, **options)
+        if not (self.inter_weight >= 0 and math.isfinite(self.inter_weight)):
+            raise ValueError(f'inter_weight must be a finite number >= 0, got {self.inter_weight}')
+
+    def train_batch(self, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
+        optimizer.zero_grad(set_to_none=True)
+        for data in rounds_data:
+            loss, infos = self.problem.trajectory(predictor, data['targets'], data['cond'], self.inter_weight,
+                                                  checkpointing=self.checkpointing)
+            loss.sum().mul(1 / (batch_gpu_total * dist.get_world_size())).backward()
+            add_step_stats(stats, loss, infos)
+        if dist.get_world_size() > 1:
+            for p in predictor.parameters():
+                if p.grad is not None:
+                    dist.all_reduce_sum(p.grad)
+        sanitize_gradients(predictor)
+        optimizer.step()
+
+
+#: Every loss by name (``train.py --loss``).
+LOSSES = {cls.name: cls for cls in (IntervalLoss, TrajectoryLoss)}
+LOSS_OPTIONS = {k: v for cls in LOSSES.values() for k, v in cls.options.items()}
+
+
+def make_loss(name, problem, **options):
+    """The loss ``name`` over ``problem`` with its ``options``; ValueError naming an unknown loss or
+    an option another loss takes when it differs from its default."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (choose one of {', '.join(LOSSES)})")
+    cls = LOSSES[name]
+    for key, value in options.items():
+        if key not in cls.options and value != LOSS_OPTIONS.get(key, value):
+            takers = ' and '.join(f'--loss={n}' for n, c in LOSSES.items() if key in c.options)
+            raise ValueError(f'{key} is an option of {takers} only')
+    return cls(problem, **{k: v for k, v in options.items() if k in cls.options})

@@ -1,6 +1,7 @@
 """Training loop of the AMED predictor (as the official code's, with its bugs fixed).
 
-Per global batch of ``batch`` trajectories (:func:`train_batch`):
+Per global batch of ``batch`` trajectories (:func:`draw_batch`, then the loss's ``train_batch``,
+:mod:`training.loss`):
 
 1. every accumulation round of every rank draws its own latents (and labels) from per-sample
    generators, so the data do not depend on ``batch_gpu`` or the number of processes;
@@ -19,7 +20,6 @@ training state saved, :class:`TrainingInterrupted`), or on non-finite values
 only, so a run resumed from its state equals an uninterrupted one.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator
+from models.base import seeded_inputs
 from torch_utils.stopping import StopSignals, write_error
 from predictors import experiments
 from predictors.networks import build_predictor as build_module
@@ -47,14 +47,6 @@ def sample_seeds(seed, batch_idx, batch):
     """Per-sample seeds of global batch ``batch_idx``: independent of how the batch is split."""
     state = np.random.SeedSequence([int(seed), int(batch_idx)]).generate_state(batch, dtype=np.uint32)
     return [int(s) for s in state]
-
-
-def draw_inputs(model, seeds, device):
-    """Unit-variance latents and conditioning for the given per-sample seeds."""
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), *model.img_shape])
-    cond = model.sample_cond(rnd, len(seeds), training=True)
-    return latents, cond
 
 
 class StatsCollector:
@@ -91,13 +83,6 @@ class StatsCollector:
         return out
 
 
-def sanitize_gradients(module):
-    """Replace NaN/inf gradients in place (NaN -> 0, +-inf -> +-1e5), as the official code."""
-    for p in module.parameters():
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-
-
 def split_batch(batch, batch_gpu, world):
     """(trajectories per process, per round, rounds); ValueError when the batch does not split evenly."""
     if batch % world != 0:
@@ -119,64 +104,9 @@ def draw_batch(loss_fn, seeds, rank, batch_gpu_total, batch_gpu, rounds, device)
     rounds_data = []
     for g in range(rounds):
         lo = rank * batch_gpu_total + g * batch_gpu
-        latents, cond = draw_inputs(loss_fn.model, seeds[lo:lo + batch_gpu], device)
+        latents, cond = seeded_inputs(loss_fn.model, seeds[lo:lo + batch_gpu], device, training=True)
         rounds_data.append(dict(cond=cond, targets=loss_fn.teacher_targets(latents, cond), state=None))
     return rounds_data
-
-
-def _add_step_stats(stats, loss, infos):
-    stats.add('Loss/loss', loss)
-    stats.add('Loss/l2', loss.sqrt())
-    for info in infos:
-        stats.add('Pred/r', info.r)
-        stats.add('Pred/scale_dir', info.scale_dir)
-        stats.add('Pred/scale_time', info.scale_time)
-
-
-def _interval_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
-    """The official loss: N-1 Adam steps, one per student interval."""
-    rounds = len(rounds_data)
-    for k in range(loss_fn.num_steps - 1):
-        optimizer.zero_grad(set_to_none=True)
-        for g, data in enumerate(rounds_data):
-            sync = contextlib.nullcontext() if (g == rounds - 1 or ddp is predictor) else ddp.no_sync()
-            with sync:
-                state = loss_fn.start_state(data['targets'], k, data['state'])
-                loss, new_state, info = loss_fn(ddp, state, data['targets'][k + 1], data['cond'])
-                loss.sum().mul(1 / batch_gpu_total).backward()
-            data['state'] = new_state.detach()
-            _add_step_stats(stats, loss, [info])
-        sanitize_gradients(predictor)
-        optimizer.step()
-
-
-def _trajectory_batch(loss_fn, predictor, optimizer, rounds_data, batch_gpu_total, stats, inter_weight,
-                      checkpointing):
-    """The trajectory loss: one backward pass per round through the whole student run, gradients
-    averaged over the global batch (summed over ranks here, not by DDP: the predictor is called
-    N-1 times before one backward pass), one Adam step."""
-    optimizer.zero_grad(set_to_none=True)
-    for data in rounds_data:
-        loss, infos = loss_fn.trajectory(predictor, data['targets'], data['cond'], inter_weight,
-                                         checkpointing=checkpointing)
-        loss.sum().mul(1 / (batch_gpu_total * dist.get_world_size())).backward()
-        _add_step_stats(stats, loss, infos)
-    if dist.get_world_size() > 1:
-        for p in predictor.parameters():
-            if p.grad is not None:
-                dist.all_reduce_sum(p.grad)
-    sanitize_gradients(predictor)
-    optimizer.step()
-
-
-def train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss='interval',
-                inter_weight=0.0, checkpointing=False):
-    """One global batch of training with the chosen ``loss`` (see the module docstring)."""
-    if loss == 'trajectory':
-        _trajectory_batch(loss_fn, predictor, optimizer, rounds_data, batch_gpu_total, stats, inter_weight,
-                          checkpointing)
-    else:
-        _interval_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats)
 
 
 def tick_line(report, tick, cur_nimg, elapsed):
@@ -266,14 +196,14 @@ def snapshot_name(cur_nimg):
     return f'network-snapshot-{cur_nimg // 1000:06d}.pt'
 
 
-def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64, batch_gpu=None,
+def training_loop(model, run_dir, objective, predictor_kwargs, settings, batch=64, batch_gpu=None,
                   total_kimg=10.0, lr=5e-3, seed=0, device=torch.device('cpu'), tick_kimg=1.0, snap_kimg=0.0,
-                  progress=True, log=_console, init_state=None, loss='interval', inter_weight=0.0,
-                  checkpointing=False, resume=None, identity=None, check_num=0):
-    """Train an AMED predictor with ``loss_fn`` (a :class:`training.loss.AMEDLoss` for the frozen
-    ``model``) and write snapshots and stats to ``run_dir`` (rank 0). ``loss`` is 'interval' (the
-    official per-interval loss) or 'trajectory' (see training/loss.py; ``inter_weight`` and
-    ``checkpointing`` are its options). ``log(msg, console=True)`` receives every tick line (for
+                  progress=True, log=_console, init_state=None, resume=None, identity=None, check_num=0):
+    """Train an AMED predictor with ``objective`` (a :class:`training.loss.Loss`, e.g.
+    :class:`~training.loss.IntervalLoss`, over the :class:`training.loss.AMEDLoss` of the frozen
+    ``model``: it trains one global batch) and write snapshots and stats to ``run_dir`` (rank 0).
+    ``identity`` (the run's, :func:`predictors.experiments.run_identity`) is stored in the training
+    state so that a state from another run is refused. ``log(msg, console=True)`` receives every tick line (for
     log.txt); ``init_state`` is an optional predictor state dict to start from.
 
     Every ``snap_kimg`` (0: never) and on SIGINT/SIGTERM (after the current batch) a snapshot marked
@@ -293,7 +223,8 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
 
     predictor = build_predictor(predictor_kwargs, seed, resume['predictor'] if resume else init_state, device)
     ddp = predictor
-    if world > 1 and loss == 'interval':
+    loss_fn = objective.problem
+    if world > 1 and objective.ddp:
         ddp = torch.nn.parallel.DistributedDataParallel(
             predictor, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -374,8 +305,7 @@ def training_loop(model, run_dir, loss_fn, predictor_kwargs, settings, batch=64,
             while pos['batch_idx'] < num_batches:
                 rounds_data = draw_batch(loss_fn, sample_seeds(seed, pos['batch_idx'], batch), rank, batch_gpu_total,
                                          batch_gpu, rounds, device)
-                train_batch(loss_fn, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats, loss,
-                            inter_weight, checkpointing)
+                objective.train_batch(ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats)
                 pos['batch_idx'] += 1
                 pos['cur_nimg'] += batch
                 bar.update(batch)
