@@ -22,13 +22,14 @@ smallest error it measures. Both are cached in the dnnlib cache folder (``--cach
 the model's output, the seeds and the steps), so a second run starts training at once.
 """
 
-import concurrent.futures
 import contextlib
 import hashlib
 import io
 import multiprocessing
 import os
+import pickle
 import resource
+import signal
 import time
 
 import click
@@ -136,29 +137,74 @@ def timed(fn, *args):
     return result, time.time() - t0, time.process_time() - c0
 
 
-class Jobs:
-    """Functions run in ``workers`` spawned processes of one thread each, or one by one in this
-    process (already at one thread) for ``workers`` = 1; :meth:`results` yields (key, result, wall
-    seconds, CPU seconds) as they finish. The same job gives the same digits either way."""
+def _run_job(job):
+    """(key, result, wall seconds, CPU seconds) of one job; its failure as a RuntimeError naming
+    the job (every exception pickles back from a worker that way)."""
+    key, fn, args = job
+    try:
+        return key, *timed(fn, *args)
+    except Exception as e:
+        raise RuntimeError(f"{' NFE '.join(map(str, key)) if isinstance(key, tuple) else key}: "
+                           f"{type(e).__name__}: {e}") from None
 
-    def __init__(self, jobs, workers):
-        self.jobs, self.pool, self.futures = jobs, None, {}
-        if workers > 1:
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context('spawn'), initializer=torch.set_num_threads,
-                initargs=(1,))
-            self.futures = {self.pool.submit(timed, fn, *args): key for key, fn, args in jobs}
 
-    def results(self):
-        if self.pool is None:
-            for key, fn, args in self.jobs:
-                yield key, *timed(fn, *args)
+def _worker(tasks, results):
+    """A worker process: one thread, Ctrl-C left to the main process (which ends the workers).
+    Runs jobs from ``tasks`` until None (or until the main process is gone) and sends each answer
+    to ``results`` as (ok, pickled result or message): pickled here, so that tensors travel by
+    value, not as shared memory of a process that may have ended by the time they are read."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    parent = multiprocessing.parent_process()
+    for job in iter(tasks.get, None):
+        if not parent.is_alive():   # killed: nobody reads the answers
             return
         try:
-            for future in concurrent.futures.as_completed(self.futures):
-                yield self.futures[future], *future.result()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            results.put((True, pickle.dumps(_run_job(job))))
+        except Exception as e:
+            results.put((False, str(e)))
+
+
+class Jobs:
+    """Jobs (key, function, arguments) run in ``workers`` spawned processes of one thread each,
+    each taking the next job in the order listed (longest first) when it is free, or one by one in
+    this process (already at one thread) for ``workers`` = 1; :meth:`results` yields (key, result,
+    wall seconds, CPU seconds) as they finish. The same job gives the same digits either way. A
+    context manager: leaving it by an exception (a failed job, Ctrl-C) kills the workers at once."""
+
+    def __init__(self, jobs, workers):
+        self.jobs, self.processes = list(jobs), []
+        if workers > 1:
+            ctx = multiprocessing.get_context('spawn')
+            self.tasks, self.answers = ctx.Queue(), ctx.SimpleQueue()
+            for job in self.jobs + [None] * workers:
+                self.tasks.put(job)
+            self.processes = [ctx.Process(target=_worker, args=(self.tasks, self.answers), daemon=True)
+                              for _ in range(workers)]
+            for p in self.processes:
+                p.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for p in self.processes:
+            if exc_type is not None:
+                p.kill()
+            p.join()
+        if self.processes:
+            self.tasks.cancel_join_thread()
+            self.tasks = self.answers = self.processes = None   # their semaphores go now, not at exit
+
+    def results(self):
+        if not self.processes:
+            yield from map(_run_job, self.jobs)
+            return
+        for _ in self.jobs:
+            ok, answer = self.answers.get()
+            if not ok:
+                raise RuntimeError(answer)
+            yield pickle.loads(answer)
 
 
 def cpu_seconds(who=resource.RUSAGE_SELF):
@@ -170,9 +216,10 @@ def cpu_seconds(who=resource.RUSAGE_SELF):
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', type=click.Choice(['toy', 'toy_cond', 'toy_unet']), default='toy')
 @click.option('--nfe', 'nfes', help='NFE values (odd: AFS is used) [default: 3,5,7,9; 5 on toy_unet]', type=str)
-@click.option('--kimg', help='Training trajectories per predictor (thousands)', type=float, default=2.0)
-@click.option('--batch', help='Training batch', type=int, default=32)
-@click.option('--num', help='Evaluation samples', type=int, default=64)
+@click.option('--kimg', help='Training trajectories per predictor (thousands)',
+              type=click.FloatRange(min=0, min_open=True), default=2.0)
+@click.option('--batch', help='Training batch', type=click.IntRange(min=1), default=32)
+@click.option('--num', help='Evaluation samples', type=click.IntRange(min=1), default=64)
 @click.option('--both_losses', is_flag=True, help='Train every AMED recipe with both losses (interval and '
               'trajectory), not only with the one the table uses')
 @click.option('--workers', type=click.IntRange(min=1), help='Processes (one thread each) that train the predictors '
@@ -187,7 +234,8 @@ def cpu_seconds(who=resource.RUSAGE_SELF):
 @click.option('--strip_model', type=click.Choice(['photo_unet', 'toy_unet', 'toy', 'none']), default='photo_unet',
               help='Built-in model of the second strip: the reference and the plain solvers at the grid\'s NFE, '
               f'seeds 0-{STRIP_SEEDS - 1} (none: no second strip)')
-@click.option('--check', help='Held-out trajectories of each run\'s end-of-training check (0: none)', type=int,
+@click.option('--check', help='Held-out trajectories of each run\'s end-of-training check (0: none)',
+              type=click.IntRange(min=0),
               default=64)
 @click.option('--progress/--no-progress', help='A progress bar over the trained predictors', default=False)
 def main(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cache_dir, grid_path, strip_model,
@@ -226,30 +274,31 @@ def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cach
     jobs += [((label, nfe), train_and_sample, (recipe, nfe, num, options))
              for nfe in sorted(nfes, reverse=True) for label, recipe in recipes]
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs)) or 1
-    jobs = Jobs(jobs, workers)
+    total = sum(1 for key, _, _ in jobs if key != 'strip')
+    with Jobs(jobs, workers) as jobs:   # the workers start on the jobs while this process solves its reference
+        latents, cond, exact, halving_change = reference(model, dataset_name, num, device, cache_dir)
+        kind = 'Exact' if exact_model else 'Reference'
+        print(f'{kind} ODE solutions of {num} samples (RK4, {REFERENCE_STEPS_PER_UNIT} steps per unit of log sigma): '
+              f'{time.time() - start:.1f} s')
+        baselines = {(label, nfe): x for nfe in nfes
+                     for label, x in accuracy.baseline_samples(model, latents, cond, nfe)}
 
-    latents, cond, exact, halving_change = reference(model, dataset_name, num, device, cache_dir)
-    kind = 'Exact' if exact_model else 'Reference'
-    print(f'{kind} ODE solutions of {num} samples (RK4, {REFERENCE_STEPS_PER_UNIT} steps per unit of log sigma): '
-          f'{time.time() - start:.1f} s')
-    baselines = {(label, nfe): x for nfe in nfes for label, x in accuracy.baseline_samples(model, latents, cond, nfe)}
-
-    samples, runs, photo = {}, {}, None
-    total = sum(1 for key, _, _ in jobs.jobs if key != 'strip')
-    print(f'Training {total} predictors ({len(recipes)} recipes x {len(nfes)} NFE, {kimg:g}k trajectories each) '
-          f'in {workers} process(es)')
-    with tqdm(total=total, unit='predictor', disable=not progress, dynamic_ncols=True) as bar:
-        for key, result, seconds, cpu in jobs.results():
-            if key == 'strip':
-                photo = result
-                bar.write(f'{strip_model}: reference and plain solvers of the strip in {seconds:.1f} s ({cpu:.1f} s CPU)')
-                continue
-            samples[key], runs[key], settings = result
-            verdict = settings.get('check')
-            verdict = f", check: {verdict['verdict']}" if verdict else ''
-            bar.write(f'{key[0]} NFE {key[1]}: trained in {seconds:.1f} s ({cpu:.1f} s CPU){verdict}, '
-                      f'RMS error {accuracy.rms_error(samples[key], exact):.4f}')
-            bar.update(1)
+        samples, runs, photo = {}, {}, None
+        print(f'Training {total} predictors ({len(recipes)} recipes x {len(nfes)} NFE, {kimg:g}k trajectories each) '
+              f'in {workers} process(es)')
+        with tqdm(total=total, unit='predictor', disable=not progress, dynamic_ncols=True) as bar:
+            for key, result, seconds, cpu in jobs.results():
+                if key == 'strip':
+                    photo = result
+                    bar.write(f'{strip_model}: reference and plain solvers of the strip in {seconds:.1f} s '
+                              f'({cpu:.1f} s CPU)')
+                    continue
+                samples[key], runs[key], settings = result
+                verdict = settings.get('check')
+                verdict = f", check: {verdict['verdict']}" if verdict else ''
+                bar.write(f'{key[0]} NFE {key[1]}: trained in {seconds:.1f} s ({cpu:.1f} s CPU){verdict}, '
+                          f'RMS error {accuracy.rms_error(samples[key], exact):.4f}')
+                bar.update(1)
 
     labels = [label for label, _ in recipes] + [label for label, _ in accuracy.BASELINES]
     found = {**samples, **baselines}
