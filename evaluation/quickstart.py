@@ -28,6 +28,7 @@ import io
 import multiprocessing
 import os
 import pickle
+import queue
 import resource
 import signal
 import time
@@ -137,15 +138,19 @@ def timed(fn, *args):
     return result, time.time() - t0, time.process_time() - c0
 
 
+class JobFailed(RuntimeError):
+    """A job of :class:`Jobs` failed: one line naming the job, the error's type and message."""
+
+
 def _run_job(job):
-    """(key, result, wall seconds, CPU seconds) of one job; its failure as a RuntimeError naming
-    the job (every exception pickles back from a worker that way)."""
+    """(key, result, wall seconds, CPU seconds) of one job; its failure as :class:`JobFailed`
+    (every exception pickles back from a worker that way)."""
     key, fn, args = job
     try:
         return key, *timed(fn, *args)
     except Exception as e:
-        raise RuntimeError(f"{' NFE '.join(map(str, key)) if isinstance(key, tuple) else key}: "
-                           f"{type(e).__name__}: {e}") from None
+        raise JobFailed(f"{' NFE '.join(map(str, key)) if isinstance(key, tuple) else key}: "
+                        f"{type(e).__name__}: {e}") from None
 
 
 def _worker(tasks, results):
@@ -176,7 +181,7 @@ class Jobs:
         self.jobs, self.processes = list(jobs), []
         if workers > 1:
             ctx = multiprocessing.get_context('spawn')
-            self.tasks, self.answers = ctx.Queue(), ctx.SimpleQueue()
+            self.tasks, self.answers = ctx.Queue(), ctx.Queue()
             for job in self.jobs + [None] * workers:
                 self.tasks.put(job)
             self.processes = [ctx.Process(target=_worker, args=(self.tasks, self.answers), daemon=True)
@@ -196,14 +201,23 @@ class Jobs:
             self.tasks.cancel_join_thread()
             self.tasks = self.answers = self.processes = None   # their semaphores go now, not at exit
 
+    def _answer(self):
+        while True:
+            try:
+                return self.answers.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in self.processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise JobFailed(f'a worker process ended with exit code {dead[0]}') from None
+
     def results(self):
         if not self.processes:
             yield from map(_run_job, self.jobs)
             return
         for _ in self.jobs:
-            ok, answer = self.answers.get()
+            ok, answer = self._answer()
             if not ok:
-                raise RuntimeError(answer)
+                raise JobFailed(answer)
             yield pickle.loads(answer)
 
 
@@ -246,6 +260,8 @@ def main(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cac
     try:
         run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cache_dir, grid_path, strip_model,
             check, progress)
+    except JobFailed as e:
+        raise click.ClickException(str(e)) from None
     finally:
         torch.set_num_threads(threads)
 

@@ -277,3 +277,14 @@ def test_quickstart_smoke(in_tmp):
                                                                               runs[name.split('-', 1)[1]])]
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_quickstart_failed_job_is_one_line(in_tmp):
+    """A job that fails in a worker process ends the quickstart with one line naming the job."""
+    from evaluation import quickstart
+    open('afile', 'w').close()
+    result = CliRunner().invoke(quickstart.main, ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--outdir=afile',
+                                                  '--cache_dir=cache', '--strip_model=none', '--workers=2'])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == \
+        ['Error: AMED-Solver, interval loss NFE 3: ValueError: --outdir afile is a file, not a folder']
