@@ -289,7 +289,8 @@ def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cach
     jobs = [] if strip_model == 'none' else [('strip', plain_strip, (strip_model, grid_nfe, STRIP_SEEDS, cache_dir))]
     jobs += [((label, nfe), train_and_sample, (recipe, nfe, num, options))
              for nfe in sorted(nfes, reverse=True) for label, recipe in recipes]
-    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs)) or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()   # not on macOS
+    workers = min(workers or cores or 1, len(jobs)) or 1
     total = sum(1 for key, _, _ in jobs if key != 'strip')
     with Jobs(jobs, workers) as jobs:   # the workers start on the jobs while this process solves its reference
         latents, cond, exact, halving_change = reference(model, dataset_name, num, device, cache_dir)
