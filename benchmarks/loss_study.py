@@ -38,12 +38,13 @@ FD_DATA_SEEDS = (7, 8)     # two independent sets of exact data for the FD noise
 
 def seed_set(model, name, cache_dir, num=None):
     """Latents, conditioning and exact ODE solutions of a named seed set, or of its first ``num``
-    seeds (exact solutions cached)."""
+    seeds (exact solutions cached per model name, seed set and :func:`evaluation.accuracy.model_fingerprint`)."""
     seeds = SEED_SETS[name][:num]
-    tag = getattr(model, 'dataset_name', type(model).__name__) + ('' if num is None else f'-{num}')
-    path = os.path.join(cache_dir, f'exact-{tag}-{name}.pt')
+    latents, cond = accuracy.seeded_inputs(model, seeds)
+    tag = (getattr(model, 'dataset_name', None) or type(model).__name__) + ('' if num is None else f'-{num}')
+    # Keyed by the model's outputs too: a retrained checkpoint of the same name gets its own file.
+    path = os.path.join(cache_dir, f'exact-{tag}-{name}-{accuracy.model_fingerprint(model, latents, cond)}.pt')
     if os.path.exists(path):
-        latents, cond = accuracy.seeded_inputs(model, seeds)
         exact = torch.load(path, weights_only=True)
     else:
         latents, cond, exact = accuracy.reference_set(model, seeds)

@@ -23,7 +23,6 @@ the model's output, the seeds and the steps), so a second run starts training at
 """
 
 import contextlib
-import hashlib
 import io
 import multiprocessing
 import os
@@ -67,20 +66,11 @@ def table_recipes(both_losses=False):
             if both_losses or recipe['loss'] == TABLE_LOSS[recipe['sampler_stu']]]
 
 
-def model_fingerprint(model, latents, cond):
-    """sha256 of the model's denoised output on a few of the latents: a cache key that changes
-    when the model does."""
-    with torch.no_grad():
-        c = None if cond is None else cond[:2]
-        out = model(latents[:2] * 10.0, torch.full((2,), 10.0), c)
-    return hashlib.sha256(out.double().cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 def reference(model, dataset_name, num, device, cache_dir, halving=True):
     """(latents, cond, reference solution, RMS change when the steps are halved) of seeds 0..num-1,
     cached on disk; the change is None without ``halving`` (not computed unless the cache has it)."""
     latents, cond = accuracy.seeded_inputs(model, range(num), device)
-    key = f'{dataset_name}-n{num}-spu{REFERENCE_STEPS_PER_UNIT}-{model_fingerprint(model, latents, cond)}'
+    key = f'{dataset_name}-n{num}-spu{REFERENCE_STEPS_PER_UNIT}-{accuracy.model_fingerprint(model, latents, cond)}'
     path = os.path.join(cache_dir, f'reference-{key}.pt')
     cached = torch.load(path, weights_only=True) if os.path.isfile(path) else None
     if cached is not None and torch.equal(cached['latents'], latents):
