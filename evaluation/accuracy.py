@@ -60,6 +60,13 @@ def sample_all(model, latents, cond=None, predictor=None, batch=64, **solver_kwa
     return torch.cat(outs)
 
 
+def baseline_samples(model, latents, cond, nfe, batch=64):
+    """(label, samples) of every plain solver of :data:`BASELINES` at ``nfe``, with AFS."""
+    return [(label, sample_all(model, latents, cond, batch=batch, afs=True, **kwargs,
+                               num_steps=steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)))
+            for label, kwargs in BASELINES]
+
+
 def solver_error(model, latents, exact, cond=None, predictor=None, batch=64, **solver_kwargs):
     """RMS error (see :func:`rms_error`) of one solver configuration against ``exact``."""
     return rms_error(sample_all(model, latents, cond, predictor, batch, **solver_kwargs), exact)

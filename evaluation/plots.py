@@ -2,7 +2,7 @@
 curves of a run folder.
 
     python -m evaluation.plots training exps/00000-toy-4-5-ipndm-ipndm-2-poly7.0-afs   # -> training.png there
-    python -m evaluation.plots strip --dataset_name=toy_unet --nfe=5 --out=strip.png [--predictor_path=0 ...]
+    python -m evaluation.plots strip --dataset_name=photo_unet --nfe=5 --out=strip.png [--predictor_path=0 ...]
 
 The plots need matplotlib (``pip install -r requirements-plots.txt``); without it they are skipped
 with one line. The strip is drawn with PIL and needs nothing more.
@@ -18,6 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from generation.generate import to_uint8
+
+#: Built-in models whose samples are low-contrast textures: their strips are contrast-stretched.
+STRETCHED = ('toy', 'toy_cond', 'toy_unet')
 
 MATPLOTLIB_MISSING = 'Plot skipped: matplotlib is not installed (pip install -r requirements-plots.txt)'
 
@@ -148,16 +151,18 @@ def main():
 
 
 @main.command(context_settings=dict(show_default=True))
-@click.option('--dataset_name', help='Built-in model', type=click.Choice(['toy', 'toy_cond', 'toy_unet']),
-              default='toy_unet')
+@click.option('--dataset_name', help='Built-in model',
+              type=click.Choice(['toy', 'toy_cond', 'toy_unet', 'photo_unet']), default='photo_unet')
 @click.option('--nfe', help='NFE of every solver (odd: AFS is used)', type=click.IntRange(min=3), default=5)
 @click.option('--seeds', help='Number of seeds (columns), from seed 0', type=click.IntRange(1, 64), default=8)
 @click.option('--predictor_path', 'predictors', help='AMED predictors to add as rows (snapshot, run folder or '
               'experiment number; trained at --nfe on this model)', multiple=True)
 @click.option('--out', help='PNG to write', type=str, default='strip.png')
-def strip(dataset_name, nfe, seeds, predictors, out):
+@click.option('--stretch/--no-stretch', default=None, help='Contrast-stretch each column  [default: on the toy models, '
+              'whose samples are low-contrast textures; not on photo_unet]')
+def strip(dataset_name, nfe, seeds, predictors, out, stretch):
     """A strip of the same seeds: the reference ODE solution, then every plain solver of the
-    quickstart's table (and each --predictor_path) at --nfe, contrast-stretched per column."""
+    quickstart's table (and each --predictor_path) at --nfe."""
     import solvers
     from evaluation import accuracy
     from models.presets import load_model
@@ -178,11 +183,9 @@ def strip(dataset_name, nfe, seeds, predictors, out):
             raise click.ClickException(f'{spec} samples at NFE {its_nfe}, not --nfe={nfe}')
         x = accuracy.sample_all(model, latents, cond, predictor=loaded.predictor, **s.sample_kwargs())
         rows.append((f'AMED ({s.solver}, predictor {spec}), NFE {nfe}', x))
-    for label, kwargs in accuracy.BASELINES:
-        num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
-        rows.append((f'{label}, NFE {nfe}', accuracy.sample_all(model, latents, cond, num_steps=num_steps, afs=True,
-                                                                **kwargs)))
-    print(f'Strip (contrast-stretched): {sample_strip(rows, reference.float(), out)}')
+    rows += [(f'{label}, NFE {nfe}', x) for label, x in accuracy.baseline_samples(model, latents, cond, nfe)]
+    stretch = dataset_name in STRETCHED if stretch is None else stretch
+    print(f"Strip{' (contrast-stretched)' if stretch else ''}: {sample_strip(rows, reference.float(), out, stretch=stretch)}")
 
 
 @main.command()

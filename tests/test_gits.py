@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import sample
 import solvers
 from evaluation import compare, gits
+from evaluation.accuracy import seeded_inputs
 from integrations.kdiffusion import sample_amed
 from models.presets import load_model
 from predictors import card as C
@@ -49,6 +50,33 @@ def test_cost_matrix(costs):
         assert abs(float(m[0, 1])) < 1e-9, metric
         assert float(m[0, -1]) > float(m[0, 2]), metric
         assert c['seeds'] == list(range(200000, 200006))
+
+
+def test_cost_entries_are_one_euler_step_from_the_teachers_point(toy, costs):
+    """Every entry (i, j), recomputed from its definition in the official GITS search: the teacher's
+    own trajectory on the fine grid (plain iPNDM, order 4), one Euler step with the model's direction
+    at the teacher's point i, compared with the teacher's point j; per-sample values, batch mean.
+    dev: distance from the line through the trajectory's first and last points, minus the teacher's
+    (zero at the last point)."""
+    t = torch.tensor(costs['dev']['t_fine'], dtype=torch.float64)
+    latents, _ = seeded_inputs(toy, costs['dev']['seeds'])
+    traj = solvers.sample(toy, latents.double(), solver='ipndm', t_steps=t, return_inters=True).flatten(2)
+    n = len(t)
+    start, end = traj[0], traj[-1]
+    unit = (end - start) / (end - start).norm(dim=1, keepdim=True)
+
+    def off_line(x):
+        v = x - start
+        return (v - (v * unit).sum(1, keepdim=True) * unit).norm(dim=1)
+    for i, j in [(0, 1), (0, n - 1), (3, 7), (5, n - 1), (n - 2, n - 1)]:
+        x = traj[i].reshape(latents.shape)
+        d = ((x - toy(x, t[i])) / t[i]).flatten(1)
+        step = traj[i] + (t[j] - t[i]) * d
+        teacher_dev = off_line(traj[j]).mean() if j < n - 1 else 0.0
+        expected = dict(l1=(step - traj[j]).abs().sum(1).mean(), l2=(step - traj[j]).norm(dim=1).mean(),
+                        dev=off_line(step).mean() - teacher_dev)
+        for metric, value in expected.items():
+            assert float(costs[metric]['cost'][i, j]) == pytest.approx(float(value), rel=1e-9, abs=1e-9), (metric, i, j)
 
 
 def test_deviation_of_points_on_and_off_the_line():

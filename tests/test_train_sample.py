@@ -235,20 +235,56 @@ def test_class_conditional_builtin_model(in_tmp):
     assert code != 0 and 'toy_cond' in out
 
 
+def table_of(out):
+    """{label: the row's cells} of the table a quickstart printed."""
+    rows = [line for line in out.splitlines() if line.startswith('| ')][1:]
+    return {r.split('|')[1].strip(): [c.strip() for c in r.split('|')[2:-1]] for r in rows}
+
+
 def test_quickstart_smoke(in_tmp):
-    """The quickstart runs end to end (tiny settings; the real figures are in the README)."""
+    """The quickstart runs end to end (tiny settings; the real figures are in the README), and the
+    number of worker processes changes no digit and no trained weight."""
     from evaluation import plots, quickstart
-    code, out = run_cli(quickstart.main, ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--outdir=exps',
-                                          '--cache_dir=cache', '--grid=q/g.png'])
+    tiny = ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--cache_dir=cache', '--strip_model=toy']
+    code, out = run_cli(quickstart.main, tiny + ['--outdir=exps', '--grid=q/g.png', '--workers=2'])
     assert code == 0, out
-    rows = [line for line in out.splitlines() if line.startswith('| ')]
-    labels = [r.split('|')[1].strip() for r in rows[1:]]
-    assert labels == ['AMED-Solver, interval loss', 'AMED-Solver, trajectory loss', 'AMED-Plugin (iPNDM), interval loss',
-                      'AMED-Plugin (iPNDM), trajectory loss', 'iPNDM', 'DPM-Solver-2', 'DPM-Solver++(3M)', 'Euler']
-    assert all(np.isfinite(float(r.split('|')[2])) for r in rows[1:])
-    assert os.path.exists('q/g.png') and len(os.listdir('exps')) == 4 and len(os.listdir('cache')) == 1
-    # The strip: the reference and the 8 rows of the table, 2 seeds each, 32x32 pixels at scale 3.
-    strip = read_png('q/strip.png')
-    assert strip.shape[0] == 9 * (32 * 3 + 2) and 'Reference check: halving its steps changes it by' in out
+    table = table_of(out)
+    assert list(table) == ['AMED-Solver, interval loss', 'AMED-Plugin (iPNDM), trajectory loss', 'iPNDM', 'DPM-Solver-2',
+                           'DPM-Solver++(3M)', 'Euler']
+    assert all(np.isfinite(float(cells[0])) for cells in table.values()) and 'in 2 process(es)' in out
+    with open('q/table.md', encoding='utf-8') as f:
+        assert table_of(f.read()) == table
+    # The table's reference (2 seeds) and the second strip's (8 seeds) are cached.
+    assert os.path.exists('q/g.png') and len(os.listdir('exps')) == 2 and len(os.listdir('cache')) == 2
+    # The strips: the reference and the 6 rows of the table, 2 seeds each; the reference and the 4
+    # plain solvers, 8 seeds; 32x32 pixels at scale 3.
+    assert read_png('q/strip.png').shape[:2] == (7 * (32 * 3 + 2), read_png('q/strip.png').shape[1])
+    strip = read_png('q/strip-toy.png')
+    assert strip.shape[0] == 5 * (32 * 3 + 2) and strip.shape[1] > 8 * (32 * 3 + 2)
+    assert 'Reference check: halving its steps changes it by' in out
     assert os.path.exists('q/error_vs_nfe.png') or plots.MATPLOTLIB_MISSING in out
-    assert sum(name.endswith('-traj-quickstart') for name in os.listdir('exps')) == 2
+
+    # One at a time in this process, with both losses: the same rows and weights, and two more rows.
+    code, serial = run_cli(quickstart.main, tiny + ['--outdir=serial', '--grid=s/g.png', '--workers=1', '--both_losses'])
+    assert code == 0, serial
+    both = table_of(serial)
+    assert {label: both[label] for label in table} == table and len(both) == 8
+    assert 'AMED-Solver, trajectory loss' in both and 'AMED-Plugin (iPNDM), interval loss' in both
+    runs = {name.split('-', 1)[1]: os.path.join('serial', name) for name in os.listdir('serial')}
+    assert len(runs) == 4
+    for name in os.listdir('exps'):
+        weights = [load_predictor(d, verbose=False)[0].state_dict() for d in (os.path.join('exps', name),
+                                                                              runs[name.split('-', 1)[1]])]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_quickstart_failed_job_is_one_line(in_tmp):
+    """A job that fails in a worker process ends the quickstart with one line naming the job."""
+    from evaluation import quickstart
+    open('afile', 'w').close()
+    result = CliRunner().invoke(quickstart.main, ['--nfe=3', '--kimg=0.016', '--batch=8', '--num=2', '--outdir=afile',
+                                                  '--cache_dir=cache', '--strip_model=none', '--workers=2'])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == \
+        ['Error: AMED-Solver, interval loss NFE 3: ValueError: --outdir afile is a file, not a folder']
