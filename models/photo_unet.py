@@ -99,7 +99,7 @@ CONFIG = dict(
 SPEC = builtin_unet.UNetSpec(
     name='photo_unet', config=CONFIG,
     feature_block='8x8_block0',   # the last encoder block at 8x8 (the bottleneck's input), 32 channels
-    recipe=dict(kimg=20, batch=32, lr=2e-3, warmup_kimg=2, ema_halflife_kimg=2, P_mean=-1.2, P_std=1.2,
+    recipe=dict(kimg=200, batch=64, lr=2e-3, warmup_kimg=5, ema_halflife_kimg=5, P_mean=-1.2, P_std=1.2,
                 seed=0, threads=1, data='skimage photographs: ' + ', '.join(TRAIN_PHOTOS)),
     steps_per_unit=8,
     make_data=PhotoCrops)

@@ -70,9 +70,9 @@ def test_loads_through_the_edm_adapter_with_a_unet_feature(spec, model):
 PINNED = {'toy_unet': {0.05: [-218.497437, -0.293205, -0.475079, -0.125063],
                        0.5: [-208.210358, -0.208119, -0.244239, -0.159207],
                        5.0: [56.949608, 0.046392, 0.059262, 0.067642]},
-          'photo_unet': {0.05: [-234.070541, -0.254836, -0.472993, -0.147044],
-                         0.5: [-180.222153, 0.068752, -0.237107, -0.091622],
-                         5.0: [149.410568, 0.306444, 0.280353, 0.340201]}}
+          'photo_unet': {0.05: [-232.659607, -0.248173, -0.449452, -0.18805],
+                         0.5: [-235.628754, -0.104757, -0.227845, -0.208244],
+                         5.0: [-39.875904, 0.118881, 0.161086, 0.154665]}}
 
 
 def _pinned_inputs():
@@ -107,7 +107,7 @@ def test_denoiser_is_close_to_the_exact_one():
 
 def test_photo_denoiser_learned_the_photographs():
     """photo_unet denoises photographs it never saw: at sigma 0.2 its output is less than half as far
-    from the clean held-out crops as the noisy input is (measured: 0.45; the identity gives 1)."""
+    from the clean held-out crops as the noisy input is (measured: 0.38; the identity gives 1)."""
     model = load_model('photo_unet')
     g = torch.Generator().manual_seed(0)
     x0 = photo_unet.held_out_data().sample(16, generator=g).float()
