@@ -29,6 +29,17 @@ def one_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def run(command):
+    """Run a click ``command`` as a script's entry point: click's own handling of arguments,
+    errors and exit codes, then the process ends through :func:`torch_utils.distributed.exit_process`
+    (which a torchrun worker needs to end cleanly)."""
+    try:
+        command()   # click's standalone mode ends every run with SystemExit
+    except SystemExit as e:
+        dist.exit_process(e.code)
+    dist.exit_process(0)
+
+
 def user_errors(fn):
     """The one error policy of the CLIs: a library's user error (:data:`USER_ERRORS`) becomes
     click's one-line 'Error: ...' with exit code 1; work stopped by a signal or a failed write

@@ -141,4 +141,4 @@ def toydata(dest, num, seed, dataset_name, overwrite, progress):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -80,4 +80,4 @@ def main(device, progress, dry_run, **options):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

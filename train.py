@@ -148,4 +148,4 @@ def main(ctx, dry_run, progress, device, resume, **opts):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -178,4 +178,4 @@ def export(predictor_path, out, feature, seeds, batch, model_path, classifier_pa
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

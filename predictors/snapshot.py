@@ -40,8 +40,6 @@ __all__ = ['FORMAT', 'VERSION', 'save_snapshot', 'load_snapshot', 'resolve_predi
 FORMAT = 'amed-predictor'
 VERSION = 1
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
-#: What every predictor's settings say (the published pickles' too, :mod:`predictors.legacy`).
-PREDICTOR_SETTINGS = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'dataset_name')
 SEARCH_DIRS = ('exps', 'exp')   # ./exps (ours), ./exp (where the official README puts the published predictors)
 
 

@@ -32,4 +32,8 @@ if ! .peer-venv/bin/python -c "$PEER_IMPORTS" >/dev/null 2>&1; then
         open_clip_torch==3.3.0 torchmetrics==1.9.0 torch-fidelity==0.4.0
 fi
 
-"$PY" -m pytest -q tests "$@"
+# Two worker processes (pytest-xdist), one per core of a 2-core machine, each on one thread: tiny
+# tensors gain nothing from more threads, and oversubscribed cores stall. AMED_TEST_WORKERS=0 runs
+# the suite in this process.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$PY" -m pytest -q -n "${AMED_TEST_WORKERS:-2}" tests "$@"

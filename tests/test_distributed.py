@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -154,3 +156,50 @@ def running(pid):
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
     except FileNotFoundError:
         return False
+
+
+EXIT_CHILD = textwrap.dedent('''
+    import atexit, os, sys
+    import torch
+    from torch_utils import distributed as dist
+
+    out_dir = sys.argv[1]
+    dist.init('cpu')
+    rank = dist.get_rank()
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    net(torch.ones(1, 2)).sum().backward()
+    dist.barrier()
+    dist.shutdown()
+    atexit.register(lambda: open(os.path.join(out_dir, f'finalized{rank}'), 'w').close())
+    threads = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))
+    print(f'rank {rank} ends; threads {threads}')    # into a pipe: buffered until exit_process flushes it
+    dist.exit_process(None)
+''')
+
+
+def test_a_process_that_ran_a_group_ends_without_finalization(tmp_path):
+    """After a process group ran (here with DistributedDataParallel, whose group outlives
+    destroy_process_group with its backend threads), exit_process flushes the output and ends the
+    process at once, exit status 0: no atexit handler runs, so the interpreter's finalization, where
+    such a thread can abort the process, never starts."""
+    script = tmp_path / 'child.py'
+    script.write_text(EXIT_CHILD)
+    proc = torchrun([str(script), str(tmp_path)], REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(' ends; threads ') == 2, proc.stdout
+    assert not list(tmp_path.glob('finalized*'))
+
+
+@pytest.mark.parametrize('code,status', [(None, 0), (3, 3), ('stopped: why', 1)])
+def test_exit_process_without_a_group_exits_normally(tmp_path, code, status):
+    """Without a process group, exit_process is sys.exit: atexit handlers run; a message is printed
+    and gives status 1."""
+    marker = tmp_path / 'finalized'
+    script = (f'import atexit, sys; sys.path.insert(0, {REPO_ROOT!r})\n'
+              f'from torch_utils import distributed as dist\n'
+              f'atexit.register(lambda: open({str(marker)!r}, "w").close())\n'
+              f'dist.exit_process({code!r})\n')
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert marker.exists()
+    assert ('stopped: why' in proc.stderr) == isinstance(code, str)

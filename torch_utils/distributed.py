@@ -23,12 +23,14 @@ Typical use::
 """
 
 import os
+import sys
 
 import torch
 import torch.distributed as tdist
 
 _device = None          # torch.device chosen by init(); None before init()
 _created_group = False  # True when init() created the process group itself
+_group_threads = False  # True once a process group ran here: its backend threads may outlive it
 
 
 # ----------------------------------------------------------------------------
@@ -68,7 +70,7 @@ def init(device=None):
     Idempotent: a second call returns the same device; asking for a different
     device type than the first call raises RuntimeError.
     """
-    global _device, _created_group
+    global _device, _created_group, _group_threads
     if _device is not None:
         if device is not None and _resolve_device_type(device) != _device.type:
             raise RuntimeError(f"init(device={device!r}): already initialised on {_device}")
@@ -95,7 +97,7 @@ def init(device=None):
     if _launched() and not tdist.is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
         tdist.init_process_group(backend=backend, init_method='env://')
-        _created_group = True
+        _created_group = _group_threads = True
     _device = dev
     return _device
 
@@ -107,6 +109,33 @@ def shutdown():
         tdist.destroy_process_group()
     _created_group = False
     _device = None
+
+
+def exit_process(code=0):
+    """End the process with exit status ``code`` (an int, None for 0, or a message: printed, status 1).
+
+    A process in which a process group ran ends without the interpreter's finalization: it flushes
+    the standard streams and logging and leaves with ``os._exit``. The reason: in torch 2.13 a
+    group that DistributedDataParallel used stays referenced after ``destroy_process_group``, so
+    its backend's worker threads live on; one of them may release a finished collective's tensors
+    while the interpreter finalizes, cannot take the GIL then, and aborts the process ("terminate
+    called without an active exception", exit -6) after the work was done and saved. Other
+    processes exit normally (``sys.exit``)."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    if not _group_threads:
+        sys.exit(code)
+    import logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------

@@ -114,8 +114,8 @@ def plan_training(options, device):
     model = load_model(o['dataset_name'], o['model_path'], o['guidance_type'], o['guidance_rate'],
                        o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
                        prompt=o['prompt'])
-    loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'schedule_type', 'schedule_rho',
-                                     'sigma_min', 'sigma_max', 'afs', *solvers.OPTIONS)}
+    loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'M', 'afs', *SolverSettings.SCHEDULE_KEYS,
+                                     *solvers.OPTIONS)}
     loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
     objective = make_loss(o['loss'], loss_fn, **loss_options)
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
