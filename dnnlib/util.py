@@ -39,6 +39,23 @@ class EasyDict(dict):
 # Looking up objects by their dotted name.
 
 
+#: The largest settings file (solver card, manifest, training_options.json, schedule) read: each
+#: holds at most a few thousand numbers, so a larger file is not one of them.
+MAX_SETTINGS_BYTES = 1 << 24
+
+
+def read_settings_text(path, what):
+    """The text of the settings file ``path`` (a ``what``: 'solver card', 'sample manifest', ...);
+    ValueError (one line naming the file) when it is larger than :data:`MAX_SETTINGS_BYTES`, so
+    that a wrong or damaged file is never read whole into memory. OSError passes through."""
+    size = os.path.getsize(path)
+    if size > MAX_SETTINGS_BYTES:
+        raise ValueError(f'{path}: {size} bytes, more than the {MAX_SETTINGS_BYTES} a {what} can need: '
+                         f'not a {what}')
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
 def sha256_file(path, chunk=1 << 24):
     """Hex sha256 of a local file's bytes."""
     digest = hashlib.sha256()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import solver_utils
 import solvers
+from dnnlib.util import read_settings_text
 from models import toy
 from models.base import seeded_inputs
 from models.presets import load_model
@@ -80,8 +81,7 @@ def parse_t_steps(text):
     text = str(text).strip()
     if os.path.isfile(text):
         try:
-            with open(text) as f:
-                data = json.load(f)
+            data = json.loads(read_settings_text(text, 'schedule file'))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f'--t_steps {text}: not a JSON list of noise levels ({e})') from None
         if isinstance(data, dict):

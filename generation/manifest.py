@@ -35,6 +35,7 @@ import zipfile
 
 import PIL.Image
 
+from dnnlib.util import read_settings_text
 from predictors.settings import SolverSettings
 from torch_utils.misc import SeedSet, atomic_write, check_output_dir
 
@@ -42,7 +43,6 @@ MANIFEST = 'manifest.json'
 FORMAT = 'amed-samples'
 VERSION = 1
 #: The largest manifest read (bytes): seeds are ranges, so a real one is a few kilobytes.
-MAX_MANIFEST_BYTES = 1 << 24
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _SEED_FILE = re.compile(r'^\d+\.(png|npz)$')
 _SEED_FOLDER = re.compile(r'^\d{6,}$')
@@ -103,12 +103,7 @@ def read_manifest(path):
     if not os.path.exists(path):
         return None
     try:
-        size = os.path.getsize(path)
-        if size > MAX_MANIFEST_BYTES:
-            raise ValueError(f'{path}: the sample manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} '
-                             f'a manifest can need (its seeds are ranges): it is not one of ours')
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
+        text = read_settings_text(path, 'sample manifest')   # its seeds are ranges: small
     except OSError as e:
         raise ValueError(f'{path}: unreadable sample manifest ({type(e).__name__}: {e})') from None
     return parse_manifest(text, path)

@@ -27,6 +27,7 @@ import torch
 
 import cli
 import solvers
+from dnnlib.util import read_settings_text
 from models.base import seeded_inputs
 from models.presets import load_model
 from predictors import load_predictor, snapshot
@@ -117,8 +118,7 @@ def export_card(predictor_path, feature=DEFAULT_FEATURE, seeds=DEFAULT_SEEDS, ba
     options_file = os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')
     training_options = None
     if '://' not in path and os.path.isfile(options_file):
-        with open(options_file) as f:
-            training_options = json.load(f)
+        training_options = json.loads(read_settings_text(options_file, 'training options file'))
     provenance = dict(predictor_path=str(predictor_path), predictor_file=os.path.basename(path),
                       predictor_sha256=source['sha256'], settings=settings, training_options=training_options)
     feature_info = dict(mode=feature, seeds=None if feature == 'zero' else str(seeds),

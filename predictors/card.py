@@ -34,6 +34,7 @@ import os
 import torch
 
 import solver_utils
+from dnnlib.util import read_settings_text
 import solvers
 from predictors.settings import SolverSettings
 from torch_utils.misc import atomic_write
@@ -135,8 +136,7 @@ def load_card(source):
         if not os.path.isfile(where):
             raise FileNotFoundError(f'solver card not found: {where}')
         try:
-            with open(where) as f:
-                card = json.load(f)
+            card = json.loads(read_settings_text(where, 'solver card'))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f'{where}: not a JSON solver card ({e})') from None
     if not isinstance(card, dict) or card.get('format') != FORMAT:

@@ -11,6 +11,7 @@ import os
 import re
 
 import solvers
+from dnnlib.util import read_settings_text
 from torch_utils import locks
 from torch_utils.misc import atomic_write
 
@@ -109,8 +110,7 @@ def read_run_options(run_dir):
     """The options stored in ``run_dir``'s training_options.json; ValueError (one line) without it."""
     path = os.path.join(run_dir, OPTIONS_FILE)
     try:
-        with open(path, 'rt') as f:
-            options = json.load(f)
+        options = json.loads(read_settings_text(path, 'training options file'))
     except FileNotFoundError:
         raise ValueError(f'{run_dir} is not a training run folder (no {OPTIONS_FILE})') from None
     except (OSError, ValueError) as e:

@@ -23,7 +23,7 @@ import fid
 import sample
 import train
 from integrations import card
-from generation import manifest
+from generation import generate, manifest
 from torch_utils.locks import Lock, LockHeld
 from torch_utils.misc import SeedSet
 from predictors import experiments
@@ -414,3 +414,22 @@ def test_stats_do_not_repeat_after_sigkill_and_resume(in_tmp):
     ticks = [line for line in lines if 'Progress/tick' in line]   # the final check writes a record of its own
     assert [line['Progress/tick']['mean'] for line in ticks] == list(range(1, 13))
     assert len(lines) == len(ticks) + 1
+
+
+@pytest.mark.parametrize('reader,name', [
+    (lambda p: manifest.read_manifest(str(p)), 'manifest.json'),
+    (lambda p: experiments.read_run_options(str(p.parent)), 'training_options.json'),
+    (lambda p: card.load_card(str(p)), 'card.json'),
+    (lambda p: generate.parse_t_steps(str(p)), 'steps.json'),
+])
+def test_oversized_settings_files_are_refused_unread(tmp_path, reader, name):
+    """Class 5: a settings file (manifest, training options, solver card, schedule) larger than any
+    of ours can be is refused in one line naming the file and its size, before it is parsed. The
+    file here is valid JSON padded with spaces, which the parsers would otherwise read whole."""
+    from dnnlib.util import MAX_SETTINGS_BYTES
+    path = tmp_path / name
+    with open(path, 'w') as f:
+        f.write('{"t_steps": [80, 1, 0.002]' + ' ' * MAX_SETTINGS_BYTES + '}')
+    with pytest.raises(ValueError, match=r'bytes, more than the \d+ a .* can need') as info:
+        reader(path)
+    assert str(path) in str(info.value) and '\n' not in str(info.value)
