@@ -72,12 +72,9 @@ def apply(fn, options):
 def _option_help(name):
     """The help line of solver option ``name``, from the solvers that take it (their Option data)."""
     parts = []
-    for cls in solvers.REGISTRY.values():
-        for opt in cls.options:
-            if opt == name:
-                text = getattr(opt, 'help', '') or name
-                default = getattr(opt, 'default', None)
-                parts.append(f'{cls.name}: {text}' + ('' if default is None else f' (default: {default})'))
+    for cls, opt in solvers.option_declarations(name):
+        default = getattr(opt, 'default', None)
+        parts.append(f"{cls.name}: {getattr(opt, 'help', '') or name}" + ('' if default is None else f' (default: {default})'))
     return '; '.join(parts)
 
 

@@ -386,14 +386,18 @@ PLAIN = tuple(n for n, c in REGISTRY.items() if not c.needs_predictor)     # usa
 OPTIONS = tuple(dict.fromkeys(opt for c in REGISTRY.values() for opt in c.options))
 
 
+def option_declarations(name):
+    """(solver class, :class:`Option`) of every registered solver that takes option ``name``."""
+    return [(cls, opt) for cls in REGISTRY.values() for opt in cls.options if opt == name]
+
+
 def option_type(name):
     """The value type of solver option ``name`` from its :class:`Option` data (a tuple lists the
     choices of a string option; a plain-string option is a bool)."""
-    for cls in REGISTRY.values():
-        for opt in cls.options:
-            if opt == name:
-                return getattr(opt, 'type', bool)
-    raise KeyError(f'no solver takes the option {name!r}')
+    declared = option_declarations(name)
+    if not declared:
+        raise KeyError(f'no solver takes the option {name!r}')
+    return getattr(declared[0][1], 'type', bool)
 
 
 def solver_class(name, role='solver'):

@@ -47,7 +47,7 @@ def seed_set(model, name, cache_dir, num=None):
     if os.path.exists(path):
         exact = torch.load(path, weights_only=True)
     else:
-        latents, cond, exact = accuracy.reference_set(model, seeds)
+        exact = accuracy.exact_solution(model, latents, model.sigma_max, model.sigma_min, cond)
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(exact, path)
     return latents, cond, exact
