@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import solvers  # noqa: E402
 from models.presets import load_model, training_data  # noqa: E402
-from evaluation import accuracy  # noqa: E402
+from evaluation import accuracy, compare as comparison  # noqa: E402
 from metrics import frechet  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from predictors.settings import SolverSettings  # noqa: E402
@@ -54,7 +54,8 @@ def seed_set(model, name, cache_dir, num=None):
 
 
 def train(recipe, nfe, loss, overrides, kimg, batch, seed, outdir, dataset_name='toy'):
-    """Train one predictor; returns (predictor, settings, seconds)."""
+    """Train one predictor with ``recipe`` (a key of :data:`evaluation.accuracy.AMED_RECIPES`) and the
+    ``overrides``; returns (predictor, settings, seconds)."""
     t0 = time.time()
     _, predictor, settings = accuracy.train_recipe(dict(accuracy.AMED_RECIPES[recipe], **overrides), nfe,
                                                    dataset_name=dataset_name, batch=batch, total_kimg=kimg, tick_kimg=kimg,
@@ -294,11 +295,6 @@ FD_REF_SEED = 9       # the data set the FD columns compare with
 FD_FLOOR_SEED = 10    # a second, independent data set: the FD noise floor
 
 
-def plain_rows():
-    """(label, solver options) of the plain solvers: :data:`evaluation.accuracy.BASELINES`."""
-    return list(accuracy.BASELINES)
-
-
 def _done(path):
     """The cells already in the JSONL file ``path`` (so an interrupted run resumes)."""
     if not path or not os.path.exists(path):
@@ -318,7 +314,8 @@ def _append(path, record):
 @click.option('--model', 'dataset_name', type=click.Choice(['toy', 'toy_unet', 'photo_unet']), default='toy',
               show_default=True)
 @click.option('--nfe', 'nfes', default='3,5,7', show_default=True)
-@click.option('--recipes', default='amed,ipndm', show_default=True, help='AMED recipes (evaluation.accuracy)')
+@click.option('--recipes', default='amed,ipndm', show_default=True, help='learned rows, comma-separated: amed (AMED-Solver), ipndm (AMED-Plugin), dpmpp, recommended (its own '
+              'loss and table predictor); each recipe\'s solver part and learning rate')
 @click.option('--losses', default='interval,trajectory', show_default=True)
 @click.option('--train_seeds', default='0,1,2', show_default=True, help='one training run per seed')
 @click.option('--amed_nfe', default=None, help='NFEs of the learned rows (default: --nfe)')
@@ -363,17 +360,26 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
         _append(out, dict(base, label='data (second set)', nfe=0, train_seed=None, error=None,
                           **{f'fd_{m}': frechet.image_fd(other, ref_stats[m], m) for m in DIST_METRICS}))
     nfes = [int(n) for n in nfes.split(',')]
+    wanted = (lambda label: True) if solvers is None else (lambda label: label in solvers.split(','))
     if plain:
         for nfe in nfes:   # in the order given: the first NFE's rows complete first
-            for label, kwargs in plain_rows():
-                if (dataset_name, label, nfe, None) not in done and (solvers is None or label in solvers.split(',')):
-                    num_steps = accuracy.steps_for_nfe(kwargs['solver'], nfe, afs=True, with_predictor=False)
-                    record(label, nfe, None, num_steps=num_steps, afs=True, **kwargs)
+            for label, opts in comparison.PLAIN:
+                if (dataset_name, label, nfe, None) not in done and wanted(label):
+                    record(label, nfe, None, **comparison.plain_options(opts, nfe))
+        todo = [nfe for nfe in nfes if any((dataset_name, label, nfe, None) not in done and wanted(label)
+                                           for label, _ in comparison.GITS)]
+        if todo:   # one cost matrix for every NFE; its search seeds are not evaluation seeds
+            info, runs = comparison.gits_runs(model, todo)
+            for label, nfe, opts in runs:
+                if (dataset_name, label, nfe, None) not in done and wanted(label):
+                    record(label, nfe, None, extra=dict(gits_seeds=info['seeds'], gits_seconds=info['seconds_cost_matrix']),
+                           **opts)
     amed_nfes = [int(n) for n in (amed_nfe or ','.join(map(str, nfes))).split(',')]
     with tempfile.TemporaryDirectory() as tmp:
         for nfe in amed_nfes:
             for recipe in [r for r in recipes.split(',') if r]:
-                for loss in losses.split(','):
+                fixed = accuracy.AMED_RECIPES[recipe].get('loss')   # a recipe that names its loss trains only that
+                for loss in [fixed] if fixed else losses.split(','):
                     label = f'{accuracy.AMED_LABELS[recipe]}, {loss} loss'
                     for seed in [int(x) for x in train_seeds.split(',')]:
                         if (dataset_name, label, nfe, seed) in done:

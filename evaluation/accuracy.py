@@ -23,12 +23,13 @@ BASELINES = [
     ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
 ]
 
-#: The students of the quickstart's comparison by short name: the solver part of the training
-#: recipes (:mod:`training.recipes`), trained at each NFE with AFS.
-AMED_RECIPES = {key: RECIPES[name].solver for key, name in
-                (('amed', 'paper-solver'), ('ipndm', 'paper-plugin'), ('dpmpp', 'plugin-dpmpp'))}
-AMED_LABELS = {key: RECIPES[name].label for key, name in
-               (('amed', 'paper-solver'), ('ipndm', 'paper-plugin'), ('dpmpp', 'plugin-dpmpp'))}
+#: The learned methods by short name: the recipes of :mod:`training.recipes` they come from.
+RECIPE_NAMES = {'amed': 'paper-solver', 'ipndm': 'paper-plugin', 'dpmpp': 'plugin-dpmpp', 'recommended': 'recommended'}
+#: The students of the comparisons by short name: the solver part and the learning rate of the
+#: training recipes, trained at each NFE with AFS (``recommended`` also fixes its loss and its
+#: predictor, a table).
+AMED_RECIPES = {key: dict(RECIPES[name].solver, lr=RECIPES[name].run['lr']) for key, name in RECIPE_NAMES.items()}
+AMED_LABELS = {key: RECIPES[name].label for key, name in RECIPE_NAMES.items()}
 
 
 def steps_for_nfe(solver, nfe, afs, with_predictor):

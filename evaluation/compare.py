@@ -90,24 +90,12 @@ def run(model, dataset_name, model_path=None, nfes=(3, 5, 7, 9), seeds=range(64)
     if 'plain' in methods:
         for label, opts in PLAIN:
             for nfe in nfes:
-                afs = nfe % 2 == 1
-                n = accuracy.steps_for_nfe(solvers.make_solver(opts['solver'], **_solver_opts(opts)), nfe, afs, False)
-                record(label, nfe, [evaluate(afs=afs, num_steps=n, **opts)])
+                record(label, nfe, [evaluate(**plain_options(opts, nfe))])
             log(f'{label}: done ({time.time() - started:.0f} s)')
     if 'gits' in methods:
-        t0 = time.time()
-        cost_options = {k: v for k, v in (gits_options or {}).items() if k != 'coeff'}
-        coeff = (gits_options or {}).get('coeff', gits.DEFAULTS['coeff'])
-        costs = gits.cost_matrix(model, progress=progress, **cost_options)
-        info['gits'] = dict(seconds_cost_matrix=round(time.time() - t0, 1), seeds=format_int_list(costs['seeds']),
-                            **{k: v for k, v in dict(gits.DEFAULTS, **(gits_options or {})).items()
-                               if k not in ('seeds_start', 'seeds')}, schedules={})
-        for label, opts in GITS:
-            spec = solvers.make_solver(opts['solver'], **_solver_opts(opts))
-            for nfe in nfes:
-                t_steps, _ = gits.schedule_from_costs(model, costs, spec, nfe, coeff=coeff)
-                info['gits']['schedules'][f'{label} NFE {nfe}'] = [round(t, 6) for t in t_steps]
-                record(label, nfe, [evaluate(solver=spec, t_steps=t_steps)])
+        info['gits'], runs = gits_runs(model, nfes, gits_options, progress)
+        for label, nfe, opts in runs:
+            record(label, nfe, [evaluate(**opts)])
         log(f'GITS: done ({time.time() - started:.0f} s; cost matrix {info["gits"]["seconds_cost_matrix"]} s)')
     if 'learned' in methods:
         info['train_seeds'] = list(train_seeds)
@@ -130,6 +118,35 @@ def run(model, dataset_name, model_path=None, nfes=(3, 5, 7, 9), seeds=range(64)
         record(f'given: {path}', nfe, [evaluate(loaded.predictor, **loaded.solver.sample_kwargs())])
     info['seconds'] = round(time.time() - started, 1)
     return dict(model=dataset_name, info=info, results=rows)
+
+
+def plain_options(opts, nfe):
+    """The sampling options of the plain solver ``opts`` (an entry of :data:`PLAIN`) at ``nfe``
+    evaluations: AFS at odd NFE (the official convention) and the matching number of time points."""
+    afs = nfe % 2 == 1
+    n = accuracy.steps_for_nfe(solvers.make_solver(opts['solver'], **_solver_opts(opts)), nfe, afs, False)
+    return dict(opts, afs=afs, num_steps=n)
+
+
+def gits_runs(model, nfes, gits_options=None, progress=False):
+    """Search the GITS schedules of :data:`GITS` on ``model`` at each NFE (one cost matrix for all).
+    Returns (info: the search's settings, seeds, time and schedules; runs: a list of
+    (label, nfe, sampling options))."""
+    t0 = time.time()
+    cost_options = {k: v for k, v in (gits_options or {}).items() if k != 'coeff'}
+    coeff = (gits_options or {}).get('coeff', gits.DEFAULTS['coeff'])
+    costs = gits.cost_matrix(model, progress=progress, **cost_options)
+    info = dict(seconds_cost_matrix=round(time.time() - t0, 1), seeds=format_int_list(costs['seeds']),
+                **{k: v for k, v in dict(gits.DEFAULTS, **(gits_options or {})).items()
+                   if k not in ('seeds_start', 'seeds')}, schedules={})
+    runs = []
+    for label, opts in GITS:
+        spec = solvers.make_solver(opts['solver'], **_solver_opts(opts))
+        for nfe in nfes:
+            t_steps, _ = gits.schedule_from_costs(model, costs, spec, nfe, coeff=coeff)
+            info['schedules'][f'{label} NFE {nfe}'] = [round(t, 6) for t in t_steps]
+            runs.append((label, nfe, dict(solver=spec, t_steps=t_steps)))
+    return info, runs
 
 
 def _solver_opts(opts):

@@ -19,3 +19,43 @@ def test_seed_set_cache_is_per_model(tmp_path):
     latents, _, again = loss_study.seed_set(a, 'evaluation', str(tmp_path), num=2)
     assert len(os.listdir(tmp_path)) == 2 and torch.equal(again, exact_a)
     assert torch.allclose(a.ode_solution_from_noise(latents, a.sigma_max, [a.sigma_min])[-1], exact_a)
+
+
+def test_compare_rows_resume_and_recipe_options(tmp_path):
+    """The compare command writes one line per cell with both distribution metrics, takes the plain
+    rows from evaluation.compare (UniPC and DEIS among them), trains ``recommended`` with its own loss,
+    table predictor and learning rate, and a second run resumes: it measures nothing again."""
+    import json
+    from click.testing import CliRunner
+    from evaluation import accuracy, compare as comparison
+    from predictors.networks import TablePredictor
+
+    out = tmp_path / 'rows.jsonl'
+    args = ['compare', '--model=toy', '--nfe=3', '--recipes=recommended', '--losses=interval', '--train_seeds=0',
+            '--num=4', '--fd_num=20', '--kimg=0.032', '--solvers=iPNDM,UniPC-3,DEIS-tAB3', f'--out={out}',
+            f'--cache={tmp_path}']
+    result = CliRunner().invoke(loss_study.main, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    labels = [r['label'] for r in rows]
+    assert labels == ['data (second set)', 'iPNDM', 'DEIS-tAB3', 'UniPC-3',
+                      'AMED-Plugin (iPNDM, recommended), trajectory loss']
+    assert all(r['fd_pixel'] > 0 and r['fd_spectrum'] > 0 for r in rows)
+    assert {'UniPC-3', 'DEIS-tAB3'} <= {label for label, _ in comparison.PLAIN}
+    assert rows[-1]['train_seed'] == 0 and rows[-1]['error'] > 0
+    # the same row as the library's plain-solver options give
+    model = GaussianMixture()
+    latents, cond, exact = loss_study.seed_set(model, 'evaluation', str(tmp_path), num=4)
+    ipndm = dict(comparison.PLAIN)['iPNDM']
+    x = accuracy.sample_all(model, latents, cond, **comparison.plain_options(ipndm, 3))
+    assert accuracy.rms_error(x, exact) == rows[1]['error']
+    again = CliRunner().invoke(loss_study.main, args)
+    assert again.exit_code == 0 and len(out.read_text().splitlines()) == len(rows)
+
+    predictor, settings, _ = loss_study.train('recommended', 3, 'trajectory', {}, 0.032, 32, 0, str(tmp_path / 'run'))
+    assert isinstance(predictor, TablePredictor) and settings['M'] == 5 and settings['loss'] == 'trajectory'
+    options = json.loads(next((tmp_path / 'run').iterdir()).joinpath('training_options.json').read_text())
+    assert options['lr'] == 0.05 and options['predictor'] == 'table'
+    _, _, _ = loss_study.train('ipndm', 3, 'interval', {'lr': 0.01}, 0.032, 32, 0, str(tmp_path / 'other'))
+    options = json.loads(next((tmp_path / 'other').iterdir()).joinpath('training_options.json').read_text())
+    assert options['lr'] == 0.01 and options['M'] == 2   # an explicit option wins over the recipe's
