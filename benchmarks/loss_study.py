@@ -399,15 +399,51 @@ def _cell(values, fmt):
     return f'{fmt % (sum(values) / len(values))} ({fmt % min(values)}-{fmt % max(values)})'
 
 
+def _ratio_cell(values, base):
+    values = [v / base for v in values if v is not None]
+    if not values:
+        return '-'
+    mean = sum(values) / len(values)
+    return f'{mean:.2f}' if len(values) == 1 else f'{mean:.2f} ({min(values):.2f}-{max(values):.2f})'
+
+
+def ratio_tables(rows, base_label='iPNDM'):
+    """Markdown: for the per-sample error and FD-spectrum, each method's value as a ratio to
+    ``base_label``'s at the same NFE on the same model, one column per (model, NFE); learned rows
+    as mean (min-max) over training seeds."""
+    order = ('toy', 'toy_unet', 'photo_unet')
+    models = sorted(dict.fromkeys(r['model'] for r in rows), key=lambda m: (order.index(m) if m in order else 9, m))
+    cols = [(m, n) for m in models for n in sorted({r['nfe'] for r in rows if r['model'] == m and r['nfe']})]
+    labels = list(dict.fromkeys(r['label'] for r in rows if r['nfe'] and r['label'] != base_label))
+    lines = []
+    for key, title in (('error', 'per-sample error'), ('fd_spectrum', 'FD-spectrum')):
+        base = {(r['model'], r['nfe']): r[key] for r in rows if r['label'] == base_label}
+        lines += [f'| {title} / {base_label} | ' + ' | '.join(f'{m} NFE {n}' for m, n in cols) + ' |',
+                  '|---|' + '---|' * len(cols),
+                  f'| {base_label} (absolute) | ' + ' | '.join('%.4g' % base[c] if c in base else '-' for c in cols) + ' |']
+        for label in labels:
+            cells = [_ratio_cell([r[key] for r in rows if (r['model'], r['nfe']) == c and r['label'] == label],
+                                 base[c]) if c in base else '-' for c in cols]
+            if any(c != '-' for c in cells):
+                lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
 @main.command()
 @click.argument('files', nargs=-1, required=True)
-def report(files):
+@click.option('--ratios', is_flag=True, help='one table per metric over all models: each method as a ratio to '
+              'plain iPNDM at the same NFE (the README\'s summary)')
+def report(files, ratios):
     """Markdown tables from the JSONL files of ``compare``: per model, RMS error, FD-pixel8 and FD-spectrum
     by NFE; learned rows as mean (min-max) over training seeds, with their count."""
     rows = []
     for path in files:
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
+    if ratios:
+        print(ratio_tables(rows))
+        return
     for model in dict.fromkeys(r['model'] for r in rows):
         mine = [r for r in rows if r['model'] == model]
         nfes = sorted({r['nfe'] for r in mine if r['nfe']})

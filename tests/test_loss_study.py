@@ -59,3 +59,20 @@ def test_compare_rows_resume_and_recipe_options(tmp_path):
     _, _, _ = loss_study.train('ipndm', 3, 'interval', {'lr': 0.01}, 0.032, 32, 0, str(tmp_path / 'other'))
     options = json.loads(next((tmp_path / 'other').iterdir()).joinpath('training_options.json').read_text())
     assert options['lr'] == 0.01 and options['M'] == 2   # an explicit option wins over the recipe's
+
+
+def test_ratio_tables():
+    """The README summary: every cell is the method's value over iPNDM's at the same model and NFE,
+    learned rows as mean (min-max) over training seeds; a missing cell is '-'."""
+    def row(model, label, nfe, error, spectrum, seed=None):
+        return dict(model=model, label=label, nfe=nfe, train_seed=seed, error=error, fd_spectrum=spectrum)
+    rows = [row('photo_unet', 'iPNDM', 5, 0.2, 10.0), row('toy', 'iPNDM', 5, 0.1, 1.0), row('toy', 'iPNDM', 3, 0.3, 2.0),
+            row('toy', 'Euler', 5, 0.3, 4.0), row('toy', 'AMED', 5, 0.05, 1.0, 0), row('toy', 'AMED', 5, 0.07, 0.5, 1),
+            row('toy', 'data (second set)', 0, None, 0.1)]
+    text = loss_study.ratio_tables(rows)
+    lines = text.splitlines()
+    assert lines[0] == '| per-sample error / iPNDM | toy NFE 3 | toy NFE 5 | photo_unet NFE 5 |'
+    assert '| Euler | - | 3.00 | - |' in lines
+    assert '| AMED | - | 0.60 (0.50-0.70) | - |' in lines
+    assert '| AMED | - | 0.75 (0.50-1.00) | - |' in lines   # FD-spectrum
+    assert not any('data (second set)' in line for line in lines)
