@@ -407,16 +407,31 @@ def _ratio_cell(values, base):
     return f'{mean:.2f}' if len(values) == 1 else f'{mean:.2f} ({min(values):.2f}-{max(values):.2f})'
 
 
-def ratio_tables(rows, base_label='iPNDM'):
+def _labels(rows):
+    """The methods of ``rows`` in table order: the plain solvers as evaluation.compare lists them
+    (then GITS), any other plain row, then the learned rows in the order they were measured."""
+    canonical = [label for label, _ in comparison.PLAIN + comparison.GITS]
+    seen = list(dict.fromkeys(r['label'] for r in rows if r['nfe']))
+    learned = {r['label'] for r in rows if r['nfe'] and r.get('train_seed') is not None}
+    return sorted(seen, key=lambda label: (label in learned, canonical.index(label) if label in canonical else
+                                           len(canonical), seen.index(label)))
+
+
+#: The columns of ``report --ratios``: key of a compare row, and its title.
+RATIO_METRICS = {'error': 'per-sample error', 'fd_spectrum': 'FD-spectrum'}
+
+
+def ratio_tables(rows, base_label='iPNDM', metrics=tuple(RATIO_METRICS)):
     """Markdown: for the per-sample error and FD-spectrum, each method's value as a ratio to
     ``base_label``'s at the same NFE on the same model, one column per (model, NFE); learned rows
     as mean (min-max) over training seeds."""
     order = ('toy', 'toy_unet', 'photo_unet')
     models = sorted(dict.fromkeys(r['model'] for r in rows), key=lambda m: (order.index(m) if m in order else 9, m))
     cols = [(m, n) for m in models for n in sorted({r['nfe'] for r in rows if r['model'] == m and r['nfe']})]
-    labels = list(dict.fromkeys(r['label'] for r in rows if r['nfe'] and r['label'] != base_label))
+    labels = [label for label in _labels(rows) if label != base_label]
     lines = []
-    for key, title in (('error', 'per-sample error'), ('fd_spectrum', 'FD-spectrum')):
+    for key in metrics:
+        title = RATIO_METRICS[key]
         base = {(r['model'], r['nfe']): r[key] for r in rows if r['label'] == base_label}
         lines += [f'| {title} / {base_label} | ' + ' | '.join(f'{m} NFE {n}' for m, n in cols) + ' |',
                   '|---|' + '---|' * len(cols),
@@ -434,7 +449,9 @@ def ratio_tables(rows, base_label='iPNDM'):
 @click.argument('files', nargs=-1, required=True)
 @click.option('--ratios', is_flag=True, help='one table per metric over all models: each method as a ratio to '
               'plain iPNDM at the same NFE (the README\'s summary)')
-def report(files, ratios):
+@click.option('--metric', type=click.Choice(list(RATIO_METRICS)), default=None,
+              help='with --ratios: only this metric\'s table')
+def report(files, ratios, metric):
     """Markdown tables from the JSONL files of ``compare``: per model, RMS error, FD-pixel8 and FD-spectrum
     by NFE; learned rows as mean (min-max) over training seeds, with their count."""
     rows = []
@@ -442,14 +459,14 @@ def report(files, ratios):
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
     if ratios:
-        print(ratio_tables(rows))
+        print(ratio_tables(rows, metrics=[metric] if metric else tuple(RATIO_METRICS)))
         return
     for model in dict.fromkeys(r['model'] for r in rows):
         mine = [r for r in rows if r['model'] == model]
         nfes = sorted({r['nfe'] for r in mine if r['nfe']})
-        labels = list(dict.fromkeys(r['label'] for r in mine if r['nfe']))
+        labels = _labels(mine)
         floor = next((r for r in mine if not r['nfe']), None)
-        print(f"\n### {model} (per-sample error: {mine[0]['num']} samples; FD: {mine[0]['fd_num']} samples against "
+        print(f"\n#### {model} (per-sample error: {mine[0]['num']} samples; FD: {mine[0]['fd_num']} samples against "
               f"{mine[0]['fd_num']} of the training data)\n")
         for key, title, fmt in (('error', 'RMS error to the reference', '%.4f'), ('fd_pixel', 'FD-pixel8', '%.4g'),
                                 ('fd_spectrum', 'FD-spectrum', '%.4g')):

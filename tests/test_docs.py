@@ -113,3 +113,25 @@ if __name__ == '__main__':
         page = help_page()          # all of it first: a failing script leaves the old page
         with open(HELP_PAGE, 'w', encoding='utf-8') as f:
             f.write(page)
+
+
+GENERATED = re.compile(r'<!-- tables: python (benchmarks/loss_study\.py) report (.*?) -->\n(.*?)<!-- end of tables -->', re.S)
+
+
+@pytest.mark.parametrize('path', markdown_files(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_generated_tables_match_their_data(path):
+    """A table block marked as the output of ``loss_study.py report`` is that output for the JSONL
+    files in the repository: the tables cannot drift from the measured rows."""
+    import glob
+    import shlex
+    from click.testing import CliRunner
+    from benchmarks import loss_study
+
+    with open(path, encoding='utf-8') as f:
+        blocks = GENERATED.findall(f.read())
+    for _, args, body in blocks:
+        argv = [a for arg in shlex.split(args)
+                for a in (sorted(glob.glob(os.path.join(ROOT, arg))) if '*' in arg else [arg])]
+        result = CliRunner().invoke(loss_study.main, ['report', *argv])
+        assert result.exit_code == 0, result.output
+        assert body.strip() == result.output.strip(), f'{os.path.relpath(path, ROOT)}: rerun the report for {args}'
