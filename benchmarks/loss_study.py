@@ -386,8 +386,10 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
                             continue
                         predictor, settings, seconds = train(recipe, nfe, loss, {}, kimg, batch, seed, tmp,
                                                              dataset_name=dataset_name)
+                        check = settings.get('check') or {}   # training's own verdict, against its teacher
                         record(label, nfe, seed, predictor=predictor, extra=dict(kimg=kimg, batch=batch,
-                               train_seconds=seconds), **SolverSettings.from_dict(settings).sample_kwargs())
+                               train_seconds=seconds, check_ratio=check.get('ratio')),
+                               **SolverSettings.from_dict(settings).sample_kwargs())
 
 
 def _cell(values, fmt):

@@ -42,7 +42,7 @@ def test_compare_rows_resume_and_recipe_options(tmp_path):
                       'AMED-Plugin (iPNDM, recommended), trajectory loss']
     assert all(r['fd_pixel'] > 0 and r['fd_spectrum'] > 0 for r in rows)
     assert {'UniPC-3', 'DEIS-tAB3'} <= {label for label, _ in comparison.PLAIN}
-    assert rows[-1]['train_seed'] == 0 and rows[-1]['error'] > 0
+    assert rows[-1]['train_seed'] == 0 and rows[-1]['error'] > 0 and rows[-1]['check_ratio'] > 0
     # the same row as the library's plain-solver options give
     model = GaussianMixture()
     latents, cond, exact = loss_study.seed_set(model, 'evaluation', str(tmp_path), num=4)
