@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import solvers  # noqa: E402
-from models.presets import load_model, training_data  # noqa: E402
+from models.presets import TRAINING_DATA, load_model, training_data  # noqa: E402
 from evaluation import accuracy, compare as comparison  # noqa: E402
 from metrics import frechet  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
@@ -293,6 +293,9 @@ def memory(batch, num_steps, variant):
 DIST_METRICS = ('pixel', 'spectrum')
 FD_REF_SEED = 9       # the data set the FD columns compare with
 FD_FLOOR_SEED = 10    # a second, independent data set: the FD noise floor
+#: The built-in models the comparison runs on (those with training data to compare against), in the
+#: order of its tables.
+BUILTIN_MODELS = tuple(TRAINING_DATA)
 
 
 def _done(path):
@@ -311,7 +314,7 @@ def _append(path, record):
 
 
 @main.command()
-@click.option('--model', 'dataset_name', type=click.Choice(['toy', 'toy_unet', 'photo_unet']), default='toy',
+@click.option('--model', 'dataset_name', type=click.Choice(BUILTIN_MODELS), default='toy',
               show_default=True)
 @click.option('--nfe', 'nfes', default='3,5,7', show_default=True)
 @click.option('--recipes', default='amed,ipndm', show_default=True, help='learned rows, comma-separated: amed (AMED-Solver), ipndm (AMED-Plugin), dpmpp, recommended (its own '
@@ -401,14 +404,6 @@ def _cell(values, fmt):
     return f'{fmt % (sum(values) / len(values))} ({fmt % min(values)}-{fmt % max(values)})'
 
 
-def _ratio_cell(values, base):
-    values = [v / base for v in values if v is not None]
-    if not values:
-        return '-'
-    mean = sum(values) / len(values)
-    return f'{mean:.2f}' if len(values) == 1 else f'{mean:.2f} ({min(values):.2f}-{max(values):.2f})'
-
-
 def _labels(rows):
     """The methods of ``rows`` in table order: the plain solvers as evaluation.compare lists them
     (then GITS), any other plain row, then the learned rows in the order they were measured."""
@@ -427,8 +422,8 @@ def ratio_tables(rows, base_label='iPNDM', metrics=tuple(RATIO_METRICS)):
     """Markdown: for the per-sample error and FD-spectrum, each method's value as a ratio to
     ``base_label``'s at the same NFE on the same model, one column per (model, NFE); learned rows
     as mean (min-max) over training seeds."""
-    order = ('toy', 'toy_unet', 'photo_unet')
-    models = sorted(dict.fromkeys(r['model'] for r in rows), key=lambda m: (order.index(m) if m in order else 9, m))
+    models = sorted(dict.fromkeys(r['model'] for r in rows),
+                    key=lambda m: (BUILTIN_MODELS.index(m) if m in BUILTIN_MODELS else len(BUILTIN_MODELS), m))
     cols = [(m, n) for m in models for n in sorted({r['nfe'] for r in rows if r['model'] == m and r['nfe']})]
     labels = [label for label in _labels(rows) if label != base_label]
     lines = []
@@ -439,8 +434,8 @@ def ratio_tables(rows, base_label='iPNDM', metrics=tuple(RATIO_METRICS)):
                   '|---|' + '---|' * len(cols),
                   f'| {base_label} (absolute) | ' + ' | '.join('%.4g' % base[c] if c in base else '-' for c in cols) + ' |']
         for label in labels:
-            cells = [_ratio_cell([r[key] for r in rows if (r['model'], r['nfe']) == c and r['label'] == label],
-                                 base[c]) if c in base else '-' for c in cols]
+            cells = [_cell([r[key] / base[c] for r in rows if (r['model'], r['nfe']) == c and r['label'] == label
+                            and r[key] is not None], '%.2f') if c in base else '-' for c in cols]
             if any(c != '-' for c in cells):
                 lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
         lines.append('')

@@ -13,15 +13,19 @@ from models.base import seeded_inputs
 from training import RECIPES, plan_training, run_training
 from predictors import load_predictor
 
-#: The comparison of the quickstart: (label, solver options) of the baselines, as in
-#: the paper's tables (iPNDM order 4 and Euler on polynomial rho=7, DPM-Solver-2 on polynomial rho=7,
-#: DPM-Solver++(3M) on logSNR).
-BASELINES = [
-    ('iPNDM', dict(solver='ipndm', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
-    ('DPM-Solver-2', dict(solver='dpm', schedule_type='polynomial', schedule_rho=7.0)),
-    ('DPM-Solver++(3M)', dict(solver='dpmpp', max_order=3, schedule_type='logsnr')),
+#: The plain solvers on their paper schedules (the official toolbox's recommended settings):
+#: (label, solver options).
+PLAIN = [
     ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
+    ('iPNDM', dict(solver='ipndm', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
+    ('iPNDM_v', dict(solver='ipndm_v', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
+    ('DEIS-tAB3', dict(solver='deis', max_order=4, deis_mode='tab', schedule_type='time_uniform', schedule_rho=2.0)),
+    ('UniPC-3', dict(solver='unipc', max_order=3, variant='bh2', schedule_type='logsnr')),
+    ('DPM-Solver++(3M)', dict(solver='dpmpp', max_order=3, schedule_type='logsnr')),
+    ('DPM-Solver-2', dict(solver='dpm', schedule_type='polynomial', schedule_rho=7.0)),
 ]
+#: The comparison of the quickstart: the four plain solvers of the paper's tables, in its order.
+BASELINES = [(label, dict(PLAIN)[label]) for label in ('iPNDM', 'DPM-Solver-2', 'DPM-Solver++(3M)', 'Euler')]
 
 #: The learned methods by short name: the recipes of :mod:`training.recipes` they come from.
 RECIPE_NAMES = {'amed': 'paper-solver', 'ipndm': 'paper-plugin', 'dpmpp': 'plugin-dpmpp', 'recommended': 'recommended'}

@@ -31,16 +31,8 @@ from models.presets import dataset_names, load_model
 from predictors import SolverSettings, load_predictor
 from torch_utils.misc import atomic_write, format_int_list, parse_int_list, parse_seeds
 
-#: The plain solvers on their paper schedules (the official toolbox's recommended settings).
-PLAIN = [
-    ('Euler', dict(solver='euler', schedule_type='polynomial', schedule_rho=7.0)),
-    ('iPNDM', dict(solver='ipndm', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
-    ('iPNDM_v', dict(solver='ipndm_v', max_order=4, schedule_type='polynomial', schedule_rho=7.0)),
-    ('DEIS-tAB3', dict(solver='deis', max_order=4, deis_mode='tab', schedule_type='time_uniform', schedule_rho=2.0)),
-    ('UniPC-3', dict(solver='unipc', max_order=3, variant='bh2', schedule_type='logsnr')),
-    ('DPM-Solver++(3M)', dict(solver='dpmpp', max_order=3, schedule_type='logsnr')),
-    ('DPM-Solver-2', dict(solver='dpm', schedule_type='polynomial', schedule_rho=7.0)),
-]
+#: The plain solvers on their paper schedules: :data:`evaluation.accuracy.PLAIN`.
+PLAIN = accuracy.PLAIN
 #: The solvers run on GITS schedules (searched without AFS, as the GITS recipes).
 GITS = [('iPNDM + GITS', dict(solver='ipndm', max_order=4)), ('UniPC-3 + GITS', dict(solver='unipc', max_order=3))]
 #: The learned methods: (label, recipe of evaluation.accuracy.AMED_RECIPES).

@@ -42,7 +42,6 @@ from torch_utils.misc import SeedSet, atomic_write, check_output_dir
 MANIFEST = 'manifest.json'
 FORMAT = 'amed-samples'
 VERSION = 1
-#: The largest manifest read (bytes): seeds are ranges, so a real one is a few kilobytes.
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _SEED_FILE = re.compile(r'^\d+\.(png|npz)$')
 _SEED_FOLDER = re.compile(r'^\d{6,}$')
