@@ -18,6 +18,7 @@ from tests.test_train_sample import TINY, in_tmp, run_cli  # noqa: F401 (in_tmp:
 from training import training_loop
 from predictors import load_predictor
 from predictors.snapshot import load_snapshot
+from torch_utils import locks
 from training.state import STATE_FILE, load_training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +39,13 @@ def finish(proc, timeout=300):
     return proc.returncode, out
 
 
+def runs_in(outdir):
+    """The run folders in ``outdir`` (the folder's lock file exists while a run reserves its number)."""
+    return [name for name in os.listdir(outdir) if name != locks.FOLDER_LOCK]
+
+
 def only_run(outdir):
-    runs = os.listdir(outdir)
+    runs = runs_in(outdir)
     assert len(runs) == 1, runs
     return os.path.join(outdir, runs[0])
 
@@ -53,7 +59,7 @@ def interrupt_after(proc, outdir, batches, signum, timeout=120):
     """Send ``signum`` once the run's stats show ``batches`` batches done (one line per batch)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(outdir) and os.listdir(outdir) and stats_lines(only_run(outdir)) >= batches:
+        if os.path.isdir(outdir) and runs_in(outdir) and stats_lines(only_run(outdir)) >= batches:
             proc.send_signal(signum)
             return
         time.sleep(0.02)
