@@ -99,6 +99,9 @@ class HalfWidth(click.ParamType):
               default=D['loss'])
 @click.option('--inter_weight', help='--loss=trajectory: weight of every intermediate student point (the final one has 1)',
               type=FiniteFloat(min=0), default=D['inter_weight'])
+@click.option('--soft_radius', help='--loss=trajectory: a soft teacher: the student may start within this radius '
+              '(relative to the noise\'s norm) of the teacher\'s start, moved by one projected gradient step; 0: off',
+              type=FiniteFloat(min=0), default=D['soft_radius'])
 @click.option('--checkpointing', help='--loss=trajectory: gradient checkpointing per student step (memory of one '
               'step instead of all)', type=bool, default=D['checkpointing'])
 # Solver options.

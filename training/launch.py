@@ -55,7 +55,8 @@ class Logger:
 
 _INTS = dict(batch=1, batch_gpu=1, seed=0, num_steps=2, M=1, max_order=1, check=0)
 _FLOATS = dict(total_kimg=True, lr=True, tick_kimg=True, snap_kimg=False, scale_dir=False, scale_time=False,
-               schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, guidance_rate=None)
+               schedule_rho=True, sigma_min=True, sigma_max=True, inter_weight=False, soft_radius=False,
+               guidance_rate=None)
 _BOOLS = ('afs', 'checkpointing', 'use_fp16', *(n for n in solvers.OPTIONS if solvers.option_type(n) is bool))
 _OPTIONAL = ('batch_gpu', 'sigma_min', 'sigma_max', 'guidance_rate', *solvers.OPTIONS)
 

@@ -17,7 +17,11 @@ draws batches and calls it:
   the loss is the squared L2 distance of its final state to the teacher's final state, plus
   ``inter_weight`` times the same distance at every intermediate student point. Gradients flow
   through every student step (the 8x8 feature the predictor reads stays an observation: it is
-  detached, as in sampling). One optimiser step per batch.
+  detached, as in sampling). One optimiser step per batch. With ``soft_radius`` > 0 (a "soft
+  teacher", after LD3) the student may start anywhere within a ball of that radius, relative to
+  the starting noise's norm, around the teacher's start: one projected gradient step moves each
+  sample's start to where the linearised loss is smallest, and the predictor trains from there
+  (twice the student's cost). The targets do not move; sampling starts from the noise itself.
 """
 
 import contextlib
@@ -204,18 +208,36 @@ class TrajectoryLoss(Loss):
     by DDP: the predictor is called N-1 times before one backward pass), one Adam step."""
 
     name = 'trajectory'
-    options = dict(inter_weight=0.0, checkpointing=False)
+    options = dict(inter_weight=0.0, checkpointing=False, soft_radius=0.0)
     run_tag = 'traj'
 
     def __init__(self, problem, **options):
         super().__init__(problem, **options)
-        if not (self.inter_weight >= 0 and math.isfinite(self.inter_weight)):
-            raise ValueError(f'inter_weight must be a finite number >= 0, got {self.inter_weight}')
+        for key in ('inter_weight', 'soft_radius'):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f'{key} must be a finite number >= 0, got {value}')
+
+    def soft_start(self, predictor, targets, cond):
+        """The soft teacher's student start: ``targets[0]`` moved by ``soft_radius`` times its norm
+        (per sample) against the gradient of the trajectory loss there (one projected step; a
+        sample with a zero gradient stays)."""
+        x = targets[0].detach().requires_grad_(True)
+        loss, _ = self.problem.trajectory(predictor, [x, *targets[1:]], cond, self.inter_weight,
+                                          checkpointing=self.checkpointing)
+        grad, = torch.autograd.grad(loss.sum(), x)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        norm = grad.flatten(1).norm(dim=1).view(shape)
+        step = grad / norm.clamp_min(torch.finfo(grad.dtype).tiny) * (norm > 0)
+        return (targets[0] - self.soft_radius * targets[0].flatten(1).norm(dim=1).view(shape) * step).detach()
 
     def train_batch(self, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
         optimizer.zero_grad(set_to_none=True)
         for data in rounds_data:
-            loss, infos = self.problem.trajectory(predictor, data['targets'], data['cond'], self.inter_weight,
+            targets = data['targets']
+            if self.soft_radius > 0:
+                targets = [self.soft_start(predictor, targets, data['cond']), *targets[1:]]
+            loss, infos = self.problem.trajectory(predictor, targets, data['cond'], self.inter_weight,
                                                   checkpointing=self.checkpointing)
             loss.sum().mul(1 / (batch_gpu_total * dist.get_world_size())).backward()
             add_step_stats(stats, loss, infos)
