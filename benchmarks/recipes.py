@@ -46,6 +46,21 @@ def ipndm_error(model, latents, cond, exact, nfe):
                                  num_steps=accuracy.steps_for_nfe('ipndm', nfe, True, False))
 
 
+def train_warm(opts, nfe, dataset_name, batch, kimg, warm_kimg, outdir, seed):
+    """Train ``opts`` at ``nfe`` for ``kimg`` (accuracy.train_recipe), the first ``warm_kimg`` of it
+    with the interval loss (none: 0), the rest with ``opts``' loss from that predictor and training
+    seed + 1000 (other trajectories). Returns (snapshot path, predictor, settings)."""
+    common = dict(dataset_name=dataset_name, batch=batch, outdir=outdir)
+    if not warm_kimg:
+        return accuracy.train_recipe(opts, nfe, total_kimg=kimg, tick_kimg=kimg, seed=seed, **common)
+    if not 0 < warm_kimg < kimg:
+        raise click.BadParameter(f'--warm_kimg must be between 0 and --kimg ({kimg}), got {warm_kimg}')
+    first, _, _ = accuracy.train_recipe(dict(opts, loss='interval'), nfe, total_kimg=warm_kimg, tick_kimg=warm_kimg,
+                                        seed=seed, check=0, **common)
+    return accuracy.train_recipe(dict(opts, predictor_path=first), nfe, total_kimg=kimg - warm_kimg,
+                                 tick_kimg=kimg - warm_kimg, seed=seed + 1000, **common)
+
+
 def summary(ratios):
     r = np.asarray(ratios)
     return f'{r.mean():.3f} ({r.min():.3f}-{r.max():.3f}, {len(r)} seeds)'
@@ -70,9 +85,13 @@ def main():
               help='seed sets each predictor is measured on: validation, evaluation or both (comma-separated)')
 @click.option('--num', default='256', show_default=True, help='samples of each seed set (comma-separated, one per set)')
 @click.option('--tag', default='', help='a label for the JSON lines')
+@click.option('--warm_kimg', type=float, default=0.0, show_default=True,
+              help='a warm start: the first this many kimg of --kimg with the interval loss, the rest with --loss '
+              'from that predictor (on other trajectories: training seed + 1000)')
 @click.option('--out', default='docs/recipes/results.jsonl', show_default=True)
 @click.option('--cache', default='samples/recipes', show_default=True)
-def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, seed_names, num, tag, out, cache):
+def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, seed_names, num, tag, warm_kimg, out,
+        cache):
     """Train the recipe (plus overrides) at each NFE and training seed; error and ratio to plain iPNDM
     on each seed set."""
     model = load_model(dataset_name)
@@ -88,8 +107,7 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
         for seed in [int(s) for s in train_seeds.split(',')]:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.time()
-                _, predictor, settings = accuracy.train_recipe(opts, nfe, dataset_name=dataset_name, batch=batch,
-                                                               total_kimg=kimg, tick_kimg=kimg, outdir=tmp, seed=seed)
+                _, predictor, settings = train_warm(opts, nfe, dataset_name, batch, kimg, warm_kimg, tmp, seed)
                 seconds = time.time() - t0
             for name in names:
                 latents, cond, exact = sets[name]
@@ -98,7 +116,7 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
                 ratios[name].append(err / refs[name])
                 rec = dict(tag=tag, model=dataset_name, recipe=recipe, overrides=list(overrides), loss=loss, nfe=nfe,
                            kimg=kimg, batch=batch, train_seed=seed, seeds=name, num=len(latents), error=err,
-                           ipndm=refs[name], ratio=err / refs[name], train_s=seconds, check=settings.get('check'),
+                           ipndm=refs[name], ratio=err / refs[name], train_s=seconds, warm_kimg=warm_kimg, check=settings.get('check'),
                            command=command)
                 print(json.dumps(rec), flush=True)
                 if out:
