@@ -11,10 +11,11 @@ seeds from the reference solution and from every row of the table at NFE 5, cont
 the toy models) and ``strip-<model>.png`` (the same for the plain solvers on ``--strip_model``, by
 default the photograph model).
 
-The table trains one predictor per AMED row and NFE: AMED-Solver with the official per-interval
-loss and AMED-Plugin on iPNDM with the trajectory loss (:data:`TABLE_LOSS`; ``--both_losses``
-trains both losses for each). The predictors train in ``--workers`` processes of one thread each,
-so the table does not depend on the number of workers or threads.
+The table trains one predictor per AMED row and NFE: ``train.py --recipe=recommended`` (AMED-Plugin
+on iPNDM as a per-interval table, trajectory loss) and the paper's AMED-Solver with its official
+per-interval loss (:data:`TABLE_ROWS`; ``--all_recipes`` adds the paper's recipes with the other
+loss each). The predictors train in ``--workers`` processes of one thread each, so the table does
+not depend on the number of workers or threads.
 
 The reference is RK4 in log sigma at :data:`REFERENCE_STEPS_PER_UNIT` steps per unit; the
 quickstart solves it again at half the steps and prints how much that changes it, next to the
@@ -44,14 +45,16 @@ from predictors import load_predictor
 from predictors.settings import SolverSettings
 from torch_utils import distributed as dist
 
-#: The two AMED recipes of the paper (CIFAR-10), with AFS, each with the official per-interval loss
-#: and with the trajectory loss.
-RECIPES = [(f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_RECIPES[name], loss=loss))
-           for name in ('amed', 'ipndm') for loss in ('interval', 'trajectory')]
+#: The AMED recipes, with AFS: ``recommended`` (its loss and its table predictor are part of it),
+#: then the two recipes of the paper (CIFAR-10), each with the official per-interval loss and with
+#: the trajectory loss.
+RECIPES = [(accuracy.AMED_LABELS['recommended'], dict(accuracy.AMED_RECIPES['recommended']))] + [
+    (f'{accuracy.AMED_LABELS[name]}, {loss} loss', dict(accuracy.AMED_RECIPES[name], loss=loss))
+    for name in ('amed', 'ipndm') for loss in ('interval', 'trajectory')]
 
-#: The loss of each recipe in the table (the README's advice): the official one for AMED-Solver,
-#: the trajectory loss for the plugin on a multistep solver.
-TABLE_LOSS = {'amed': 'interval', 'ipndm': 'trajectory'}
+#: The AMED rows of the table without ``--all_recipes``: the recommended recipe, and the paper's
+#: AMED-Solver as the paper trains it.
+TABLE_ROWS = (accuracy.AMED_LABELS['recommended'], 'AMED-Solver, interval loss')
 
 #: RK4 steps per unit of log sigma of the quickstart's reference (85 steps from sigma 80 to 0.002).
 #: Accurate to about 1e-5 relative on the analytic mixture (see models.toy.solve_pf_ode), four
@@ -60,10 +63,9 @@ REFERENCE_STEPS_PER_UNIT = 8
 
 STRIP_SEEDS = 8
 
-def table_recipes(both_losses=False):
+def table_recipes(all_recipes=False):
     """(label, training options) of the table's AMED rows."""
-    return [(label, recipe) for label, recipe in RECIPES
-            if both_losses or recipe['loss'] == TABLE_LOSS[recipe['sampler_stu']]]
+    return [(label, recipe) for label, recipe in RECIPES if all_recipes or label in TABLE_ROWS]
 
 
 def reference(model, dataset_name, num, device, cache_dir, halving=True):
@@ -224,15 +226,15 @@ def cpu_seconds(who=resource.RUSAGE_SELF):
               type=click.FloatRange(min=0, min_open=True), default=2.0)
 @click.option('--batch', help='Training batch', type=click.IntRange(min=1), default=32)
 @click.option('--num', help='Evaluation samples', type=click.IntRange(min=1), default=64)
-@click.option('--both_losses', is_flag=True, help='Train every AMED recipe with both losses (interval and '
-              'trajectory), not only with the one the table uses')
+@click.option('--all_recipes', is_flag=True, help='Also train the paper\'s recipes with the other loss each: '
+              'AMED-Solver with the trajectory loss, AMED-Plugin on iPNDM with both (5 AMED rows, not 2)')
 @click.option('--workers', type=click.IntRange(min=1), help='Processes (one thread each) that train the predictors '
               'and the second strip; 1: all in this process  [default: the CPU cores this process may use]')
 @click.option('--outdir', help='Where the training runs go', type=str, default='./exps')
 @click.option('--cache_dir', help='Where the reference solutions are cached  [default: quickstart/ in the dnnlib '
               'cache folder, $DNNLIB_CACHE_DIR or ~/.cache/dnnlib]', type=str)
 @click.option('--grid', 'grid_path', type=str,
-              help='Grid PNG of the AMED-Plugin (trajectory loss) samples at NFE 5 (or the first --nfe); table.md, '
+              help='Grid PNG of the recommended recipe\'s samples at NFE 5 (or the first --nfe); table.md, '
               'the plot and the strips go beside it  [default: samples/quickstart/grid.png; '
               'samples/quickstart-<dataset>/grid.png for the others]')
 @click.option('--strip_model', type=click.Choice(['photo_unet', 'toy_unet', 'toy', 'none']), default='photo_unet',
@@ -242,13 +244,13 @@ def cpu_seconds(who=resource.RUSAGE_SELF):
               type=click.IntRange(min=0),
               default=64)
 @click.option('--progress/--no-progress', help='A progress bar over the trained predictors', default=False)
-def main(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cache_dir, grid_path, strip_model,
+def main(dataset_name, nfes, kimg, batch, num, all_recipes, workers, outdir, cache_dir, grid_path, strip_model,
          check, progress):
     """Train, print the error table, draw the grid, the plot and the strips."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as in every worker: the digits do not depend on --workers
     try:
-        run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cache_dir, grid_path, strip_model,
+        run(dataset_name, nfes, kimg, batch, num, all_recipes, workers, outdir, cache_dir, grid_path, strip_model,
             check, progress)
     except JobFailed as e:
         raise click.ClickException(str(e)) from None
@@ -256,7 +258,7 @@ def main(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cac
         torch.set_num_threads(threads)
 
 
-def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cache_dir, grid_path, strip_model,
+def run(dataset_name, nfes, kimg, batch, num, all_recipes, workers, outdir, cache_dir, grid_path, strip_model,
         check, progress):
     start = time.time()
     device = dist.init('cpu')
@@ -270,7 +272,7 @@ def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cach
         raise click.ClickException('--nfe values must be odd and >= 3 (AFS saves one evaluation)')
     cache_dir = cache_dir or dnnlib.util.make_cache_dir_path('quickstart')
     grid_nfe = 5 if 5 in nfes else nfes[0]
-    recipes = table_recipes(both_losses)
+    recipes = table_recipes(all_recipes)
 
     # The jobs, longest first: the photograph strip (about as long as one predictor at NFE 7 on
     # toy), then the predictors by NFE, largest first.
@@ -312,16 +314,14 @@ def run(dataset_name, nfes, kimg, batch, num, both_losses, workers, outdir, cach
     rows = [(label, {nfe: accuracy.rms_error(found[label, nfe], exact) for nfe in nfes}) for label in labels]
     strip_rows = [(f'{label}, NFE {grid_nfe}', found[label, grid_nfe][:STRIP_SEEDS]) for label in labels]
 
-    grid_key = next(((label, grid_nfe) for label, recipe in recipes
-                     if recipe['sampler_stu'] == 'ipndm' and recipe['loss'] == 'trajectory'), None)
-    if grid_key is not None:
-        from generation import generate
-        predictor, settings = load_predictor(runs[grid_key], verbose=False)[:2]
-        plan = generate.build_plan(model, range(64), folder, settings, predictor, settings, grid=True)
-        generate.generate_images(plan, progress=False)
-        if os.path.basename(grid_path) != 'grid.png':
-            os.replace(os.path.join(folder, 'grid.png'), grid_path)
-        print(f'Grid of 64 samples (AMED-Plugin on iPNDM, trajectory loss, NFE {grid_nfe}): {grid_path}')
+    from generation import generate
+    grid_key = (accuracy.AMED_LABELS['recommended'], grid_nfe)
+    predictor, settings = load_predictor(runs[grid_key], verbose=False)[:2]
+    plan = generate.build_plan(model, range(64), folder, settings, predictor, settings, grid=True)
+    generate.generate_images(plan, progress=False)
+    if os.path.basename(grid_path) != 'grid.png':
+        os.replace(os.path.join(folder, 'grid.png'), grid_path)
+    print(f'Grid of 64 samples ({grid_key[0]}, NFE {grid_nfe}): {grid_path}')
     title = f'RMS error to {kind.lower()} ODE solution ({dataset_name}, {num} samples)'
     strip = plots.sample_strip(strip_rows, exact[:STRIP_SEEDS].float(), os.path.join(folder, 'strip.png'),
                                stretch=dataset_name in plots.STRETCHED)

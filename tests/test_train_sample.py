@@ -249,7 +249,7 @@ def test_quickstart_smoke(in_tmp):
     code, out = run_cli(quickstart.main, tiny + ['--outdir=exps', '--grid=q/g.png', '--workers=2'])
     assert code == 0, out
     table = table_of(out)
-    assert list(table) == ['AMED-Solver, interval loss', 'AMED-Plugin (iPNDM), trajectory loss', 'iPNDM', 'DPM-Solver-2',
+    assert list(table) == ['AMED-Plugin (iPNDM, recommended)', 'AMED-Solver, interval loss', 'iPNDM', 'DPM-Solver-2',
                            'DPM-Solver++(3M)', 'Euler']
     assert all(np.isfinite(float(cells[0])) for cells in table.values()) and 'in 2 process(es)' in out
     with open('q/table.md', encoding='utf-8') as f:
@@ -264,14 +264,15 @@ def test_quickstart_smoke(in_tmp):
     assert 'Reference check: halving its steps changes it by' in out
     assert os.path.exists('q/error_vs_nfe.png') or plots.MATPLOTLIB_MISSING in out
 
-    # One at a time in this process, with both losses: the same rows and weights, and two more rows.
-    code, serial = run_cli(quickstart.main, tiny + ['--outdir=serial', '--grid=s/g.png', '--workers=1', '--both_losses'])
+    # One at a time in this process, with every recipe: the same rows and weights, and three more rows.
+    code, serial = run_cli(quickstart.main, tiny + ['--outdir=serial', '--grid=s/g.png', '--workers=1', '--all_recipes'])
     assert code == 0, serial
-    both = table_of(serial)
-    assert {label: both[label] for label in table} == table and len(both) == 8
-    assert 'AMED-Solver, trajectory loss' in both and 'AMED-Plugin (iPNDM), interval loss' in both
+    every = table_of(serial)
+    assert {label: every[label] for label in table} == table and len(every) == 9
+    assert {'AMED-Solver, trajectory loss', 'AMED-Plugin (iPNDM), interval loss',
+            'AMED-Plugin (iPNDM), trajectory loss'} < set(every)
     runs = {name.split('-', 1)[1]: os.path.join('serial', name) for name in os.listdir('serial')}
-    assert len(runs) == 4
+    assert len(runs) == 5
     for name in os.listdir('exps'):
         weights = [load_predictor(d, verbose=False)[0].state_dict() for d in (os.path.join('exps', name),
                                                                               runs[name.split('-', 1)[1]])]
@@ -290,4 +291,4 @@ def test_quickstart_failed_job_is_one_line(in_tmp):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] in [f'Error: {job} NFE 3: ValueError: --outdir afile is a file, not a folder'
                                             for job in ('AMED-Solver, interval loss',
-                                                        'AMED-Plugin (iPNDM), trajectory loss')], lines
+                                                        'AMED-Plugin (iPNDM, recommended)')], lines

@@ -20,8 +20,8 @@ draws batches and calls it:
   detached, as in sampling). One optimiser step per batch. With ``soft_radius`` > 0 (a "soft
   teacher", after LD3) the student may start anywhere within a ball of that radius, relative to
   the starting noise's norm, around the teacher's start: one projected gradient step moves each
-  sample's start to where the linearised loss is smallest, and the predictor trains from there
-  (twice the student's cost). The targets do not move; sampling starts from the noise itself.
+  sample's start toward where the loss is smallest (a line search on a quadratic model), and the
+  predictor trains from there (about twice the student's cost). The targets do not move; sampling starts from the noise itself.
 """
 
 import contextlib
@@ -219,17 +219,28 @@ class TrajectoryLoss(Loss):
                 raise ValueError(f'{key} must be a finite number >= 0, got {value}')
 
     def soft_start(self, predictor, targets, cond):
-        """The soft teacher's student start: ``targets[0]`` moved by ``soft_radius`` times its norm
-        (per sample) against the gradient of the trajectory loss there (one projected step; a
-        sample with a zero gradient stays)."""
-        x = targets[0].detach().requires_grad_(True)
-        loss, _ = self.problem.trajectory(predictor, [x, *targets[1:]], cond, self.inter_weight,
-                                          checkpointing=self.checkpointing)
-        grad, = torch.autograd.grad(loss.sum(), x)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        norm = grad.flatten(1).norm(dim=1).view(shape)
-        step = grad / norm.clamp_min(torch.finfo(grad.dtype).tiny) * (norm > 0)
-        return (targets[0] - self.soft_radius * targets[0].flatten(1).norm(dim=1).view(shape) * step).detach()
+        """The soft teacher's student start: ``targets[0]`` moved against the gradient of the
+        trajectory loss there, by at most ``soft_radius`` times its norm (per sample). The step
+        length minimises the quadratic through the loss and its slope at the start and the loss at
+        the full radius (one more student run, no gradient): exact where the run is linear in its
+        start, and never past the ball. A sample with a zero gradient stays."""
+        x0 = targets[0].detach()
+        x = x0.clone().requires_grad_(True)
+        loss0, _ = self.problem.trajectory(predictor, [x, *targets[1:]], cond, self.inter_weight,
+                                           checkpointing=self.checkpointing)
+        grad, = torch.autograd.grad(loss0.sum(), x)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        gnorm = grad.flatten(1).norm(dim=1)
+        unit = grad / gnorm.clamp_min(torch.finfo(grad.dtype).tiny).view(shape)
+        reach = self.soft_radius * x0.flatten(1).norm(dim=1)
+        with torch.no_grad():
+            loss1, _ = self.problem.trajectory(predictor, [x0 - reach.view(shape) * unit, *targets[1:]], cond,
+                                               self.inter_weight)
+            loss0, slope = loss0.detach(), -reach * gnorm          # d loss / d s at s = 0 (s: fraction of reach)
+            curvature = loss1 - loss0 - slope
+            s = torch.where(curvature > 0, (-slope / (2 * curvature.clamp_min(torch.finfo(grad.dtype).tiny))).clamp(0, 1),
+                            torch.ones_like(slope))
+        return x0 - (s * reach).view(shape) * unit
 
     def train_batch(self, ddp, predictor, optimizer, rounds_data, batch_gpu_total, stats):
         optimizer.zero_grad(set_to_none=True)
