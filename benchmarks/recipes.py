@@ -4,6 +4,7 @@ training seeds, against plain iPNDM at the same NFE.
     python benchmarks/recipes.py run --model=toy --nfe=5 --train_seeds=0,1,2 --set M=5   # validation seeds
     python benchmarks/recipes.py run --model=toy --recipe=recommended --seeds=evaluation --out=...
     python benchmarks/recipes.py check-spread --model=toy                                 # the check's spread
+    python benchmarks/recipes.py teachers --model=toy                                     # the teachers' own error
 
 Seeds (train on training seeds, choose on validation seeds, report on evaluation seeds): training draws its per-batch seeds from each training
 seed (training/training_loop.sample_seeds); ``--seeds=validation`` (sampling seeds
@@ -147,6 +148,35 @@ def baselines(dataset_name, nfes, seed_name, num, out, cache):
             err = accuracy.solver_error(model, latents, exact, cond, num_steps=steps, afs=True, **kwargs)
             rec = dict(model=dataset_name, solver=label, nfe=nfe, seeds=seed_name, num=len(latents), error=err,
                        ratio=err / ref, command='python benchmarks/recipes.py baselines ' + ' '.join(sys.argv[2:]))
+            print(json.dumps(rec), flush=True)
+            if out:
+                with open(out, 'at') as f:
+                    f.write(json.dumps(rec) + '\n')
+
+
+@main.command()
+@click.option('--model', 'dataset_name', default='toy', show_default=True)
+@click.option('--nfe', 'nfes', default='3,5,7', show_default=True)
+@click.option('--M', 'ms', default='2,5,10,20', show_default=True, help='teacher points inserted per student interval')
+@click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='validation', show_default=True)
+@click.option('--num', type=int, default=256, show_default=True)
+@click.option('--out', default='docs/recipes/teachers.jsonl', show_default=True)
+@click.option('--cache', default='samples/recipes', show_default=True)
+def teachers(dataset_name, nfes, ms, seed_name, num, out, cache):
+    """The teacher's own error: plain iPNDM (order 4, polynomial rho 7, no AFS, as the plugin's
+    teacher runs) on the student's schedule refined by M points per interval, as a ratio to plain
+    iPNDM at the student's NFE; no training. One JSON line per NFE and M."""
+    model = load_model(dataset_name)
+    latents, cond, exact = seed_set(model, seed_name, cache, num=None if num == 256 else num)
+    base = dict(accuracy.PLAIN)['iPNDM']
+    for nfe in [int(n) for n in nfes.split(',')]:
+        ref = ipndm_error(model, latents, cond, exact, nfe)
+        n = accuracy.steps_for_nfe('ipndm', nfe, afs=True, with_predictor=True)
+        for m in [int(v) for v in ms.split(',')]:
+            err = accuracy.solver_error(model, latents, exact, cond, afs=False, num_steps=(m + 1) * (n - 1) + 1, **base)
+            rec = dict(model=dataset_name, nfe=nfe, M=m, teacher_points=(m + 1) * (n - 1) + 1, seeds=seed_name,
+                       num=len(latents), error=err, ipndm=ref, ratio=err / ref,
+                       command='python benchmarks/recipes.py teachers ' + ' '.join(sys.argv[2:]))
             print(json.dumps(rec), flush=True)
             if out:
                 with open(out, 'at') as f:
