@@ -31,8 +31,16 @@ BASELINES = [(label, dict(PLAIN)[label]) for label in ('iPNDM', 'DPM-Solver-2', 
 RECIPE_NAMES = {'amed': 'paper-solver', 'ipndm': 'paper-plugin', 'dpmpp': 'plugin-dpmpp', 'recommended': 'recommended'}
 #: The students of the comparisons by short name: the solver part and the learning rate of the
 #: training recipes, trained at each NFE with AFS (``recommended`` also fixes its loss and its
-#: predictor, a table).
-AMED_RECIPES = {key: dict(RECIPES[name].solver, lr=RECIPES[name].run['lr']) for key, name in RECIPE_NAMES.items()}
+#: predictor, a table). A recipe whose values change with the number of time points
+#: (``Recipe.by_num_steps``) is named (``recipe``) and leaves those values to it.
+def _student(name):
+    r = RECIPES[name]
+    ruled = {k for values in r.by_num_steps.values() for k in values}
+    options = {k: v for k, v in dict(r.solver, lr=r.run['lr']).items() if k not in ruled}
+    return dict(options, recipe=name) if ruled else options
+
+
+AMED_RECIPES = {key: _student(name) for key, name in RECIPE_NAMES.items()}
 AMED_LABELS = {key: RECIPES[name].label for key, name in RECIPE_NAMES.items()}
 
 

@@ -146,6 +146,23 @@ def test_recipe_sets_defaults_and_explicit_options_override(in_tmp):
     for key, value in RECIPES['recommended'].options.items():
         assert opts[key] == (0.04 if key == 'lr' else value), key
     assert opts['recipe'] == 'recommended' and opts['tick_kimg'] == 0.5 and opts['num_steps'] == 4
+    # At 3 time points the recipe's schedule exponent is 10 (Recipe.by_num_steps), unless given.
+    for extra, rho in (([], 10.0), (['--schedule_rho=5'], 5.0)):
+        code, out = run_cli(train.main, ['--dataset_name=toy', '--recipe=recommended', '--num_steps=3', '--dry-run',
+                                         *extra])
+        assert code == 0, out
+        opts = json.loads(out[:out.rindex('}') + 1])
+        assert opts['schedule_rho'] == rho and opts['M'] == 5 and opts['predictor'] == 'table', opts
+    assert recipe_options('recommended', 3)['schedule_rho'] == 10.0 == RECIPES['recommended'].by_num_steps[3]['schedule_rho']
+    assert recipe_options('recommended', 4) == recipe_options('recommended') == RECIPES['recommended'].options
+    # The comparisons' students (evaluation.accuracy.AMED_RECIPES) follow the same rule.
+    import torch
+    from evaluation import accuracy
+    from training import plan_training
+    for steps, rho in ((3, 10.0), (4, 7.0)):
+        plan = plan_training(dict(accuracy.AMED_RECIPES['recommended'], dataset_name='toy', num_steps=steps,
+                                  outdir='exps'), torch.device('cpu'))
+        assert plan['options']['schedule_rho'] == rho and plan['options']['lr'] == 0.05
     code, out = run_cli(train.main, ['--dataset_name=toy', '--recipe=fast', '--dry-run'])
     assert code == 2 and "Invalid value for '--recipe': 'fast'" in out
     help_text = ' '.join(run_cli(train.main, ['--help'])[1].split())

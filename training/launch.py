@@ -85,7 +85,8 @@ def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
     function. Writes nothing."""
-    o = {**DEFAULTS, **recipe_options(options.get('recipe')), **options}
+    steps = options.get('num_steps', {**DEFAULTS, **recipe_options(options.get('recipe'))}['num_steps'])
+    o = {**DEFAULTS, **recipe_options(options.get('recipe'), steps), **options}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
