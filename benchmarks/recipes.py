@@ -187,19 +187,19 @@ def teachers(dataset_name, nfes, ms, seed_name, num, out, cache):
 @click.argument('files', nargs=-1, required=True)
 @click.option('--seeds', 'seed_name', type=click.Choice(list(SEED_SETS)), default='validation', show_default=True)
 def summarize(files, seed_name):
-    """A markdown table of ``run`` results (JSON lines): per model, setting (tag) and NFE, the ratio to
-    plain iPNDM as mean (min-max) over training seeds, and the mean training time."""
+    """A markdown table of ``run`` results (JSON lines): per model, setting (tag), NFE and training
+    length, the ratio to plain iPNDM as mean (min-max) over training seeds, and the mean training time."""
     groups = {}
     for path in files:
         for line in open(path):
             rec = json.loads(line)
             if rec['seeds'] == seed_name:
-                groups.setdefault((rec['model'], rec['tag'], rec['nfe']), []).append(rec)
-    print(f'| model | setting | NFE | ratio to iPNDM, mean (min-max) | training seeds | iPNDM error | train s |')
-    print('|---|---|---|---|---|---|---|')
-    for (model, tag, nfe), recs in groups.items():
+                groups.setdefault((rec['model'], rec['tag'], rec['nfe'], rec['kimg']), []).append(rec)
+    print(f'| model | setting | NFE | kimg | ratio to iPNDM, mean (min-max) | training seeds | iPNDM error | train s |')
+    print('|---|---|---|---|---|---|---|---|')
+    for (model, tag, nfe, kimg), recs in groups.items():
         r = np.asarray([x['ratio'] for x in recs])
-        print(f"| {model} | {tag} | {nfe} | {r.mean():.3f} ({r.min():.3f}-{r.max():.3f}) | {len(r)} | "
+        print(f"| {model} | {tag} | {nfe} | {kimg:g} | {r.mean():.3f} ({r.min():.3f}-{r.max():.3f}) | {len(r)} | "
               f"{recs[0]['ipndm']:.4f} | {np.mean([x['train_s'] for x in recs]):.0f} |")
 
 
