@@ -86,6 +86,16 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type=SCHEDULE_TYPE, s
 MAX_TIME_POINTS = 10000
 
 
+def refine_schedule(t_steps, M, rho=SCHEDULE_RHO):
+    """``t_steps`` with ``M`` points inserted in every interval, evenly spaced in ``t^(1/rho)`` (the
+    polynomial schedule's variable): a teacher grid for an explicit student schedule. For a
+    polynomial schedule of exponent ``rho`` it is that schedule with ``(M+1)(N-1)+1`` points."""
+    t = torch.as_tensor(t_steps, dtype=torch.float64) ** (1 / float(rho))
+    frac = torch.arange(int(M) + 1, dtype=torch.float64) / (int(M) + 1)
+    inner = (t[:-1, None] * (1 - frac) + t[1:, None] * frac).flatten()
+    return torch.cat([inner, t[-1:]]) ** float(rho)
+
+
 def check_schedule_args(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho):
     """Raise ValueError (naming the option) for schedule arguments that make no sense."""
     if schedule_type not in SCHEDULES:

@@ -110,6 +110,9 @@ class HalfWidth(click.ParamType):
 @click.option('--M', 'M', help='Teacher points inserted per student interval', type=click.IntRange(min=1), default=D['M'])
 # Schedule options.
 @cli.schedule_options(dict(D, sigma_min=None, sigma_max=None))
+@click.option('--t_steps', help='An explicit student schedule replacing the schedule options: noise levels, '
+              'descending and comma-separated, or a JSON file with their list (a card\'s, a GITS search\'s); '
+              'its length is --num_steps. The teacher refines it evenly in t^(1/--schedule_rho)', type=str)
 # Solver options (each registered solver's, given to whichever of student and teacher takes them).
 @cli.solver_options
 # Model options.
@@ -130,6 +133,8 @@ def main(ctx, dry_run, progress, device, resume, **opts):
     if opts['recipe'] is not None:     # the recipe's values (training.launch), then the options given explicitly
         explicit = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT}
         opts = {k: v for k, v in opts.items() if k in explicit}
+    if opts.get('t_steps') is not None and ctx.get_parameter_source('num_steps') is ParameterSource.DEFAULT:
+        opts.pop('num_steps', None)     # the explicit schedule's length
     if resume is None and opts.get('dataset_name') is None:
         raise click.ClickException("Missing option '--dataset_name' (or --resume a run)")
     dev = dist.init(device)

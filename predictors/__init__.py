@@ -67,7 +67,9 @@ def load_predictor(spec, device='cpu', verbose=True):
     else:
         predictor, settings = snapshot.load_snapshot(local, device=device)
         kind, fmt = 'predictor', 'snapshot'
-        missing = [k for k in PREDICTOR_SETTINGS if k not in settings]
+        explicit = settings.get('t_steps') is not None     # an explicit schedule replaces the schedule keys
+        missing = [k for k in PREDICTOR_SETTINGS if k not in settings
+                   and not (explicit and k in SolverSettings.SCHEDULE_KEYS)]
         if missing:
             raise ValueError(f"{path}: the snapshot's settings lack {', '.join(missing)} (written by another "
                              f"program, or edited)")

@@ -19,10 +19,11 @@ OPTIONS_FILE = 'training_options.json'
 
 
 def schedule_tag(schedule_type, schedule_rho):
-    """The schedule part of a run name, as the official code writes it (e.g. 'poly7.0', 'uni1.0')."""
+    """The schedule part of a run name, as the official code writes it (e.g. 'poly7.0', 'uni1.0';
+    'explicit' for a schedule given as its noise levels)."""
     rho = float(schedule_rho)
     return {'polynomial': f'poly{rho}', 'logsnr': 'logsnr', 'time_uniform': f'uni{rho}',
-            'discrete': 'discrete'}[schedule_type]
+            'discrete': 'discrete', 'explicit': 'explicit'}[schedule_type]
 
 
 def run_name(run_id, dataset_name, num_steps, nfe, sampler_stu, sampler_tea, M, schedule_type, schedule_rho,

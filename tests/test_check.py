@@ -177,3 +177,39 @@ def test_recommended_recipe_trains_a_table(in_tmp):
     assert isinstance(predictor, TablePredictor) and settings['solver'] == 'ipndm' and settings['M'] == 5
     assert settings['loss'] == 'trajectory' and settings['check']['num'] == 8
     assert json.load(open(os.path.join(run, 'training_options.json')))['batch'] == 8    # TINY's, given explicitly
+
+
+# An explicit student schedule (train.py --t_steps).
+
+def test_refined_schedule_is_the_finer_polynomial_schedule():
+    """solver_utils.refine_schedule of a polynomial schedule (exponent rho) is the same schedule
+    with (M+1)(N-1)+1 points: the teacher grid of an explicit schedule is the usual one when the
+    schedule is polynomial."""
+    import solver_utils
+    for n, m, rho in ((4, 5, 7.0), (3, 2, 10.0), (6, 1, 3.0)):
+        coarse = solver_utils.get_schedule(n, 0.002, 80.0, 'polynomial', rho)
+        fine = solver_utils.get_schedule((m + 1) * (n - 1) + 1, 0.002, 80.0, 'polynomial', rho)
+        torch.testing.assert_close(solver_utils.refine_schedule(coarse, m, rho), fine, rtol=1e-12, atol=0)
+
+
+def test_explicit_schedule_trains_as_its_polynomial_twin_and_samples(in_tmp):
+    """A run on --t_steps equal to the polynomial schedule trains the same weights as the run on
+    that schedule, its snapshot records the explicit schedule (run name 'explicit'), sample.py
+    samples it, and a length that contradicts --num_steps or a bad schedule is one error line."""
+    import sample
+    t = solvers.get_model_schedule(load_model('toy'), 3, schedule_type='polynomial', schedule_rho=7.0).tolist()
+    usual = train_tiny('exps', '--recipe=recommended', '--schedule_rho=7', '--check=4')
+    explicit = train_tiny('exps', '--recipe=recommended', '--schedule_rho=7', '--check=4',
+                          '--t_steps=' + ','.join(repr(v) for v in t))
+    assert os.path.basename(explicit).endswith('-3-3-ipndm-ipndm-5-explicit-afs-traj')
+    (p1, s1), (p2, s2) = (load_snapshot(snapshot_of(r)) for r in (usual, explicit))
+    assert s2['t_steps'] == t and 'schedule_type' not in s2 and s2['num_steps'] == 3
+    for a, b in zip(p1.state_dict().values(), p2.state_dict().values()):    # teacher grids equal to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert abs(s2['check']['ratio'] - s1['check']['ratio']) < 1e-5
+    code, out = run_cli(sample.main, [f'--predictor_path={explicit}', '--seeds=0-1', '--outdir=s', '--no-progress'])
+    assert code == 0 and 'explicit schedule' in out, out
+    for bad, message in (('--t_steps=80,1,0.002 --num_steps=4', 't_steps has 3 noise levels, num_steps is 4'),
+                         ('--t_steps=80,1,2', 't_steps must be a descending list')):
+        code, out = run_cli(train.main, ['--dataset_name=toy', '--outdir=exps', '--dry-run', *bad.split()])
+        assert code == 1 and message in out, out

@@ -9,6 +9,7 @@ import os
 
 import solver_utils
 import solvers
+from generation.generate import parse_t_steps
 from models.presets import load_model
 from torch_utils import distributed as dist
 from torch_utils import locks
@@ -32,7 +33,7 @@ DEFAULTS = dict(
     sampler_tea='heun', num_steps=4, M=1, afs=False, sigma_min=None, sigma_max=None,
     schedule_type=solver_utils.SCHEDULE_TYPE, schedule_rho=solver_utils.SCHEDULE_RHO, **dict.fromkeys(solvers.OPTIONS),
     guidance_type=None, guidance_rate=None, classifier_path=None, prompt_path=None, prompt=None, predictor_path=None,
-    use_fp16=False, loss='interval', **LOSS_OPTIONS, check=64, predictor='network', recipe=None)
+    use_fp16=False, loss='interval', **LOSS_OPTIONS, check=64, predictor='network', recipe=None, t_steps=None)
 
 
 class Logger:
@@ -85,6 +86,12 @@ def plan_training(options, device):
     """Validate ``options`` (ValueError naming the problem), load the model, and return the plan:
     a dict with the model, the loss/predictor arguments, the snapshot settings and the run name
     function. Writes nothing."""
+    t_steps = options.get('t_steps')
+    if t_steps is not None:   # an explicit student schedule: its length is num_steps
+        t_steps = parse_t_steps(t_steps) if isinstance(t_steps, str) else solvers.check_t_steps(t_steps).tolist()
+        if 'num_steps' in options and options['num_steps'] != len(t_steps):
+            raise ValueError(f"t_steps has {len(t_steps)} noise levels, num_steps is {options['num_steps']}")
+        options = dict(options, t_steps=t_steps, num_steps=len(t_steps))
     steps = options.get('num_steps', {**DEFAULTS, **recipe_options(options.get('recipe'))}['num_steps'])
     o = {**DEFAULTS, **recipe_options(options.get('recipe'), steps), **options}
     unknown = set(options) - set(DEFAULTS)
@@ -106,7 +113,8 @@ def plan_training(options, device):
     def name_fn(run_id, calls_per_eval):
         nfe = experiments.training_nfe(o['num_steps'], o['afs'], calls_per_eval)
         return experiments.run_name(run_id, o['dataset_name'], o['num_steps'], nfe, o['sampler_stu'], o['sampler_tea'],
-                                    o['M'], o['schedule_type'], o['schedule_rho'], o['afs'], o['desc'],
+                                    o['M'], 'explicit' if o['t_steps'] else o['schedule_type'], o['schedule_rho'],
+                                    o['afs'], o['desc'],
                                     trajectory=LOSSES[o['loss']].run_tag is not None)
     # Before any model loads: the run folder can be made. Its name is checked with the NFE of a
     # guided model (two calls per evaluation), the longest it can be.
@@ -117,7 +125,7 @@ def plan_training(options, device):
                        o['classifier_path'], o['prompt_path'], use_fp16=o['use_fp16'], device=device,
                        prompt=o['prompt'])
     loss_kwargs = {k: o[k] for k in ('sampler_stu', 'sampler_tea', 'M', 'afs', *SolverSettings.SCHEDULE_KEYS,
-                                     *solvers.OPTIONS)}
+                                     't_steps', *solvers.OPTIONS)}
     loss_fn = AMEDLoss(model, **loss_kwargs)   # validates every solver and schedule option; built once
     objective = make_loss(o['loss'], loss_fn, **loss_options)
     nfe = experiments.training_nfe(o['num_steps'], o['afs'], model.calls_per_eval)
@@ -125,7 +133,8 @@ def plan_training(options, device):
     student = loss_fn.student
     solver_settings = SolverSettings(o['sampler_stu'], num_steps=o['num_steps'], options=solvers.options_of(student),
                                      schedule_type=o['schedule_type'], schedule_rho=o['schedule_rho'],
-                                     sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0], afs=o['afs'])
+                                     sigma_min=loss_fn.t_student[-1], sigma_max=loss_fn.t_student[0], afs=o['afs'],
+                                     t_steps=o['t_steps'])
     settings = dict(
         solver_settings.to_dict(), sampler_tea=o['sampler_tea'], M=o['M'], loss=o['loss'], nfe=nfe,
         guidance_type=o['guidance_type'], guidance_rate=o['guidance_rate'], dataset_name=o['dataset_name'],
@@ -234,7 +243,8 @@ def _run(plan, run_dir, progress):
                 log(f"Resuming at {resume['position']['cur_nimg'] / 1000 if resume else 0:g} kimg")
             log(f"Student {o['sampler_stu']} (NFE {s['nfe']}), teacher {o['sampler_tea']} with M={o['M']}, "
                 f"{o['loss']} loss, "
-                f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
+                + (f"explicit schedule {', '.join(f'{t:g}' for t in s['t_steps'])}, " if s.get('t_steps') else
+                   f"{o['schedule_type']} schedule, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, ") +
                 f"{dist.get_world_size()} process(es) on {plan['device']}")
         try:
             _, path = training_loop(plan['model'], run_dir, plan['objective'], o['predictor_kwargs'], s,

@@ -63,13 +63,16 @@ class AMEDLoss:
         sampler_stu, sampler_tea: student and teacher solver names.
         num_steps: student time points N; M: teacher points inserted per student interval.
         schedule_type, schedule_rho, sigma_min, sigma_max: the schedule shared by both.
+        t_steps: an explicit student schedule instead (``num_steps`` levels, e.g. a GITS schedule);
+            the teacher refines it evenly in ``t^(1/schedule_rho)`` (:func:`solver_utils.refine_schedule`).
         afs: analytical first step for the student (the teacher never uses it, as the official code).
         **options: solver options (max_order, predict_x0, lower_order_final, thresholding,
             corrected_3m), given to whichever of student and teacher takes them (:func:`build_solvers`).
     """
 
     def __init__(self, model, sampler_stu, sampler_tea, num_steps, M, schedule_type=solver_utils.SCHEDULE_TYPE,
-                 schedule_rho=solver_utils.SCHEDULE_RHO, sigma_min=None, sigma_max=None, afs=False, **options):
+                 schedule_rho=solver_utils.SCHEDULE_RHO, sigma_min=None, sigma_max=None, afs=False, t_steps=None,
+                 **options):
         if int(M) != M or M < 1:
             raise ValueError(f'M must be a positive integer, got {M}')
         solver_utils.check_schedule_args(num_steps, 1.0, 2.0, 'polynomial', 1.0)   # num_steps first, then M
@@ -81,8 +84,16 @@ class AMEDLoss:
         self.student, self.teacher = build_solvers(model, sampler_stu, sampler_tea, **options)
         sched = dict(sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type, schedule_rho=schedule_rho)
         self.schedule = sched
-        self.t_student = solvers.get_model_schedule(model, self.num_steps, **sched).tolist()
-        self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1, **sched).tolist()
+        if t_steps is None:
+            self.t_student = solvers.get_model_schedule(model, self.num_steps, **sched).tolist()
+            self.t_teacher = solvers.get_model_schedule(model, (self.M + 1) * (self.num_steps - 1) + 1,
+                                                        **sched).tolist()
+        else:
+            t = solvers.check_t_steps(t_steps)
+            if len(t) != self.num_steps:
+                raise ValueError(f't_steps has {len(t)} noise levels, num_steps is {self.num_steps}')
+            self.t_student = t.tolist()
+            self.t_teacher = solver_utils.refine_schedule(t, self.M, schedule_rho).tolist()
 
     @property
     def multistep(self):
