@@ -306,9 +306,11 @@ def _done(path):
         return {(r['model'], r['label'], r['nfe'], r['train_seed']) for r in map(json.loads, f) if r.get('label')}
 
 
-def _append(path, record):
+def append_row(path, record):
+    """Print ``record`` as one JSON line and append it to the file ``path`` (none: only print)."""
     print(json.dumps(record), flush=True)
     if path:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         with open(path, 'at') as f:
             f.write(json.dumps(record) + '\n')
 
@@ -356,11 +358,11 @@ def compare(dataset_name, nfes, recipes, losses, train_seeds, amed_nfe, kimg, ba
         row = dict(base, label=label, nfe=nfe, train_seed=train_seed, error=accuracy.rms_error(x, exact),
                    **{f'fd_{m}': frechet.image_fd(y, ref_stats[m], m) for m in DIST_METRICS},
                    eval_seconds=time.time() - t, **(extra or {}))
-        _append(out, row)
+        append_row(out, row)
 
     if (dataset_name, 'data (second set)', 0, None) not in done:
         other = data.sample(fd_num, generator=torch.Generator().manual_seed(FD_FLOOR_SEED)).float()
-        _append(out, dict(base, label='data (second set)', nfe=0, train_seed=None, error=None,
+        append_row(out, dict(base, label='data (second set)', nfe=0, train_seed=None, error=None,
                           **{f'fd_{m}': frechet.image_fd(other, ref_stats[m], m) for m in DIST_METRICS}))
     nfes = [int(n) for n in nfes.split(',')]
     wanted = (lambda label: True) if solvers is None else (lambda label: label in solvers.split(','))

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.loss_study import SEED_SETS, parse_overrides, seed_set  # noqa: E402
+from benchmarks.loss_study import SEED_SETS, append_row, parse_overrides, seed_set  # noqa: E402
 from evaluation import accuracy  # noqa: E402
 from models.presets import load_model  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
@@ -117,13 +117,10 @@ def run(dataset_name, recipe, nfes, train_seeds, kimg, batch, loss, overrides, s
                 ratios[name].append(err / refs[name])
                 rec = dict(tag=tag, model=dataset_name, recipe=recipe, overrides=list(overrides), loss=loss, nfe=nfe,
                            kimg=kimg, batch=batch, train_seed=seed, seeds=name, num=len(latents), error=err,
-                           ipndm=refs[name], ratio=err / refs[name], train_s=seconds, warm_kimg=warm_kimg, check=settings.get('check'),
+                           ipndm=refs[name], ratio=err / refs[name], train_s=seconds, warm_kimg=warm_kimg,
+                           check=settings.get('check'),
                            command=command)
-                print(json.dumps(rec), flush=True)
-                if out:
-                    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-                    with open(out, 'at') as f:
-                        f.write(json.dumps(rec) + '\n')
+                append_row(out, rec)
         for name in names:
             print(f'SUMMARY {dataset_name} NFE {nfe} {recipe} {loss} {" ".join(overrides)}: ratio '
                   f'{summary(ratios[name])} (iPNDM {refs[name]:.4f}, {name} seeds)', flush=True)
@@ -148,10 +145,7 @@ def baselines(dataset_name, nfes, seed_name, num, out, cache):
             err = accuracy.solver_error(model, latents, exact, cond, num_steps=steps, afs=True, **kwargs)
             rec = dict(model=dataset_name, solver=label, nfe=nfe, seeds=seed_name, num=len(latents), error=err,
                        ratio=err / ref, command='python benchmarks/recipes.py baselines ' + ' '.join(sys.argv[2:]))
-            print(json.dumps(rec), flush=True)
-            if out:
-                with open(out, 'at') as f:
-                    f.write(json.dumps(rec) + '\n')
+            append_row(out, rec)
 
 
 @main.command()
@@ -163,24 +157,24 @@ def baselines(dataset_name, nfes, seed_name, num, out, cache):
 @click.option('--out', default='docs/recipes/teachers.jsonl', show_default=True)
 @click.option('--cache', default='samples/recipes', show_default=True)
 def teachers(dataset_name, nfes, ms, seed_name, num, out, cache):
-    """The teacher's own error: plain iPNDM (order 4, polynomial rho 7, no AFS, as the plugin's
-    teacher runs) on the student's schedule refined by M points per interval, as a ratio to plain
-    iPNDM at the student's NFE; no training. One JSON line per NFE and M."""
+    """The teacher's own error: the paper plugin's teacher (iPNDM, order 4, polynomial rho 7, no AFS:
+    training's own teacher, ``AMEDLoss.teacher_targets``) with M points per student interval, as a
+    ratio to plain iPNDM at the student's NFE; no training. One JSON line per NFE and M."""
     model = load_model(dataset_name)
     latents, cond, exact = seed_set(model, seed_name, cache, num=None if num == 256 else num)
-    base = dict(accuracy.PLAIN)['iPNDM']
     for nfe in [int(n) for n in nfes.split(',')]:
         ref = ipndm_error(model, latents, cond, exact, nfe)
         n = accuracy.steps_for_nfe('ipndm', nfe, afs=True, with_predictor=True)
         for m in [int(v) for v in ms.split(',')]:
-            err = accuracy.solver_error(model, latents, exact, cond, afs=False, num_steps=(m + 1) * (n - 1) + 1, **base)
-            rec = dict(model=dataset_name, nfe=nfe, M=m, teacher_points=(m + 1) * (n - 1) + 1, seeds=seed_name,
+            loss_fn = plan_training(dict(recipe_options('ipndm'), M=m, dataset_name=dataset_name, afs=True, num_steps=n,
+                                         outdir=tempfile.gettempdir()), torch.device('cpu'))['loss_fn']
+            final = torch.cat([loss_fn.teacher_targets(latents[i:i + 64], None if cond is None else cond[i:i + 64])[-1]
+                               for i in range(0, len(latents), 64)])
+            err = accuracy.rms_error(final, exact)
+            rec = dict(model=dataset_name, nfe=nfe, M=m, teacher_points=len(loss_fn.t_teacher), seeds=seed_name,
                        num=len(latents), error=err, ipndm=ref, ratio=err / ref,
                        command='python benchmarks/recipes.py teachers ' + ' '.join(sys.argv[2:]))
-            print(json.dumps(rec), flush=True)
-            if out:
-                with open(out, 'at') as f:
-                    f.write(json.dumps(rec) + '\n')
+            append_row(out, rec)
 
 
 @main.command()
@@ -249,11 +243,7 @@ def check_spread(dataset_name, recipe, nfe, kimg, batch, loss, overrides, sizes,
                batch=batch, rows=rows, ratio_all=ratio_all, se_all=se_all, truth_evaluation=truth,
                train_s=train_s, check_s_per_traj=check_s / total,
                command='python benchmarks/recipes.py check-spread ' + ' '.join(sys.argv[2:]))
-    print(json.dumps(rec), flush=True)
-    if out:
-        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-        with open(out, 'at') as f:
-            f.write(json.dumps(rec) + '\n')
+    append_row(out, rec)
 
 
 if __name__ == '__main__':

@@ -153,7 +153,8 @@ def test_recipe_sets_defaults_and_explicit_options_override(in_tmp):
         assert code == 0, out
         opts = json.loads(out[:out.rindex('}') + 1])
         assert opts['schedule_rho'] == rho and opts['M'] == 5 and opts['predictor'] == 'table', opts
-    assert recipe_options('recommended', 3)['schedule_rho'] == 10.0 == RECIPES['recommended'].by_num_steps[3]['schedule_rho']
+    assert recipe_options('recommended', 3)['schedule_rho'] == 10.0 == \
+        RECIPES['recommended'].by_num_steps[3]['schedule_rho']
     assert recipe_options('recommended', 4) == recipe_options('recommended') == RECIPES['recommended'].options
     # The comparisons' students (evaluation.accuracy.AMED_RECIPES) follow the same rule.
     import torch

@@ -89,9 +89,7 @@ def plan_training(options, device):
     t_steps = options.get('t_steps')
     if t_steps is not None:   # an explicit student schedule: its length is num_steps
         t_steps = parse_t_steps(t_steps) if isinstance(t_steps, str) else solvers.check_t_steps(t_steps).tolist()
-        if 'num_steps' in options and options['num_steps'] != len(t_steps):
-            raise ValueError(f"t_steps has {len(t_steps)} noise levels, num_steps is {options['num_steps']}")
-        options = dict(options, t_steps=t_steps, num_steps=len(t_steps))
+        options = {'num_steps': len(t_steps), **options, 't_steps': t_steps}   # AMEDLoss checks a given one
     steps = options.get('num_steps', {**DEFAULTS, **recipe_options(options.get('recipe'))}['num_steps'])
     o = {**DEFAULTS, **recipe_options(options.get('recipe'), steps), **options}
     unknown = set(options) - set(DEFAULTS)

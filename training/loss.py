@@ -21,7 +21,8 @@ draws batches and calls it:
   teacher", after LD3) the student may start anywhere within a ball of that radius, relative to
   the starting noise's norm, around the teacher's start: one projected gradient step moves each
   sample's start toward where the loss is smallest (a line search on a quadratic model), and the
-  predictor trains from there (about twice the student's cost). The targets do not move; sampling starts from the noise itself.
+  predictor trains from there (about twice the student's cost). The targets do not move; sampling
+  starts from the noise itself.
 """
 
 import contextlib
@@ -241,15 +242,15 @@ class TrajectoryLoss(Loss):
                                            checkpointing=self.checkpointing)
         grad, = torch.autograd.grad(loss0.sum(), x)
         shape = (-1,) + (1,) * (x0.ndim - 1)
-        gnorm = grad.flatten(1).norm(dim=1)
-        unit = grad / gnorm.clamp_min(torch.finfo(grad.dtype).tiny).view(shape)
+        gnorm, tiny = grad.flatten(1).norm(dim=1), torch.finfo(grad.dtype).tiny
+        unit = grad / gnorm.clamp_min(tiny).view(shape)
         reach = self.soft_radius * x0.flatten(1).norm(dim=1)
         with torch.no_grad():
             loss1, _ = self.problem.trajectory(predictor, [x0 - reach.view(shape) * unit, *targets[1:]], cond,
                                                self.inter_weight)
             loss0, slope = loss0.detach(), -reach * gnorm          # d loss / d s at s = 0 (s: fraction of reach)
             curvature = loss1 - loss0 - slope
-            s = torch.where(curvature > 0, (-slope / (2 * curvature.clamp_min(torch.finfo(grad.dtype).tiny))).clamp(0, 1),
+            s = torch.where(curvature > 0, (-slope / (2 * curvature.clamp_min(tiny))).clamp(0, 1),
                             torch.ones_like(slope))
         return x0 - (s * reach).view(shape) * unit
 
